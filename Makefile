@@ -1,0 +1,44 @@
+# Two commands on a fresh machine with Python 3.11+ and make:
+#   make demo   set up, then build the digits pipeline end to end with `dvc repro` (offline)
+#   make test   set up, then run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+export DVC_NO_ANALYTICS := 1
+export RAY_USAGE_STATS_ENABLED := 0
+# Ray would package the working directory (data/ included) for every `uv run` driver.
+export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
+export WANDB_SILENT := true
+
+.PHONY: help setup demo test lint format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(UV):
+	@echo "uv not found: installing it for this user with pip"
+	$(PYTHON) -m pip install --user --quiet uv || $(PYTHON) -m pip install --user --quiet --break-system-packages uv
+
+.venv/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	@touch $@
+
+setup: .venv/.synced  ## create .venv from uv.lock (exact, reproducible versions)
+
+demo: setup  ## run the digits pipeline end to end (dvc repro), then show its metrics
+	$(UV) run --frozen dvc repro
+	$(UV) run --frozen dvc metrics show
+
+test: setup  ## run the whole test suite (tiny data; starts real Ray, DVC and W&B offline)
+	$(UV) run --frozen pytest
+
+lint: setup  ## ruff: lint and format check
+	$(UV) run --frozen ruff check src tests benchmarks
+	$(UV) run --frozen ruff format --check src tests benchmarks
+
+format: setup  ## ruff: fix what can be fixed and format
+	$(UV) run --frozen ruff check --fix src tests benchmarks
+	$(UV) run --frozen ruff format src tests benchmarks
+
+clean:  ## remove generated data, models and reports (not the DVC cache)
+	rm -rf data models reports wandb

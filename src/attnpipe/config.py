@@ -1,0 +1,315 @@
+"""Typed recipes: `pipelines/<name>.yaml` validated into objects at the edge.
+
+Every stage reads its settings from a `Recipe`. Unknown keys, wrong types and unknown
+pipeline names fail here with one line that names the key path and the valid choices, so
+a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or project setting is wrong; the message says which and how to fix it."""
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, objects are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- sources
+class SklearnDigitsSource(Strict):
+    """scikit-learn's bundled handwritten digits, written as a Kaggle-style folder."""
+
+    kind: Literal["sklearn-digits"]
+    image_size: int = Field(32, ge=8, description="side of the square RGB PNGs written")
+
+
+class KaggleCompetitionSource(Strict):
+    kind: Literal["kaggle-competition"]
+    competition: str
+    layout: Literal["cassava"] = "cassava"
+
+
+class KaggleDatasetSource(Strict):
+    kind: Literal["kaggle-dataset"]
+    dataset: str = Field(description="owner/slug")
+    layout: Literal["melanoma"] = "melanoma"
+
+
+class TorchvisionSource(Strict):
+    kind: Literal["torchvision"]
+    dataset: Literal["CIFAR10", "CIFAR100", "FGVCAircraft"]
+
+
+class FolderSource(Strict):
+    """A user's image tree: class-per-folder, or a flat folder plus a labels CSV."""
+
+    kind: Literal["folder"]
+    path: str
+    labels_csv: str | None = None
+    id_column: str = "image_id"
+    label_column: str = "label"
+
+
+SOURCE_KINDS: dict[str, type[Strict]] = {
+    "sklearn-digits": SklearnDigitsSource,
+    "kaggle-competition": KaggleCompetitionSource,
+    "kaggle-dataset": KaggleDatasetSource,
+    "torchvision": TorchvisionSource,
+    "folder": FolderSource,
+}
+Source = Annotated[
+    SklearnDigitsSource
+    | KaggleCompetitionSource
+    | KaggleDatasetSource
+    | TorchvisionSource
+    | FolderSource,
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------- stages
+class SplitRatios(Strict):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.2, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitRatios:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split ratios must sum to 1, got {total:g}")
+        return self
+
+
+class PrepareConfig(Strict):
+    splits: SplitRatios = SplitRatios()
+    seed: int = 0
+    folds: int = Field(0, ge=0, description="0 = no k-fold column; else k-fold over train+val")
+    max_reject_fraction: float = Field(0.01, ge=0, le=1)
+    duplicates: Literal["keep-first", "error"] = "keep-first"
+    max_pixels: int = Field(90_000_000, gt=0, description="decompression-bomb guard")
+    workers: int = Field(0, ge=0, description="scan processes; 0 = one per core")
+
+
+class ShardConfig(Strict):
+    maxcount: int = Field(1000, gt=0, description="samples per shard at most")
+    maxsize: int = Field(256 * 1024 * 1024, gt=0, description="bytes per shard at most")
+    min_shards: int = Field(4, ge=1, description="per split: >= ranks x loader workers")
+    image_size: int | None = Field(None, gt=0, description="shorter side at shard time")
+    format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    workers: int = Field(0, ge=0, description="writer processes; 0 = one per core")
+
+
+class ModelConfig(Strict):
+    name: str
+    input_size: int = Field(224, ge=8)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class AugmentConfig(Strict):
+    """Train-time augmentation (torchvision v2). Eval resizes and centre-crops only."""
+
+    random_resized_crop_scale: tuple[float, float] = (0.08, 1.0)
+    random_resized_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    horizontal_flip: float = Field(0.5, ge=0, le=1)
+    vertical_flip: float = Field(0.0, ge=0, le=1)
+    rotation_degrees: float = Field(0.0, ge=0, le=180)
+    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation")
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(1e-4, ge=0)
+
+
+class ScheduleConfig(Strict):
+    name: Literal["cosine", "multistep", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: tuple[float, ...] = Field(
+        (0.3, 0.6, 0.9), description="multistep: fractions of training where lr is divided"
+    )
+    gamma: float = Field(0.1, gt=0)
+
+
+class LossConfig(Strict):
+    name: Literal["cross_entropy", "focal"] = "cross_entropy"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    class_weights: Literal["none", "inverse_frequency"] = "none"
+
+
+class TrainConfig(Strict):
+    workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: Literal["auto", True, False] = "auto"
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes per worker")
+    shuffle_buffer: int = Field(1000, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    loss: LossConfig = LossConfig()
+    grad_clip_norm: float | None = Field(None, gt=0)
+    accumulate_steps: int = Field(1, ge=1)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    monitor: Literal[
+        "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss", "val_roc_auc"
+    ] = "val_accuracy"
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 = unlimited")
+    storage_path: str | None = Field(
+        None,
+        description="checkpoints: a folder or URL (s3://...); default models/<name>/checkpoints",
+    )
+    checkpoints_to_keep: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class WandbConfig(Strict):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "attnpipe"
+    entity: str | None = None
+
+
+class TrackingConfig(Strict):
+    wandb: WandbConfig = WandbConfig()
+
+
+class EvaluateConfig(Strict):
+    batch_size: int = Field(128, ge=1)
+    threshold: float = Field(0.5, gt=0, lt=1, description="binary tasks: positive if p >= this")
+    flip_tta: bool = False
+
+
+class Recipe(Strict):
+    """One pipeline's whole recipe, as in `pipelines/<name>.yaml`."""
+
+    name: str
+    source: Source
+    prepare: PrepareConfig = PrepareConfig()
+    shard: ShardConfig = ShardConfig()
+    model: ModelConfig
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none): identifies a training run."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {key: data[key] for key in sections}
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- loading
+def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at `loc` (the parent of an unknown key)."""
+    current: Any = model
+    for part in loc:
+        if part in SOURCE_KINDS:  # pydantic puts the union member's tag in the path
+            current = SOURCE_KINDS[part]
+            continue
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        current = annotation if isinstance(annotation, type) else None
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def format_validation_error(error: ValidationError, model: type[BaseModel], origin: str) -> str:
+    """Render pydantic's errors as one line naming each key path and what is allowed."""
+    parts = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        # Union members appear in loc as their tag (e.g. 'sklearn-digits'): not a user key.
+        path = ".".join(str(p) for p in loc if p not in SOURCE_KINDS) or "<root>"
+        if item["type"] == "extra_forbidden":
+            valid = _valid_keys(model, loc[:-1])
+            hint = f" (valid keys: {', '.join(valid)})" if valid else ""
+            parts.append(f"unknown key '{path}'{hint}")
+        elif item["type"] == "union_tag_invalid":
+            parts.append(f"{path}: {item['msg']}")
+        else:
+            parts.append(f"'{path}': {item['msg']}")
+    return f"{origin}: " + "; ".join(parts)
+
+
+def pipeline_path(name: str, root: Path) -> Path:
+    return root / "pipelines" / f"{name}.yaml"
+
+
+def available_pipelines(root: Path) -> list[str]:
+    return sorted(p.stem for p in (root / "pipelines").glob("*.yaml"))
+
+
+def load_recipe(name: str, root: Path | str = ".") -> Recipe:
+    """Load and validate `pipelines/<name>.yaml` under `root`."""
+    root = Path(root)
+    path = pipeline_path(name, root)
+    if not path.is_file():
+        choices = ", ".join(available_pipelines(root)) or "none found"
+        raise ConfigError(f"unknown pipeline '{name}': no {path}; choose one of: {choices}")
+    return parse_recipe(yaml.safe_load(path.read_text()) or {}, name=name, origin=str(path))
+
+
+def parse_recipe(data: dict[str, Any], name: str, origin: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level")
+    data = {"name": name, **data}
+    if data["name"] != name:
+        raise ConfigError(f"{origin}: 'name' is {data['name']!r} but the file is for {name!r}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, Recipe, origin)) from None
+    _check_model_name(recipe, origin)
+    return recipe
+
+
+def _check_model_name(recipe: Recipe, origin: str) -> None:
+    from attnpipe.models import list_models
+
+    if recipe.model.name not in list_models():
+        raise ConfigError(
+            f"{origin}: unknown model '{recipe.model.name}' in 'model.name'; "
+            f"choose one of: {', '.join(list_models())}"
+        )
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any], origin: str) -> Recipe:
+    """Deep-merge dotted-key overrides (e.g. from a sweep's best_params.yaml) and re-validate."""
+    data = recipe.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{origin}: override '{dotted}' does not name a recipe section")
+            node = node[part]
+        node[leaf] = value
+    return parse_recipe(data, name=recipe.name, origin=origin)

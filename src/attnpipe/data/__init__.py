@@ -1,0 +1,1 @@
+"""Data stages: fetch sources, prepare (validate + split), shard, and the loaders."""

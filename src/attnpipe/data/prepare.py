@@ -1,0 +1,386 @@
+"""`prepare`: validate every image, drop what cannot be used (saying why), split, write a manifest.
+
+Outputs: `data/<name>/manifest.parquet` (one row per usable sample), `classes.json`,
+`rejected.csv` and the metrics file `reports/<name>/data.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from attnpipe.config import PrepareConfig, Recipe
+from attnpipe.data.images import BadImage, ImageInfo, inspect
+from attnpipe.data.layouts import RawIndex, RawRecord, read_layout
+from attnpipe.paths import PipelinePaths
+
+SPLITS = ("train", "val", "test")
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("path", pa.string()),  # relative to the project root
+        ("label", pa.int32()),
+        ("class_name", pa.string()),
+        ("group", pa.string()),
+        ("split", pa.string()),
+        ("fold", pa.int32()),  # -1 = not in a fold (test split, or folds disabled)
+        ("sha256", pa.string()),
+        ("bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mode", pa.string()),
+        ("format", pa.string()),
+    ]
+)
+
+
+class PrepareError(ValueError):
+    """The dataset cannot be prepared as the recipe asks; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    record: RawRecord
+    label: int
+    info: ImageInfo
+
+
+@dataclass(frozen=True)
+class Rejection:
+    image_id: str
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    samples: int
+    rejected: int
+    duplicates: int
+    report: dict
+
+
+def prepare(recipe: Recipe, paths: PipelinePaths, progress: bool = True) -> PrepareResult:
+    """Run the whole stage for one pipeline and write its outputs."""
+    config = recipe.prepare
+    index = read_layout(recipe, paths.raw)
+    labelled = _resolve_labels(index, origin=str(paths.raw))
+    infos = scan_images(
+        [record.path for record, _ in labelled], config.max_pixels, config.workers, progress
+    )
+
+    good: list[Sample] = []
+    rejected: list[Rejection] = []
+    for (record, label), info in zip(labelled, infos, strict=True):
+        if isinstance(info, BadImage):
+            rejected.append(Rejection(record.image_id, _rel(record.path, paths.root), info.reason))
+        else:
+            good.append(Sample(record, label, info))
+
+    total = len(labelled)
+    if total and len(rejected) / total > config.max_reject_fraction:
+        _write_rejected(paths.rejected, rejected)
+        raise PrepareError(
+            f"{len(rejected)} of {total} images ({len(rejected) / total:.1%}) are unusable, more "
+            f"than prepare.max_reject_fraction={config.max_reject_fraction:g}; see "
+            f"{paths.rejected} for each file and reason, fix or remove them, or raise the limit"
+        )
+
+    kept, duplicates = _drop_duplicates(good, config.duplicates)
+    rejected.extend(
+        Rejection(dup.record.image_id, _rel(dup.record.path, paths.root), f"duplicate of {orig}")
+        for dup, orig in duplicates
+    )
+
+    splits = assign_splits(
+        labels=[s.label for s in kept],
+        groups=[s.record.group for s in kept],
+        ids=[s.record.image_id for s in kept],
+        config=config,
+    )
+    folds = assign_folds(
+        labels=[s.label for s in kept],
+        groups=[s.record.group for s in kept],
+        splits=splits,
+        folds=config.folds,
+        seed=config.seed,
+    )
+
+    _write_manifest(paths, kept, splits, folds, index.class_names)
+    paths.classes.write_text(json.dumps({"classes": index.class_names}, indent=2) + "\n")
+    _write_rejected(paths.rejected, rejected)
+    report = data_report(
+        kept, splits, index.class_names, len(rejected) - len(duplicates), len(duplicates)
+    )
+    paths.data_report.parent.mkdir(parents=True, exist_ok=True)
+    paths.data_report.write_text(json.dumps(report, indent=2) + "\n")
+    return PrepareResult(len(kept), len(rejected) - len(duplicates), len(duplicates), report)
+
+
+# --------------------------------------------------------------------------- labels
+def _resolve_labels(index: RawIndex, origin: str) -> list[tuple[RawRecord, int]]:
+    by_value = {value: i for i, value in enumerate(index.label_values)}
+    unknown = [
+        (line, r) for line, r in enumerate(index.records, start=2) if r.label not in by_value
+    ]
+    if unknown:
+        shown = ", ".join(f"line {line} ({r.image_id}: {r.label!r})" for line, r in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise PrepareError(
+            f"{origin}: {len(unknown)} row(s) have labels outside the label map "
+            f"{index.label_values}: {shown}{more}; fix the labels or the label map"
+        )
+    return [(r, by_value[r.label]) for r in index.records]
+
+
+# --------------------------------------------------------------------------- scanning
+def scan_images(
+    paths: Sequence[Path], max_pixels: int, workers: int = 0, progress: bool = True
+) -> list[ImageInfo | BadImage]:
+    """Decode every image in parallel processes; each result is its facts or why it is bad."""
+    workers = workers or os.cpu_count() or 1
+    chunksize = max(1, min(64, len(paths) // (workers * 8) or 1))
+    bar = tqdm(total=len(paths), desc="scan images", unit="img", disable=not progress)
+    results: list[ImageInfo | BadImage] = []
+    with bar:
+        if workers == 1 or len(paths) < 64:
+            for path in paths:
+                results.append(_scan_one(path, max_pixels))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                jobs = pool.map(_scan_one, paths, [max_pixels] * len(paths), chunksize=chunksize)
+                for result in jobs:
+                    results.append(result)
+                    bar.update()
+    return results
+
+
+def _scan_one(path: Path, max_pixels: int) -> ImageInfo | BadImage:
+    try:
+        return inspect(path, max_pixels)
+    except BadImage as bad:
+        return bad
+
+
+def _drop_duplicates(
+    samples: list[Sample], policy: str
+) -> tuple[list[Sample], list[tuple[Sample, str]]]:
+    first_by_hash: dict[str, Sample] = {}
+    kept, duplicates = [], []
+    for sample in sorted(samples, key=lambda s: s.record.image_id):
+        first = first_by_hash.setdefault(sample.info.sha256, sample)
+        if first is sample:
+            kept.append(sample)
+        else:
+            duplicates.append((sample, first.record.image_id))
+    if duplicates and policy == "error":
+        shown = ", ".join(f"{d.record.image_id} = {orig}" for d, orig in duplicates[:10])
+        raise PrepareError(
+            f"{len(duplicates)} exact duplicate image(s): {shown}; remove them or set "
+            f"prepare.duplicates: keep-first"
+        )
+    return kept, duplicates
+
+
+# --------------------------------------------------------------------------- splitting
+def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
+    """Largest-remainder rounding: each count within one of `n * ratio`, summing to `n`."""
+    ideal = np.asarray(ratios, dtype=np.float64) * n
+    counts = np.floor(ideal).astype(int)
+    order = np.argsort(-(ideal - counts), kind="stable")
+    for i in order[: n - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def assign_splits(
+    labels: Sequence[int], groups: Sequence[str | None], ids: Sequence[str], config: PrepareConfig
+) -> list[str]:
+    """Stratified (by class) and, when groups are given, group-aware train/val/test split.
+
+    Deterministic: depends only on the ids, labels, groups, ratios and seed, never on row order.
+    """
+    ratios = [config.splits.train, config.splits.val, config.splits.test]
+    rng = np.random.default_rng(config.seed)
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    result = [""] * len(ids)
+    if any(g is not None for g in groups):
+        return _group_split(labels, groups, order, ratios, rng)
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i in order:
+        by_class[labels[i]].append(i)
+    for label in sorted(by_class):
+        members = by_class[label]
+        rng.shuffle(members)
+        start = 0
+        for split, count in zip(SPLITS, split_counts(len(members), ratios), strict=True):
+            for i in members[start : start + count]:
+                result[i] = split
+            start += count
+    return result
+
+
+def _group_split(
+    labels: Sequence[int],
+    groups: Sequence[str | None],
+    order: Iterable[int],
+    ratios: Sequence[float],
+    rng: np.random.Generator,
+) -> list[str]:
+    """Greedy: place whole groups, largest first, where their classes are most under target."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i in order:
+        # A sample without a group is a group of its own.
+        members[groups[i] if groups[i] is not None else f"\0{i}"].append(i)
+    class_totals = Counter(labels)
+    targets = {
+        c: np.asarray(ratios) * total for c, total in class_totals.items()
+    }  # per class: ideal count per split
+    filled = {c: np.zeros(len(ratios)) for c in class_totals}
+    names = sorted(members)
+    rng.shuffle(names)  # random tie-break among groups of equal size
+    names.sort(key=lambda name: -len(members[name]))
+    result = [""] * len(labels)
+    for name in names:
+        counts = Counter(labels[i] for i in members[name])
+        deficit = sum(
+            (targets[c] - filled[c]) / max(class_totals[c], 1) * k for c, k in counts.items()
+        )
+        choice = int(np.argmax(deficit))
+        for c, k in counts.items():
+            filled[c][choice] += k
+        for i in members[name]:
+            result[i] = SPLITS[choice]
+    return result
+
+
+def assign_folds(
+    labels: Sequence[int],
+    groups: Sequence[str | None],
+    splits: Sequence[str],
+    folds: int,
+    seed: int,
+) -> list[int]:
+    """Stratified (group-aware when grouped) k-fold index for train+val samples; -1 elsewhere."""
+    result = [-1] * len(labels)
+    if folds < 2:
+        return result
+    pool = [i for i, s in enumerate(splits) if s in ("train", "val")]
+    rng = np.random.default_rng(seed + 1)
+    units: dict[tuple[int, str], list[int]] = defaultdict(list)
+    for i in pool:
+        # Round-robin over groups (or single samples) within each class.
+        key = groups[i] if groups[i] is not None else f"\0{i}"
+        units[(labels[i], key)].append(i)
+    by_class: dict[int, list[list[int]]] = defaultdict(list)
+    seen_groups: dict[str, int] = {}
+    for (label, _key), idx in sorted(units.items()):
+        by_class[label].append(idx)
+    position = 0
+    for label in sorted(by_class):
+        unit_list = by_class[label]
+        rng.shuffle(unit_list)
+        for idx in unit_list:
+            key = groups[idx[0]]
+            fold = seen_groups.setdefault(key, position % folds) if key else position % folds
+            for i in idx:
+                result[i] = fold
+            position += 1
+    return result
+
+
+# --------------------------------------------------------------------------- outputs
+def _write_manifest(
+    paths: PipelinePaths,
+    samples: list[Sample],
+    splits: list[str],
+    folds: list[int],
+    class_names: list[str],
+) -> None:
+    rows = sorted(zip(samples, splits, folds, strict=True), key=lambda t: t[0].record.image_id)
+    columns = {
+        "id": [s.record.image_id for s, _, _ in rows],
+        "path": [_rel(s.record.path, paths.root) for s, _, _ in rows],
+        "label": [s.label for s, _, _ in rows],
+        "class_name": [class_names[s.label] for s, _, _ in rows],
+        "group": [s.record.group for s, _, _ in rows],
+        "split": [split for _, split, _ in rows],
+        "fold": [fold for _, _, fold in rows],
+        "sha256": [s.info.sha256 for s, _, _ in rows],
+        "bytes": [s.info.bytes for s, _, _ in rows],
+        "width": [s.info.width for s, _, _ in rows],
+        "height": [s.info.height for s, _, _ in rows],
+        "mode": [s.info.mode for s, _, _ in rows],
+        "format": [s.info.format for s, _, _ in rows],
+    }
+    paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(columns, schema=MANIFEST_SCHEMA)
+    pq.write_table(table, paths.manifest, compression="zstd")
+
+
+def read_manifest(path: Path) -> pa.Table:
+    if not path.is_file():
+        raise PrepareError(f"{path} is missing: run `attnpipe prepare` first")
+    return pq.read_table(path)
+
+
+def _write_rejected(path: Path, rejected: list[Rejection]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "path", "reason"])
+        for item in sorted(rejected, key=lambda r: r.image_id):
+            writer.writerow([item.image_id, item.path, item.reason])
+
+
+def data_report(
+    samples: list[Sample],
+    splits: list[str],
+    class_names: list[str],
+    rejected: int,
+    duplicates: int,
+) -> dict:
+    per_split: dict[str, Counter] = {split: Counter() for split in SPLITS}
+    for sample, split in zip(samples, splits, strict=True):
+        per_split[split][class_names[sample.label]] += 1
+    return {
+        "samples": {split: sum(per_split[split].values()) for split in SPLITS},
+        "per_class": {
+            split: {name: per_split[split][name] for name in class_names} for split in SPLITS
+        },
+        "rejected": rejected,
+        "duplicates": duplicates,
+    }
+
+
+def format_data_report(report: dict) -> str:
+    """The per-split, per-class counts as a text table for the terminal."""
+    classes = list(next(iter(report["per_class"].values())))
+    width = max([len("class"), *map(len, classes)])
+    lines = [f"{'class':<{width}} " + " ".join(f"{s:>7}" for s in SPLITS)]
+    for name in classes:
+        counts = " ".join(f"{report['per_class'][s][name]:>7}" for s in SPLITS)
+        lines.append(f"{name:<{width}} {counts}")
+    lines.append(f"{'total':<{width}} " + " ".join(f"{report['samples'][s]:>7}" for s in SPLITS))
+    lines.append(f"rejected: {report['rejected']}   duplicates dropped: {report['duplicates']}")
+    return "\n".join(lines)
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,201 @@
+"""`shard`: write each split as WebDataset tar shards (+ `index.json`), pre-resized, byte-identical.
+
+Shards are planned before any is written (how many, which samples in which), so each one can
+be written by its own process and the result does not depend on scheduling.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from attnpipe.config import Recipe, ShardConfig
+from attnpipe.data.images import BadImage, load_rgb
+from attnpipe.data.prepare import SPLITS, read_manifest
+from attnpipe.paths import PipelinePaths
+
+INDEX_NAME = "index.json"
+
+
+class ShardError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One tar file to write: its samples, in order."""
+
+    path: Path
+    rows: list[dict]
+    root: Path
+    image_size: int | None
+    format: str
+    jpeg_quality: int
+    max_pixels: int
+
+
+def sample_key(image_id: str) -> str:
+    """WebDataset splits member names at the first dot: escape dots (and slashes) in ids."""
+    return image_id.replace("%", "%25").replace(".", "%2E").replace("/", "%2F")
+
+
+def plan_shard_counts(n: int, total_bytes: int, config: ShardConfig) -> int:
+    """Enough shards for maxcount/maxsize and at least `min_shards` (never more than samples)."""
+    wanted = max(
+        config.min_shards,
+        math.ceil(n / config.maxcount),
+        math.ceil(total_bytes / config.maxsize),
+    )
+    return max(1, min(wanted, n))
+
+
+def shard(recipe: Recipe, paths: PipelinePaths, progress: bool = True) -> dict:
+    """Write `data/<name>/shards/` for every split and return the index."""
+    config = recipe.shard
+    manifest = read_manifest(paths.manifest).to_pylist()
+    classes = json.loads(paths.classes.read_text())["classes"]
+    out = paths.shards
+    if out.exists():
+        shutil.rmtree(out)  # stale shards of an earlier plan must not survive
+    out.mkdir(parents=True)
+
+    jobs: list[tuple[str, ShardJob]] = []
+    for split in SPLITS:
+        rows = sorted((r for r in manifest if r["split"] == split), key=lambda r: r["id"])
+        if not rows:
+            continue
+        if split == "train":
+            # Written pre-shuffled so that shard-level shuffling at read time mixes classes.
+            order = np.random.default_rng(recipe.prepare.seed).permutation(len(rows))
+            rows = [rows[i] for i in order]
+        count = plan_shard_counts(len(rows), sum(r["bytes"] for r in rows), config)
+        if count < config.min_shards:
+            print(f"warning: split '{split}' has only {len(rows)} samples: {count} shard(s)")
+        bounds = np.linspace(0, len(rows), count + 1).round().astype(int)
+        for i in range(count):
+            jobs.append(
+                (
+                    split,
+                    ShardJob(
+                        path=out / f"{split}-{i:05d}.tar",
+                        rows=rows[bounds[i] : bounds[i + 1]],
+                        root=paths.root,
+                        image_size=config.image_size,
+                        format=config.format,
+                        jpeg_quality=config.jpeg_quality,
+                        max_pixels=recipe.prepare.max_pixels,
+                    ),
+                )
+            )
+
+    workers = config.workers or os.cpu_count() or 1
+    total = sum(len(job.rows) for _, job in jobs)
+    index: dict = {"format": config.format, "classes": classes, "splits": {}}
+    with tqdm(total=total, desc="write shards", unit="img", disable=not progress) as bar:
+        if workers == 1 or len(jobs) == 1:
+            results = map(write_shard, (job for _, job in jobs))
+            entries = [(split, _tick(bar, r)) for (split, _), r in zip(jobs, results, strict=True)]
+        else:
+            with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+                results = pool.map(write_shard, [job for _, job in jobs])
+                entries = [
+                    (split, _tick(bar, r)) for (split, _), r in zip(jobs, results, strict=True)
+                ]
+    for split, entry in entries:
+        entry["classes"] = {classes[int(k)]: v for k, v in sorted(entry["classes"].items())}
+        block = index["splits"].setdefault(split, {"samples": 0, "shards": []})
+        block["samples"] += entry["samples"]
+        block["shards"].append(entry)
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def _tick(bar: tqdm, entry: dict) -> dict:
+    bar.update(entry["samples"])
+    return entry
+
+
+def write_shard(job: ShardJob) -> dict:
+    """Encode and write one tar with a fixed member order and `mtime=0`; return its index entry."""
+    class_counts: dict[int, int] = {}
+    with open(job.path, "wb") as handle, wds.TarWriter(handle, mtime=0) as writer:
+        for row in job.rows:
+            try:
+                image = load_rgb(job.root / row["path"], job.max_pixels, job.image_size)
+            except BadImage as bad:
+                raise ShardError(
+                    f"{row['path']} changed since prepare ({bad.reason}): re-run `attnpipe prepare`"
+                ) from None
+            if job.image_size:
+                image = resize_shorter_side(image, job.image_size)
+            meta = {
+                "id": row["id"],
+                "label": row["label"],
+                "class_name": row["class_name"],
+                "group": row["group"],
+                "sha256": row["sha256"],
+            }
+            writer.write(
+                {
+                    "__key__": sample_key(row["id"]),
+                    job.format: encode_image(image, job.format, job.jpeg_quality),
+                    "cls": str(row["label"]).encode(),
+                    "json": json.dumps(meta, sort_keys=True).encode(),
+                }
+            )
+            class_counts[row["label"]] = class_counts.get(row["label"], 0) + 1
+    return {
+        "name": job.path.name,
+        "samples": len(job.rows),
+        "classes": class_counts,
+        "bytes": job.path.stat().st_size,
+    }
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Scale so the shorter side is `size` (aspect kept); never enlarges."""
+    short = min(image.size)
+    if short <= size:
+        return image
+    scale = size / short
+    target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+def encode_image(image: Image.Image, fmt: str, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "png":
+        image.save(buffer, format="PNG", optimize=False)
+    else:
+        image.save(buffer, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    return buffer.getvalue()
+
+
+def read_index(shards_dir: Path | str) -> dict:
+    """Load `index.json` from a local folder or a URL prefix."""
+    location = str(shards_dir).rstrip("/")
+    if "://" in location:
+        with wds.gopen(f"{location}/{INDEX_NAME}", "rb") as handle:
+            return json.loads(handle.read())
+    path = Path(location) / INDEX_NAME
+    if not path.is_file():
+        raise ShardError(f"{path} is missing: run `attnpipe shard` first")
+    return json.loads(path.read_text())
+
+
+def shard_urls(shards_dir: Path | str, index: dict, split: str) -> list[str]:
+    if split not in index["splits"]:
+        raise ShardError(f"no '{split}' shards in {shards_dir}; check prepare.splits")
+    location = str(shards_dir).rstrip("/")
+    return [f"{location}/{entry['name']}" for entry in index["splits"][split]["shards"]]

@@ -1,0 +1,159 @@
+"""Experiment tracking: W&B on world rank 0, plus the plain files DVC reads.
+
+W&B is offline by default (no account, no network); `wandb sync wandb/offline-run-*` shares a
+run later. Nothing secret enters a run's config: the recipe holds no credentials, and the
+environment is never logged.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from attnpipe.config import WandbConfig
+
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def git_commit(root: Path) -> str:
+    """The checked-out commit (with '-dirty' when files changed), or 'unknown' outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def data_version(root: Path, pipeline: str, shards_dir: Path) -> str:
+    """The shards' DVC hash from dvc.lock; without DVC, a hash of the shard index."""
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for out in stages.get(f"shard@{pipeline}", {}).get("outs", []):
+            if out.get("md5"):
+                return f"dvc:{out['md5']}"
+    index = shards_dir / "index.json"
+    if index.is_file():
+        return "index:" + hashlib.sha256(index.read_bytes()).hexdigest()[:16]
+    return "unknown"
+
+
+def redact(value: Any) -> Any:
+    """Drop entries whose key looks like a secret, at any depth."""
+    if isinstance(value, dict):
+        return {
+            k: redact(v)
+            for k, v in value.items()
+            if not any(marker in str(k).upper() for marker in SECRET_MARKERS)
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+class WandbRun:
+    """A thin handle on a W&B run; every method is a no-op when tracking is disabled."""
+
+    def __init__(self, run: Any | None):
+        self.run = run
+
+    @classmethod
+    def start(
+        cls,
+        config: WandbConfig,
+        run_id: str,
+        name: str,
+        directory: Path,
+        run_config: dict,
+        group: str | None = None,
+    ) -> WandbRun:
+        if config.mode == "disabled":
+            return cls(None)
+        mode = config.mode
+        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
+            print("W&B: online mode asked for but no WANDB_API_KEY or ~/.netrc entry: offline")
+            mode = "offline"
+        import wandb
+
+        directory.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=config.project,
+            entity=config.entity,
+            id=run_id,
+            name=name,
+            group=group,
+            dir=str(directory),
+            mode=mode,
+            resume="allow",
+            config=redact(run_config),
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+        )
+        return cls(run)
+
+    @property
+    def directory(self) -> Path | None:
+        return Path(self.run.dir).parent if self.run else None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run:
+            self.run.log(metrics, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run:
+            self.run.summary.update(values)
+
+    def log_images(self, key: str, images: list[tuple[Any, str]], step: int) -> None:
+        if self.run:
+            import wandb
+
+            self.run.log({key: [wandb.Image(img, caption=cap) for img, cap in images]}, step=step)
+
+    def log_model(self, path: Path, name: str, metadata: dict) -> None:
+        if self.run:
+            import wandb
+
+            artifact = wandb.Artifact(name, type="model", metadata=redact(metadata))
+            artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
+
+    def finish(self) -> None:
+        if self.run:
+            self.run.finish()
+            self.run = None
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    """The per-epoch numbers as CSV (DVC plots); columns in first-seen order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in history:
+        columns.extend(k for k in row if k not in columns)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: _fmt(row.get(k)) for k in columns})
+
+
+def _fmt(value: Any) -> Any:
+    return f"{value:.6g}" if isinstance(value, float) else value

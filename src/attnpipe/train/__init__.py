@@ -1,0 +1,1 @@
+"""Training: Ray Train launch, the per-worker loop, losses, schedules, checkpoints."""

@@ -1,0 +1,44 @@
+"""Every command's --help says what it does, what it reads and what it writes."""
+
+from __future__ import annotations
+
+import pytest
+
+from attnpipe.cli import main
+
+STAGE_OUTPUTS = {
+    "fetch": ["data/<name>/raw/"],
+    "prepare": ["manifest.parquet", "rejected.csv", "reports/<name>/data.json"],
+    "shard": ["data/<name>/manifest.parquet", "index.json"],
+    "train": ["data/<name>/shards/", "models/<name>/model.pt", "train_history.csv", "resume"],
+    "evaluate": ["models/<name>/model.pt", "metrics.json", "confusion.csv"],
+}
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as caught:
+        main([*argv, "--help"])
+    assert caught.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_top_level_help_lists_every_command(capsys):
+    text = _help(capsys)
+    for command in [*STAGE_OUTPUTS, "run", "models"]:
+        assert command in text
+    assert "dvc repro" in text
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_OUTPUTS))
+def test_stage_help_names_inputs_and_outputs(capsys, stage):
+    text = _help(capsys, stage)
+    for fragment in STAGE_OUTPUTS[stage]:
+        assert fragment in text, f"`attnpipe {stage} --help` should mention {fragment}"
+
+
+def test_models_help_and_table(capsys):
+    assert "parameters" in _help(capsys, "models")
+    assert main(["models"]) == 0
+    table = capsys.readouterr().out
+    for name in ("attention56", "attention92_cifar", "attnvgg16", "streamlined_resnet50"):
+        assert name in table
