@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -59,6 +61,10 @@ STAGES = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `kill`, a scheduler or a preempted node sends SIGTERM: unwind like Ctrl-C, so that Ray
+    # shuts down cleanly and every checkpoint written so far survives for the next run.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -66,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args) or 0
     except KeyboardInterrupt:
         print(
-            "attnpipe: interrupted; finished work (checkpoints, outputs) is kept", file=sys.stderr
+            "attnpipe: interrupted; finished epochs are checkpointed: run the same command "
+            "again to resume",
+            file=sys.stderr,
         )
         return 130
     except Exception as error:
@@ -74,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"attnpipe: error: {error}", file=sys.stderr)
         return 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _is_user_error(error: Exception) -> bool:

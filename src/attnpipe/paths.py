@@ -68,5 +68,6 @@ class PipelinePaths:
         return self.reports / "confusion.csv"
 
     @property
-    def wandb_dir(self) -> Path:
-        return self.root / "wandb"
+    def wandb_parent(self) -> Path:
+        """W&B writes its runs to `wandb/` inside this folder."""
+        return self.root

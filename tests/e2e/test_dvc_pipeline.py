@@ -95,7 +95,7 @@ def test_metrics_and_plots_show(built_project):
     assert "reports/digits/data.json" in metrics
     _run(root, "dvc", "plots", "show", "-o", "plots_out")
     page = (root / "plots_out" / "index.html").read_text()
-    assert "train_history.csv" in page and "confusion.csv" in page
+    assert "reports_digits_train_history_csv" in page and "reports_digits_confusion_csv" in page
 
 
 def test_exp_run_with_a_training_param_reruns_only_train_and_evaluate(built_project):

@@ -13,8 +13,12 @@ from attnpipe.data.loaders import ShardStream, build_transform, split_info
 from attnpipe.paths import PipelinePaths
 from attnpipe.train.launch import load_model_file, train
 from attnpipe.train.loop import evaluate_split
+from tests.wandb_offline import history_rows, read_records, run_config
 
 pytestmark = pytest.mark.slow
+
+# Planted in the environment of the training run: it must not appear in any file it writes.
+SECRET = "attnpipe-test-secret-7f3a9c"
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +31,9 @@ def trained(digits_project, tmp_path_factory, request):
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("ATTNPIPE_TRACE_DIR", str(trace))
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("KAGGLE_KEY", SECRET)
     request.addfinalizer(monkeypatch.undo)
     result = train(recipe, paths)
     return recipe, paths, result, trace
@@ -68,3 +75,28 @@ def test_model_file_loads_without_ray_and_names_its_classes(trained):
     model, _ = load_model_file(paths.model_file)
     logits = model(torch.zeros(2, 3, 32, 32))
     assert logits.shape == (2, 10) and np.isfinite(logits.detach().numpy()).all()
+
+
+def test_offline_wandb_run_matches_the_history_file(trained):
+    recipe, paths, _, _ = trained
+    runs = sorted((paths.root / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1  # two workers, one run (rank 0 only)
+    records = read_records(runs[0])
+    rows = history_rows(records)
+    with paths.train_history.open() as handle:
+        expected = list(csv.DictReader(handle))
+    assert len(rows) == len(expected) == recipe.train.epochs
+    for logged, written in zip(rows, expected, strict=True):
+        assert logged["epoch"] == int(written["epoch"])
+        for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1"):
+            assert logged[key] == pytest.approx(float(written[key]), rel=1e-5), key
+    config = run_config(records)
+    assert config["model"]["name"] == "attention56_cifar"
+    assert config["git_commit"] and config["data_version"].startswith(("dvc:", "index:"))
+
+
+def test_no_secret_reaches_config_logs_or_checkpoints(trained):
+    _, paths, _, _ = trained
+    for path in paths.root.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"

@@ -35,6 +35,7 @@ class TrainResult:
     best_epoch: int
     best_metrics: dict[str, float]
     epochs_run: int
+    resumed_from: list[int]
 
 
 def run_identity(recipe: Recipe, data_ver: str) -> tuple[str, str]:
@@ -42,6 +43,29 @@ def run_identity(recipe: Recipe, data_ver: str) -> tuple[str, str]:
     fingerprint = recipe.fingerprint("model", "augment", "train")
     short = hashlib.sha256(f"{fingerprint}{data_ver}".encode()).hexdigest()[:10]
     return f"{recipe.name}-{short}", f"{recipe.name}-{short}"
+
+
+def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> dict[str, Any]:
+    """Everything a worker needs, as plain JSON-able values (it crosses process boundaries)."""
+    if not (paths.shards / "index.json").is_file():
+        raise TrainError(
+            f"{paths.shards}/index.json is missing: run `attnpipe shard {recipe.name}`"
+        )
+    data_ver = data_version(paths.root, recipe.name, paths.shards)
+    run_name, wandb_id = run_identity(recipe, data_ver)
+    return {
+        "recipe": recipe.model_dump(mode="json"),
+        "shards": str(paths.shards.resolve()),
+        "run_name": run_name,
+        "wandb_run_id": wandb_id,
+        "wandb_parent": str(paths.wandb_parent.resolve()),
+        "run_config": {
+            **recipe.model_dump(mode="json"),
+            "git_commit": git_commit(paths.root),
+            "data_version": data_ver,
+            "run_name": run_name,
+        },
+    }
 
 
 def resolve_use_gpu(setting: Any) -> bool:
@@ -65,31 +89,11 @@ def train(
 
     from attnpipe.train.loop import CHECKPOINT_FILE, train_loop_per_worker
 
-    if not (paths.shards / "index.json").is_file():
-        raise TrainError(
-            f"{paths.shards}/index.json is missing: run `attnpipe shard {recipe.name}`"
-        )
     train_cfg = recipe.train
-    data_ver = data_version(paths.root, recipe.name, paths.shards)
-    run_name, wandb_id = run_identity(recipe, data_ver)
+    loop_config = build_loop_config(recipe, paths)
+    run_name = loop_config["run_name"]
     storage = train_cfg.storage_path or str(paths.checkpoints.resolve())
-    commit = git_commit(paths.root)
     use_gpu = resolve_use_gpu(train_cfg.use_gpu)
-
-    run_config = {
-        **recipe.model_dump(mode="json"),
-        "git_commit": commit,
-        "data_version": data_ver,
-        "run_name": run_name,
-    }
-    loop_config = {
-        "recipe": recipe.model_dump(mode="json"),
-        "shards": str(paths.shards.resolve()),
-        "run_name": run_name,
-        "wandb_run_id": wandb_id,
-        "wandb_dir": str(paths.wandb_dir.resolve()),
-        "run_config": run_config,
-    }
     resources = {"CPU": train_cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = train_cfg.gpus_per_worker
@@ -151,13 +155,18 @@ def train(
         class_names=classes,
         epoch=state["best_epoch"],
         metrics=best_metrics,
-        git=commit,
-        data_ver=data_ver,
+        git=loop_config["run_config"]["git_commit"],
+        data_ver=loop_config["run_config"]["data_version"],
         run_name=run_name,
     )
     write_history(paths.train_history, state["history"])
     return TrainResult(
-        run_name, paths.model_file, state["best_epoch"], best_metrics, len(state["history"])
+        run_name,
+        paths.model_file,
+        state["best_epoch"],
+        best_metrics,
+        len(state["history"]),
+        list(state["resumed_from"]),
     )
 
 

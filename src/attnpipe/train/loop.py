@@ -8,6 +8,7 @@ worker group, or a re-launched run, continues from the latest checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -18,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -38,6 +37,7 @@ from attnpipe.models import create_model
 from attnpipe.tracking import WandbRun
 from attnpipe.train.losses import build_loss
 from attnpipe.train.schedules import build_schedule
+from attnpipe.train.session import RaySession, WorkerSession
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Set to a folder to have every rank write the sample ids it trained on, per epoch.
@@ -45,14 +45,18 @@ TRACE_ENV = "ATTNPIPE_TRACE_DIR"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point: one call per worker."""
     # Ray Train's INFO records (one per report and checkpoint) reach the console through the
     # root logger whatever LoggingConfig says; our epoch line already says it once.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    run_training(config, RaySession())
+
+
+def run_training(config: dict[str, Any], session: WorkerSession) -> None:
+    """The loop itself, for any launcher that provides a `WorkerSession`."""
     recipe = Recipe.model_validate(config["recipe"])
     train_cfg = recipe.train
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world_size, session.device
     torch.manual_seed(train_cfg.seed + rank)
     torch.set_num_threads(max(1, int(train_cfg.cpus_per_worker)))
 
@@ -70,7 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if (train_cfg.ema_decay)
         else None
     )
-    ddp_model = ray.train.torch.prepare_model(model)
+    ddp_model = session.prepare_model(model)
     if train_cfg.compile:
         ddp_model = torch.compile(ddp_model)
 
@@ -81,12 +85,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     criterion = build_loss(train_cfg.loss, train_split.class_counts).to(device)
 
     state = TrainingState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            saved = torch.load(
-                Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True
-            )
+    with session.latest_checkpoint() as folder:
+        saved = (
+            torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            if folder
+            else None
+        )
+    if saved:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["scheduler"])
@@ -95,6 +100,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ema.load_state_dict(saved["ema"])
         torch.set_rng_state(saved["rng"][rank % len(saved["rng"])])
         state = TrainingState.from_dict(saved["state"])
+        state.resumed_from.append(state.epoch)
         if rank == 0:
             say(f"resuming from the checkpoint of epoch {state.epoch} (of {train_cfg.epochs})")
 
@@ -121,13 +127,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             recipe.tracking.wandb,
             run_id=config["wandb_run_id"],
             name=config["run_name"],
-            directory=Path(config["wandb_dir"]),
+            directory=Path(config["wandb_parent"]),
             run_config=config["run_config"],
         )
     trace_dir = os.environ.get(TRACE_ENV)
+    _trace(trace_dir, session, event="start", epoch=state.epoch)
 
     started, first_epoch = time.perf_counter(), state.epoch
     for epoch in range(state.epoch, train_cfg.epochs):
+        _trace(trace_dir, session, event="epoch", epoch=epoch + 1)
         train_stream.set_epoch(epoch)
         ddp_model.train()
         loader = make_loader(train_stream, train_cfg.batch_size, train_cfg.loader_workers, pin)
@@ -188,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             per_epoch = (time.perf_counter() - started) / (state.epoch - first_epoch)
             say(_epoch_line(row, state, train_cfg, per_epoch * (train_cfg.epochs - state.epoch)))
         with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
+            checkpoint_dir = None
             if rank == 0:
                 payload = {
                     "model": model.state_dict(),
@@ -199,11 +207,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "rng": _gather_rng_states(world, device),
                     "state": state.to_dict(),
                 }
-                torch.save(payload, Path(folder) / CHECKPOINT_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
+                checkpoint_dir = Path(folder)
+                torch.save(payload, checkpoint_dir / CHECKPOINT_FILE)
             else:
                 _gather_rng_states(world, device)
-            ray.train.report(_scalars(row), checkpoint=checkpoint)
+            session.report(_scalars(row), checkpoint_dir)
         if stop:
             if rank == 0:
                 say(
@@ -213,7 +221,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
     if rank == 0:
         tracker.summary({"best_epoch": state.best_epoch, f"best_{train_cfg.monitor}": state.best})
+        if tracker.run is not None and state.best_weights is not None:
+            with tempfile.TemporaryDirectory() as folder:
+                weights = Path(folder) / "best_weights.pt"
+                torch.save(state.best_weights, weights)
+                tracker.log_model(
+                    weights,
+                    name=f"model-{config['run_name']}",
+                    metadata={"epoch": state.best_epoch, train_cfg.monitor: state.best},
+                )
+        run_dir = tracker.directory
         tracker.finish()
+        if run_dir is not None and recipe.tracking.wandb.mode == "offline":
+            say(f"W&B offline run: {run_dir}  (share it: wandb sync {run_dir})")
+
+
+def _trace(folder: str | None, session: WorkerSession, **event: Any) -> None:
+    """Append where and when this rank is (pid, node, epoch) to `<folder>/rank<r>.jsonl`.
+
+    Off unless ATTNPIPE_TRACE_DIR is set: for debugging placement and for the tests that kill
+    a worker at a chosen epoch.
+    """
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    event.update(pid=os.getpid(), node_id=session.node_id, time=time.time())
+    with (Path(folder) / f"rank{session.rank}.jsonl").open("a") as handle:
+        handle.write(json.dumps(event) + "\n")
 
 
 def say(line: str) -> None:
@@ -236,6 +270,7 @@ class TrainingState:
         self.best: float | None = None
         self.best_epoch = 0
         self.best_weights: dict[str, torch.Tensor] | None = None
+        self.resumed_from: list[int] = []  # epochs a restarted or re-launched run went on from
 
     def record(self, row: dict[str, Any], monitor: str) -> bool:
         self.history.append(row)
@@ -258,6 +293,7 @@ class TrainingState:
             "best": self.best,
             "best_epoch": self.best_epoch,
             "best_weights": self.best_weights,
+            "resumed_from": self.resumed_from,
         }
 
     @classmethod
@@ -268,6 +304,7 @@ class TrainingState:
         state.best = data["best"]
         state.best_epoch = data["best_epoch"]
         state.best_weights = data["best_weights"]
+        state.resumed_from = list(data.get("resumed_from", []))
         return state
 
 

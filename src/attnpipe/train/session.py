@@ -1,0 +1,112 @@
+"""What the training loop needs from its launcher: rank, device, DDP wrapping, checkpoints.
+
+`RaySession` is the product path (Ray Train's TorchTrainer). `TorchrunSession` runs the very
+same loop under plain `torchrun`: the baseline of the training benchmark, and a way to debug
+the loop without Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class WorkerSession(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    node_id: str
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Move to the device and wrap for data parallelism (DDP) when there are several ranks."""
+
+    def latest_checkpoint(self) -> AbstractContextManager[Path | None]:
+        """Context manager: the folder of the newest checkpoint of this run, or None."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        """End of an epoch on every rank (a barrier); rank 0 passes the checkpoint folder."""
+
+
+class RaySession:
+    def __init__(self) -> None:
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    @contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:
+            yield Path(folder)
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TorchrunSession:
+    """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; checkpoints are copied to `storage`."""
+
+    def __init__(self, storage: Path) -> None:
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            self.device = torch.device("cuda", local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.node_id = socket.gethostname()
+        self.storage = storage
+        self._count = len(self._checkpoints())
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        if self.world_size == 1:
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def _checkpoints(self) -> list[Path]:
+        return sorted(self.storage.glob("checkpoint_*")) if self.storage.is_dir() else []
+
+    @contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        found = self._checkpoints()
+        yield found[-1] if found else None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is not None:
+            self._count += 1
+            shutil.copytree(checkpoint_dir, self.storage / f"checkpoint_{self._count:06d}")
+        if self.world_size > 1:
+            dist.barrier()

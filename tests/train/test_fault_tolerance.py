@@ -1,0 +1,98 @@
+"""A run survives a dead worker, a Ctrl-C and a `kill`, losing at most the current epoch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from attnpipe.paths import PipelinePaths
+from attnpipe.train.launch import train
+from tests.train.trace import events, wait_for_epoch
+from tests.wandb_offline import read_records, run_ids
+
+pytestmark = pytest.mark.slow
+
+
+def _copy_project(digits_project, destination: Path) -> PipelinePaths:
+    _, built = digits_project
+    shutil.copytree(built.root, destination, dirs_exist_ok=True)
+    return PipelinePaths(destination, "digits")
+
+
+def test_worker_killed_in_epoch_2_restarts_from_epoch_1(digits_project, tmp_path, monkeypatch):
+    recipe, _ = digits_project
+    paths = _copy_project(digits_project, tmp_path / "project")
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("ATTNPIPE_TRACE_DIR", str(trace))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    killed: dict = {}
+
+    def kill_rank1_in_epoch_2() -> None:
+        event = wait_for_epoch(trace, rank=1, epoch=2)
+        os.kill(event["pid"], signal.SIGKILL)
+        killed.update(event)
+
+    killer = threading.Thread(target=kill_rank1_in_epoch_2, daemon=True)
+    killer.start()
+    result = train(recipe, paths)
+    killer.join(timeout=5)
+
+    assert killed, "the worker was never killed"
+    assert result.resumed_from == [1]  # restarted from the epoch-1 checkpoint ...
+    assert result.epochs_run == recipe.train.epochs == 3  # ... and finished
+    starts = [e for e in events(trace, 1) if e["event"] == "start"]
+    assert [e["epoch"] for e in starts] == [0, 1]
+    assert starts[1]["pid"] != killed["pid"]
+    assert paths.model_file.is_file()
+
+
+def _attnpipe(root: Path, trace: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "ATTNPIPE_TRACE_DIR": str(trace),
+        "WANDB_MODE": "offline",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    }
+    command = [sys.executable, "-m", "attnpipe.cli", "--root", str(root), "train", "digits"]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_train_command_resumes_with_the_same_wandb_run(
+    digits_project, tmp_path, stop_signal
+):
+    paths = _copy_project(digits_project, tmp_path / "project")
+    trace = tmp_path / "trace"
+    first = _attnpipe(paths.root, trace)
+    try:
+        wait_for_epoch(trace, rank=0, epoch=3)  # epochs 1 and 2 are checkpointed
+    except TimeoutError:
+        first.kill()
+        pytest.fail(first.communicate()[0][-3000:])
+    first.send_signal(stop_signal)
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode == 130, output[-3000:]
+    assert "run the same command again to resume" in output
+    assert not paths.model_file.exists()
+
+    second = _attnpipe(paths.root, tmp_path / "trace2")
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output[-3000:]
+    assert "resuming from the checkpoint of epoch 2" in output
+    epochs_started = [e["epoch"] for e in events(tmp_path / "trace2", 0) if e["event"] == "epoch"]
+    assert epochs_started == [3]  # only the lost epoch is trained again
+    assert paths.model_file.is_file()
+
+    runs = sorted((paths.root / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 2  # one per launch ...
+    ids = [run_ids(read_records(run)) for run in runs]
+    assert ids[0] == ids[1] and len(ids[0]) == 1  # ... continuing one W&B run
