@@ -24,7 +24,7 @@ def _help(capsys, *argv: str) -> str:
 
 def test_top_level_help_lists_every_command(capsys):
     text = _help(capsys)
-    for command in [*STAGE_OUTPUTS, "run", "models"]:
+    for command in [*STAGE_OUTPUTS, "run", "models", "tune"]:
         assert command in text
     assert "dvc repro" in text
 
@@ -34,6 +34,13 @@ def test_stage_help_names_inputs_and_outputs(capsys, stage):
     text = _help(capsys, stage)
     for fragment in STAGE_OUTPUTS[stage]:
         assert fragment in text, f"`attnpipe {stage} --help` should mention {fragment}"
+
+
+def test_tune_and_overrides_help(capsys):
+    text = _help(capsys, "tune")
+    for fragment in ("tune.space", "ASHA", "tune_trials.csv", "best_params.yaml", "resumes"):
+        assert fragment in text
+    assert "best_params.yaml" in _help(capsys, "train")  # the --overrides switch
 
 
 def test_models_help_and_table(capsys):

@@ -126,11 +126,34 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
         if name == "train":
             sub.add_argument(
+                "--overrides",
+                type=Path,
+                metavar="YAML",
+                help="recipe keys to change for this run, e.g. a sweep's "
+                "reports/<name>/best_params.yaml ({train.optimizer.lr: 0.01, ...})",
+            )
+            sub.add_argument(
                 "--address",
                 help="Ray cluster to join, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, "
                 "else a new local cluster)",
             )
         sub.set_defaults(handler=handlers[name])
+
+    tune = commands.add_parser(
+        "tune",
+        help="sweep hyperparameters with Ray Tune (ASHA early stopping)",
+        description="Sweep the recipe's `tune.space` (dotted recipe keys with loguniform, "
+        "uniform or choice ranges): `tune.num_samples` trials, `tune.max_concurrent_trials` at "
+        "once, each a Ray TorchTrainer run on the pipeline's shards (data/<name>/shards/), "
+        "stopped early by ASHA on `tune.metric`. Writes reports/<name>/tune_trials.csv (every "
+        "trial's settings, last and best metric, stopped early or not) and "
+        "reports/<name>/best_params.yaml; apply the latter with `attnpipe train <name> "
+        "--overrides reports/<name>/best_params.yaml`. An interrupted sweep resumes when run "
+        "again; finished trials are not re-run. Joins RAY_ADDRESS or --address when given.",
+    )
+    tune.add_argument("pipeline", help="pipeline name: pipelines/<pipeline>.yaml")
+    tune.add_argument("--address", help="Ray cluster to run the trials on")
+    tune.set_defaults(handler=_tune)
 
     run = commands.add_parser(
         "run",
@@ -186,9 +209,15 @@ def _shard(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from attnpipe.config import apply_overrides
     from attnpipe.train.launch import train
+    from attnpipe.train.tune import load_overrides
 
     recipe, paths = _load(args)
+    if getattr(args, "overrides", None):
+        changes = load_overrides(args.overrides)
+        recipe = apply_overrides(recipe, changes, origin=str(args.overrides))
+        print(f"overrides from {args.overrides}: {changes}")
     result = train(recipe, paths, address=args.address)
     metric = recipe.train.monitor
     best = result.best_metrics.get(metric, float("nan"))
@@ -205,6 +234,18 @@ def _evaluate(args: argparse.Namespace) -> None:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     print(f"test ({metrics['test_samples']} samples): {shown}")
     print(f"metrics: {paths.metrics}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from attnpipe.train.tune import tune
+
+    recipe, paths = _load(args)
+    result = tune(recipe, paths, address=args.address)
+    best = {k: v for k, v in result.best.items() if "." in k}
+    print(
+        f"sweep '{result.experiment}': {len(result.trials)} trials; best {result.best['trial_id']}"
+    )
+    print(f"best settings {best} written to {paths.reports / 'best_params.yaml'}")
 
 
 def _run_all(args: argparse.Namespace) -> None:

@@ -155,6 +155,11 @@ class LossConfig(Strict):
     class_weights: Literal["none", "inverse_frequency"] = "none"
 
 
+Monitor = Literal[
+    "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss", "val_roc_auc"
+]
+
+
 class TrainConfig(Strict):
     workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: Literal["auto", True, False] = "auto"
@@ -174,9 +179,7 @@ class TrainConfig(Strict):
     compile: bool = False
     ema_decay: float | None = Field(None, gt=0, lt=1)
     early_stopping_patience: int | None = Field(None, ge=1)
-    monitor: Literal[
-        "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss", "val_roc_auc"
-    ] = "val_accuracy"
+    monitor: Monitor = "val_accuracy"
     max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 = unlimited")
     storage_path: str | None = Field(
         None,
@@ -202,6 +205,44 @@ class EvaluateConfig(Strict):
     flip_tta: bool = False
 
 
+class SearchDimension(Strict):
+    """One hyperparameter's range: `loguniform`/`uniform` over [low, high], `choice` (random
+    pick) or `grid` (every value, each `num_samples` times)."""
+
+    type: Literal["loguniform", "uniform", "choice", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchDimension:
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"a '{self.type}' dimension needs a non-empty 'values' list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a '{self.type}' dimension needs 'low' < 'high'")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError("a 'loguniform' dimension needs 'low' > 0")
+        return self
+
+
+class TuneConfig(Strict):
+    """A Ray Tune sweep over recipe keys (dotted paths such as `train.optimizer.lr`)."""
+
+    space: dict[str, SearchDimension] = Field(default_factory=dict)
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    metric: Monitor = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    epochs: int | None = Field(None, ge=1, description="per trial; default train.epochs")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: int = Field(2, ge=2)
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0, description="used only when training on GPUs")
+    seed: int = 0
+
+
 class Recipe(Strict):
     """One pipeline's whole recipe, as in `pipelines/<name>.yaml`."""
 
@@ -214,6 +255,18 @@ class Recipe(Strict):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _space_names_recipe_keys(self) -> Recipe:
+        data = self.model_dump()
+        for dotted in self.tune.space:
+            node: Any = data
+            for part in dotted.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise ValueError(f"tune.space: '{dotted}' is not a key of the recipe")
+                node = node[part]
+        return self
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none): identifies a training run."""

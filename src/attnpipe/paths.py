@@ -48,6 +48,10 @@ class PipelinePaths:
         return self.models / "checkpoints"
 
     @property
+    def tune_storage(self) -> Path:
+        return self.models / "tune"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports" / self.name
 
