@@ -9,7 +9,6 @@ worker group, or a re-launched run, continues from the latest checkpoint.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -46,9 +45,6 @@ TRACE_ENV = "ATTNPIPE_TRACE_DIR"
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point: one call per worker."""
-    # Ray Train's INFO records (one per report and checkpoint) reach the console through the
-    # root logger whatever LoggingConfig says; our epoch line already says it once.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     run_training(config, RaySession())
 
 
