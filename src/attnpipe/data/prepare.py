@@ -26,6 +26,7 @@ from attnpipe.data.layouts import RawIndex, RawRecord, read_layout
 from attnpipe.paths import PipelinePaths
 
 SPLITS = ("train", "val", "test")
+SEQUENTIAL_BELOW = 64  # fewer images than this are scanned in-process: a pool costs more
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -164,7 +165,7 @@ def scan_images(
     bar = tqdm(total=len(paths), desc="scan images", unit="img", disable=not progress)
     results: list[ImageInfo | BadImage] = []
     with bar:
-        if workers == 1 or len(paths) < 64:
+        if workers == 1 or len(paths) < SEQUENTIAL_BELOW:
             for path in paths:
                 results.append(_scan_one(path, max_pixels))
                 bar.update()
