@@ -92,9 +92,18 @@ def _is_user_error(error: Exception) -> bool:
     from attnpipe.data.layouts import LayoutError
     from attnpipe.data.prepare import PrepareError
     from attnpipe.data.shard import ShardError
+    from attnpipe.data.sources import FetchError
     from attnpipe.train.launch import TrainError
 
-    known = (ConfigError, LayoutError, PrepareError, ShardError, TrainError, FileNotFoundError)
+    known = (
+        ConfigError,
+        FetchError,
+        LayoutError,
+        PrepareError,
+        ShardError,
+        TrainError,
+        FileNotFoundError,
+    )
     return isinstance(error, known)
 
 
@@ -186,7 +195,7 @@ def _fetch(args: argparse.Namespace) -> None:
     from attnpipe.data.sources import fetch
 
     recipe, paths = _load(args)
-    out = fetch(recipe, paths.raw)
+    out = fetch(recipe, paths.raw, progress=not args.no_progress, root=paths.root)
     print(f"fetched '{recipe.source.kind}' into {out}")
 
 

@@ -35,30 +35,59 @@ class SklearnDigitsSource(Strict):
 
 
 class KaggleCompetitionSource(Strict):
+    """A Kaggle competition's data files, through the official `kaggle` client.
+
+    Needs Kaggle credentials and an account that accepted the competition's rules.
+    """
+
     kind: Literal["kaggle-competition"]
-    competition: str
+    competition: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="the name in the URL")
     layout: Literal["cassava"] = "cassava"
+    exclude: tuple[str, ...] = Field(
+        (), description="glob patterns of archive members not to extract (e.g. train_tfrecords/*)"
+    )
 
 
 class KaggleDatasetSource(Strict):
+    """A Kaggle dataset (`owner/slug`), through the official `kaggle` client."""
+
     kind: Literal["kaggle-dataset"]
-    dataset: str = Field(description="owner/slug")
+    dataset: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="owner/slug")
     layout: Literal["melanoma"] = "melanoma"
+    exclude: tuple[str, ...] = Field(
+        (), description="glob patterns of archive members not to extract"
+    )
 
 
 class TorchvisionSource(Strict):
+    """A torchvision dataset, downloaded by torchvision and converted to the CSV layout."""
+
     kind: Literal["torchvision"]
     dataset: Literal["CIFAR10", "CIFAR100", "FGVCAircraft"]
+    download_dir: str | None = Field(
+        None, description="where torchvision keeps the archive; default ~/.cache/attnpipe"
+    )
+    annotation_level: Literal["variant", "family", "manufacturer"] = Field(
+        "variant", description="FGVCAircraft only: the label granularity"
+    )
+    remove_banner: bool = Field(
+        True, description="FGVCAircraft only: crop the 20-pixel copyright banner at the bottom"
+    )
 
 
 class FolderSource(Strict):
-    """A user's image tree: class-per-folder, or a flat folder plus a labels CSV."""
+    """A user's image tree: class-per-folder, or a flat folder plus a labels CSV.
+
+    `fetch` copies it into `data/<name>/raw/` so that DVC versions a snapshot.
+    """
 
     kind: Literal["folder"]
-    path: str
-    labels_csv: str | None = None
+    path: str = Field(description="the image folder (relative to the project root or absolute)")
+    labels_csv: str | None = Field(None, description="without it: one sub-folder per class")
     id_column: str = "image_id"
     label_column: str = "label"
+    group_column: str | None = Field(None, description="e.g. a patient id: kept in one split")
+    image_suffix: str = Field("", description="appended to ids that lack the file extension")
 
 
 SOURCE_KINDS: dict[str, type[Strict]] = {
@@ -94,6 +123,11 @@ class SplitRatios(Strict):
 
 class PrepareConfig(Strict):
     splits: SplitRatios = SplitRatios()
+    test_split: Literal["stratified", "official"] = Field(
+        "stratified",
+        description="official: the dataset's own test set (CIFAR, FGVC-Aircraft) is the test "
+        "split and the rest is split train/val by their ratio (splits.test is ignored)",
+    )
     seed: int = 0
     folds: int = Field(0, ge=0, description="0 = no k-fold column; else k-fold over train+val")
     max_reject_fraction: float = Field(0.01, ge=0, le=1)
@@ -109,6 +143,9 @@ class ShardConfig(Strict):
     image_size: int | None = Field(None, gt=0, description="shorter side at shard time")
     format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(95, ge=1, le=100)
+    jpeg_subsampling: Literal["4:2:0", "4:4:4"] = Field(
+        "4:2:0", description="chroma resolution: 4:2:0 halves the bytes and the decoding time"
+    )
     workers: int = Field(0, ge=0, description="writer processes; 0 = one per core")
 
 
