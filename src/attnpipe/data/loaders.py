@@ -25,6 +25,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from attnpipe import storage
 from attnpipe.config import AugmentConfig
 from attnpipe.data.shard import read_index, shard_urls
 
@@ -33,12 +34,7 @@ IMAGE_KEYS = ("jpg", "png")
 
 def open_shard(url: str) -> BinaryIO:
     """A local path, or any URL pyarrow's filesystems know (s3://, gs://, hdfs://...)."""
-    if "://" not in url or url.startswith("file://"):
-        return open(url.removeprefix("file://"), "rb")
-    from pyarrow import fs
-
-    filesystem, path = fs.FileSystem.from_uri(url)
-    return filesystem.open_input_stream(path)
+    return storage.open_input(url)
 
 
 def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:

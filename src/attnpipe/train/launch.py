@@ -9,7 +9,6 @@ those settings starts a new run beside it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from attnpipe.config import Recipe
+from attnpipe.data.shard import ShardError, read_index, shard_location
 from attnpipe.paths import PipelinePaths
 from attnpipe.tracking import data_version, git_commit, write_history
 
@@ -47,15 +47,16 @@ def run_identity(recipe: Recipe, data_ver: str) -> tuple[str, str]:
 
 def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> dict[str, Any]:
     """Everything a worker needs, as plain JSON-able values (it crosses process boundaries)."""
-    if not (paths.shards / "index.json").is_file():
-        raise TrainError(
-            f"{paths.shards}/index.json is missing: run `attnpipe shard {recipe.name}`"
-        )
-    data_ver = data_version(paths.root, recipe.name, paths.shards)
+    shards = shard_location(recipe, paths)
+    try:
+        read_index(shards)
+    except ShardError as missing:
+        raise TrainError(f"{missing}; run `attnpipe shard {recipe.name}`") from None
+    data_ver = data_version(paths.root, recipe.name, shards)
     run_name, wandb_id = run_identity(recipe, data_ver)
     return {
         "recipe": recipe.model_dump(mode="json"),
-        "shards": str(paths.shards.resolve()),
+        "shards": shards,
         "run_name": run_name,
         "wandb_run_id": wandb_id,
         "wandb_parent": str(paths.wandb_parent.resolve()),
@@ -145,7 +146,7 @@ def train(
             ray.shutdown()
 
     state = saved["state"]
-    classes = json.loads((paths.shards / "index.json").read_text())["classes"]
+    classes = read_index(loop_config["shards"])["classes"]
     best_row = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
     best_metrics = {k: v for k, v in best_row.items() if k.startswith("val_")}
     write_model_file(
