@@ -85,8 +85,11 @@ class S3Bucket:
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A real S3 API (moto's server) on 127.0.0.1 and a free port, for the whole session."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a log record per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

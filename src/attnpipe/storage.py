@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO
 
+READ_BUFFER = 8 * 1024 * 1024
+
 
 def is_url(location: str | Path) -> bool:
     """True for object-storage URLs; plain paths and file:// are local."""
@@ -38,7 +40,9 @@ def open_input(location: str | Path) -> BinaryIO:
     if not is_url(location):
         return open(local_path(location), "rb")
     filesystem, path = _resolve(str(location))
-    return filesystem.open_input_stream(path)
+    # Readers such as tarfile ask for a few KiB at a time; unbuffered, every read would be an
+    # HTTP range request. Bytes as stored: no decompression guessed from the file name.
+    return filesystem.open_input_stream(path, compression=None, buffer_size=READ_BUFFER)
 
 
 def read_bytes(location: str | Path) -> bytes:

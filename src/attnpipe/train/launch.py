@@ -105,8 +105,10 @@ def train(
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            # A private local cluster sized to what this run asks for.
+            # A private local cluster sized to what this run asks for. "local": never join
+            # another cluster that happens to run on this machine (`ray start`, a test's).
             ray.init(
+                address="local",
                 num_cpus=max(
                     os.cpu_count() or 1, int(train_cfg.workers * train_cfg.cpus_per_worker)
                 ),
