@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -64,3 +67,51 @@ def digits_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recipe, Pi
     prepare(recipe, paths, progress=False)
     shard(recipe, paths, progress=False)
     return recipe, paths
+
+
+# --------------------------------------------------------------------------- S3 on loopback
+@dataclass(frozen=True)
+class S3Bucket:
+    """A bucket on the test's moto server, and the environment that reaches it."""
+
+    name: str
+    endpoint: str
+    env: dict[str, str]
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.name}", *parts])
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A real S3 API (moto's server) on 127.0.0.1 and a free port, for the whole session."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a log record per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """A fresh bucket; AWS_* point this process (and what it starts) at the moto server."""
+    import boto3
+
+    env = {
+        "AWS_ACCESS_KEY_ID": "attnpipe-test-key-id",
+        "AWS_SECRET_ACCESS_KEY": f"attnpipe-test-secret-{uuid.uuid4().hex[:8]}",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": moto_endpoint,
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    bucket = f"attnpipe-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    return S3Bucket(bucket, moto_endpoint, env)

@@ -39,13 +39,18 @@ STAGES = {
     "shard": (
         "write WebDataset tar shards per split",
         "Reads data/<name>/manifest.parquet and writes data/<name>/shards/{train,val,test}-*.tar "
-        "(optionally resized, byte-identical on every run) and data/<name>/shards/index.json.",
+        "(optionally resized, byte-identical on every run) and data/<name>/shards/index.json. "
+        "With shard.publish_to in the recipe (or --publish URL) it also uploads them to object "
+        "storage (s3://bucket/prefix) or a shared folder, index last; train and evaluate then "
+        "read the shards from shard.publish_to on every node.",
     ),
     "train": (
         "train with Ray Train (DDP), checkpointing every epoch",
-        "Reads data/<name>/shards/ and trains the recipe's model with a Ray TorchTrainer "
+        "Reads data/<name>/shards/ (or shard.publish_to) and trains the recipe's model with a "
+        "Ray TorchTrainer "
         "(train.workers ranks; GPUs when available). Checkpoints go to "
-        "models/<name>/checkpoints/ (or train.storage_path); an interrupted run resumes from "
+        "models/<name>/checkpoints/ (or train.storage_path, e.g. s3://bucket/checkpoints, "
+        "which a multi-node cluster needs); an interrupted run resumes from "
         "its last checkpoint when started again. Writes models/<name>/model.pt (best epoch on "
         "validation) and reports/<name>/train_history.csv. Connects to RAY_ADDRESS or "
         "--address when given, else starts a local Ray cluster.",
@@ -133,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=summary, description=f"{summary}.\n\n{details}")
         sub.add_argument("pipeline", help="pipeline name: pipelines/<pipeline>.yaml")
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        if name == "shard":
+            sub.add_argument(
+                "--publish",
+                metavar="URL",
+                help="also upload the shards to URL (s3://bucket/prefix or an absolute shared "
+                "path); default: the recipe's shard.publish_to. Training reads from the recipe's "
+                "shard.publish_to, so set it there for cluster runs",
+            )
         if name == "train":
             sub.add_argument(
                 "--overrides",
@@ -215,6 +228,13 @@ def _shard(args: argparse.Namespace) -> None:
     index = shard(recipe, paths, progress=not args.no_progress)
     for split, block in index["splits"].items():
         print(f"{split}: {block['samples']} samples in {len(block['shards'])} shard(s)")
+    target = args.publish or recipe.shard.publish_to
+    if target:
+        from attnpipe.data.shard import publish_shards
+
+        publish_shards(paths.shards, target)
+        count = sum(len(block["shards"]) for block in index["splits"].values())
+        print(f"published {count} shard(s) and index.json to {target}")
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -147,6 +147,21 @@ class ShardConfig(Strict):
         "4:2:0", description="chroma resolution: 4:2:0 halves the bytes and the decoding time"
     )
     workers: int = Field(0, ge=0, description="writer processes; 0 = one per core")
+    publish_to: str | None = Field(
+        None,
+        description="also upload the shards here (s3://bucket/prefix, gs://..., or an absolute "
+        "path on shared storage); train and evaluate then read them from here on every node",
+    )
+
+    @model_validator(mode="after")
+    def _shared_location(self) -> ShardConfig:
+        target = self.publish_to
+        if target is not None and "://" not in target and not target.startswith("/"):
+            raise ValueError(
+                f"publish_to must be a URL (s3://bucket/prefix) or an absolute path that every "
+                f"node sees, got {target!r}"
+            )
+        return self
 
 
 class ModelConfig(Strict):

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from attnpipe import storage
 from attnpipe.config import WandbConfig
 
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
@@ -39,18 +40,22 @@ def git_commit(root: Path) -> str:
     return f"{commit}-dirty" if dirty else commit
 
 
-def data_version(root: Path, pipeline: str, shards_dir: Path) -> str:
-    """The shards' DVC hash from dvc.lock; without DVC, a hash of the shard index."""
+def data_version(root: Path, pipeline: str, shards_dir: Path | str) -> str:
+    """The shards' DVC hash from dvc.lock; without DVC, a hash of the shard index.
+
+    `shards_dir` may be a URL (the published shards): the index is read from there.
+    """
     lock = root / "dvc.lock"
     if lock.is_file():
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
         for out in stages.get(f"shard@{pipeline}", {}).get("outs", []):
             if out.get("md5"):
                 return f"dvc:{out['md5']}"
-    index = shards_dir / "index.json"
-    if index.is_file():
-        return "index:" + hashlib.sha256(index.read_bytes()).hexdigest()[:16]
-    return "unknown"
+    try:
+        blob = storage.read_bytes(storage.join(shards_dir, "index.json"))
+    except FileNotFoundError:
+        return "unknown"
+    return "index:" + hashlib.sha256(blob).hexdigest()[:16]
 
 
 def redact(value: Any) -> Any:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
+from attnpipe import storage
 from attnpipe.config import AugmentConfig
 from attnpipe.data.shard import read_index, shard_urls
 
@@ -41,12 +42,7 @@ class ShardFormatError(ValueError):
 
 def open_shard(url: str) -> BinaryIO:
     """A local path, or any URL pyarrow's filesystems know (s3://, gs://, hdfs://...)."""
-    if "://" not in url or url.startswith("file://"):
-        return open(url.removeprefix("file://"), "rb")
-    from pyarrow import fs
-
-    filesystem, path = fs.FileSystem.from_uri(url)
-    return filesystem.open_input_stream(path)
+    return storage.open_input(url)
 
 
 def _read_exact(stream: BinaryIO, size: int, url: str) -> bytes:

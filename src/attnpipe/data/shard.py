@@ -20,6 +20,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from attnpipe import storage
 from attnpipe.config import Recipe, ShardConfig
 from attnpipe.data.images import BadImage, load_rgb
 from attnpipe.data.prepare import SPLITS, read_manifest
@@ -186,16 +187,45 @@ def encode_image(image: Image.Image, fmt: str, quality: int, subsampling: str = 
     return buffer.getvalue()
 
 
+def shard_location(recipe: Recipe, paths: PipelinePaths) -> str:
+    """Where train and evaluate read the shards: `shard.publish_to` when set, else local."""
+    return recipe.shard.publish_to or str(paths.shards.resolve())
+
+
+def read_index_bytes(shards_dir: Path | str) -> bytes:
+    """The raw `index.json` of a local folder or a URL prefix (s3://, gs://, ...)."""
+    location = storage.join(shards_dir, INDEX_NAME)
+    try:
+        return storage.read_bytes(location)
+    except FileNotFoundError:
+        how = "`attnpipe shard` with shard.publish_to set" if storage.is_url(location) else ""
+        raise ShardError(f"{location} is missing: run {how or '`attnpipe shard`'} first") from None
+
+
 def read_index(shards_dir: Path | str) -> dict:
     """Load `index.json` from a local folder or a URL prefix."""
-    location = str(shards_dir).rstrip("/")
-    if "://" in location:
-        with wds.gopen(f"{location}/{INDEX_NAME}", "rb") as handle:
-            return json.loads(handle.read())
-    path = Path(location) / INDEX_NAME
-    if not path.is_file():
-        raise ShardError(f"{path} is missing: run `attnpipe shard` first")
-    return json.loads(path.read_text())
+    return json.loads(read_index_bytes(shards_dir))
+
+
+def publish_shards(shards_dir: Path, url: str) -> dict:
+    """Upload every shard of `shards_dir`, then its index, to `url`; return the index.
+
+    The index goes last, so a reader never finds an index naming a shard not yet uploaded.
+    Shards of an earlier plan that this index no longer names are removed, as `shard` does
+    locally. Each upload is checked by size.
+    """
+    index = read_index(shards_dir)
+    names = [entry["name"] for block in index["splits"].values() for entry in block["shards"]]
+    for name in names:
+        expected = (shards_dir / name).stat().st_size
+        written = storage.upload_file(shards_dir / name, storage.join(url, name))
+        if written != expected:
+            raise ShardError(f"uploading {name} to {url}: wrote {written} of {expected} bytes")
+    for name in storage.list_files(url):
+        if name.endswith(".tar") and name not in names and name.split("-")[0] in SPLITS:
+            storage.delete_file(storage.join(url, name))
+    storage.upload_file(shards_dir / INDEX_NAME, storage.join(url, INDEX_NAME))
+    return index
 
 
 def shard_urls(shards_dir: Path | str, index: dict, split: str) -> list[str]:

@@ -16,6 +16,7 @@ import torch
 
 from attnpipe.config import Recipe
 from attnpipe.data.loaders import ShardStream, build_transform, make_loader, split_info
+from attnpipe.data.shard import shard_location
 from attnpipe.metrics import classification_metrics, per_class_report, predict_classes, softmax
 from attnpipe.paths import PipelinePaths
 from attnpipe.train.launch import load_model_file
@@ -32,7 +33,7 @@ class Predictions:
 def predict_split(recipe: Recipe, paths: PipelinePaths, split: str = "test") -> Predictions:
     """Run `model.pt` over every sample of `split` in this process, in shard order."""
     model, payload = load_model_file(paths.model_file)
-    info = split_info(paths.shards, split)
+    info = split_info(shard_location(recipe, paths), split)
     stream = ShardStream(
         urls=info.urls,
         rank=0,

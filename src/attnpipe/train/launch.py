@@ -9,7 +9,6 @@ those settings starts a new run beside it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import threading
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from attnpipe.config import Recipe
+from attnpipe.data.shard import ShardError, read_index, shard_location
 from attnpipe.paths import PipelinePaths
 from attnpipe.tracking import data_version, git_commit, write_history
 
@@ -70,7 +70,10 @@ def connect_ray(address: str | None, cpus_needed: int = 1) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # "local": a private cluster, never one that happens to run on this machine already
+        # (`ray start`, a test's).
         ray.init(
+            address="local",
             num_cpus=max(os.cpu_count() or 1, cpus_needed),
             log_to_driver=True,
             configure_logging=False,
@@ -84,15 +87,16 @@ def connect_ray(address: str | None, cpus_needed: int = 1) -> bool:
 
 def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> dict[str, Any]:
     """Everything a worker needs, as plain JSON-able values (it crosses process boundaries)."""
-    if not (paths.shards / "index.json").is_file():
-        raise TrainError(
-            f"{paths.shards}/index.json is missing: run `attnpipe shard {recipe.name}`"
-        )
-    data_ver = data_version(paths.root, recipe.name, paths.shards)
+    shards = shard_location(recipe, paths)
+    try:
+        read_index(shards)
+    except ShardError as missing:
+        raise TrainError(f"{missing}; run `attnpipe shard {recipe.name}`") from None
+    data_ver = data_version(paths.root, recipe.name, shards)
     run_name, wandb_id = run_identity(recipe, data_ver)
     return {
         "recipe": recipe.model_dump(mode="json"),
-        "shards": str(paths.shards.resolve()),
+        "shards": shards,
         "run_name": run_name,
         "wandb_run_id": wandb_id,
         "wandb_parent": str(paths.wandb_parent.resolve()),
@@ -166,7 +170,7 @@ def train(
             ray.shutdown()
 
     state = saved["state"]
-    classes = json.loads((paths.shards / "index.json").read_text())["classes"]
+    classes = read_index(loop_config["shards"])["classes"]
     best_row = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
     best_metrics = {k: v for k, v in best_row.items() if k.startswith("val_")}
     write_model_file(
