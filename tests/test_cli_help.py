@@ -11,7 +11,16 @@ STAGE_OUTPUTS = {
     "prepare": ["manifest.parquet", "rejected.csv", "reports/<name>/data.json"],
     "shard": ["data/<name>/manifest.parquet", "index.json"],
     "train": ["data/<name>/shards/", "models/<name>/model.pt", "train_history.csv", "resume"],
-    "evaluate": ["models/<name>/model.pt", "metrics.json", "confusion.csv"],
+    "evaluate": [
+        "models/<name>/model.pt",
+        "metrics.json",
+        "confusion.csv",
+        "per_class.csv",
+        "reports/<name>/figures/",
+        "reports/<name>/index.html",
+        "train_history.csv",
+        "evaluate.threshold",
+    ],
 }
 
 

@@ -49,9 +49,17 @@ STAGES = {
         "--address when given, else starts a local Ray cluster.",
     ),
     "evaluate": (
-        "score the model on the test split",
-        "Reads models/<name>/model.pt and the test shards; writes reports/<name>/metrics.json, "
-        "reports/<name>/confusion.csv and reports/<name>/per_class.csv.",
+        "score the model on the test split and write the report",
+        "Reads models/<name>/model.pt, the test shards (data/<name>/shards/) and "
+        "reports/<name>/train_history.csv. Predicts every test image exactly once (with flip "
+        "TTA when the recipe's evaluate.flip_tta is on) and writes reports/<name>/metrics.json "
+        "(accuracy, balanced accuracy, macro precision/recall/F1, ECE, top-5 with more than 5 "
+        "classes; binary: ROC-AUC, PR-AUC, sensitivity and specificity at evaluate.threshold), "
+        "reports/<name>/confusion.csv (one row per test image), reports/<name>/per_class.csv, "
+        "PNG figures in reports/<name>/figures/ (confusion matrix, training curves, "
+        "calibration, attention overlays of right and wrong test images) and "
+        "reports/<name>/index.html, a self-contained page of all of it with the model's "
+        "provenance (open it in any browser).",
     ),
 }
 
@@ -80,9 +88,18 @@ def _is_user_error(error: Exception) -> bool:
     from attnpipe.data.layouts import LayoutError
     from attnpipe.data.prepare import PrepareError
     from attnpipe.data.shard import ShardError
+    from attnpipe.evaluate.run import EvaluateError
     from attnpipe.train.launch import TrainError
 
-    known = (ConfigError, LayoutError, PrepareError, ShardError, TrainError, FileNotFoundError)
+    known = (
+        ConfigError,
+        LayoutError,
+        PrepareError,
+        ShardError,
+        TrainError,
+        EvaluateError,
+        FileNotFoundError,
+    )
     return isinstance(error, known)
 
 
@@ -109,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate": _evaluate,
     }
     for name, (summary, details) in STAGES.items():
-        sub = commands.add_parser(name, help=summary, description=f"{summary}.\n\n{details}")
+        sub = commands.add_parser(
+            name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.\n\n{details}"
+        )
         sub.add_argument("pipeline", help="pipeline name: pipelines/<pipeline>.yaml")
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
         if name == "train":
@@ -193,6 +212,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     print(f"test ({metrics['test_samples']} samples): {shown}")
     print(f"metrics: {paths.metrics}")
+    print(f"report:  {paths.report_html}")
 
 
 def _run_all(args: argparse.Namespace) -> None:

@@ -68,5 +68,17 @@ class PipelinePaths:
         return self.reports / "confusion.csv"
 
     @property
+    def per_class(self) -> Path:
+        return self.reports / "per_class.csv"
+
+    @property
+    def figures(self) -> Path:
+        return self.reports / "figures"
+
+    @property
+    def report_html(self) -> Path:
+        return self.reports / "index.html"
+
+    @property
     def wandb_dir(self) -> Path:
         return self.root / "wandb"
