@@ -21,6 +21,15 @@ STAGE_OUTPUTS = {
         "train_history.csv",
         "evaluate.threshold",
     ],
+    "export": [
+        "models/<name>/model.pt",
+        "models/<name>/model.onnx",
+        "dynamic batch",
+        "ONNX Runtime",
+        "real test images",
+        "latency",
+        "--opset",
+    ],
 }
 
 

@@ -12,7 +12,8 @@ from attnpipe.config import ConfigError, Recipe, load_recipe
 from attnpipe.paths import PipelinePaths
 
 DESCRIPTION = """\
-Reproducible training of attention CNNs: fetch -> prepare -> shard -> train -> evaluate.
+Reproducible training of attention CNNs: fetch -> prepare -> shard -> train -> evaluate
+-> export (ONNX).
 
 Each stage reads pipelines/<name>.yaml (the recipe) and the previous stage's outputs under
 data/<name>/, models/<name>/ and reports/<name>/. `dvc repro` runs them all for the pipelines
@@ -61,6 +62,15 @@ STAGES = {
         "reports/<name>/index.html, a self-contained page of all of it with the model's "
         "provenance (open it in any browser).",
     ),
+    "export": (
+        "export the model to ONNX, verified against PyTorch",
+        "Reads models/<name>/model.pt and the test shards; writes models/<name>/model.onnx "
+        "(input 'input' N x 3 x S x S normalised float32, output 'logits' N x classes, dynamic "
+        "batch axis; class names, input size, mean/std and provenance in its metadata, so "
+        "`attnpipe predict` needs nothing else). The file is kept only if ONNX Runtime and "
+        "PyTorch agree on real test images (max |logit difference| <= 1e-4 per unit of logit "
+        "scale). Prints the file size and the single-image CPU latency of both runtimes.",
+    ),
 }
 
 
@@ -88,6 +98,7 @@ def _is_user_error(error: Exception) -> bool:
     from attnpipe.data.layouts import LayoutError
     from attnpipe.data.prepare import PrepareError
     from attnpipe.data.shard import ShardError
+    from attnpipe.evaluate.export import ExportError
     from attnpipe.evaluate.run import EvaluateError
     from attnpipe.train.launch import TrainError
 
@@ -98,6 +109,7 @@ def _is_user_error(error: Exception) -> bool:
         ShardError,
         TrainError,
         EvaluateError,
+        ExportError,
         FileNotFoundError,
     )
     return isinstance(error, known)
@@ -124,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shard": _shard,
         "train": _train,
         "evaluate": _evaluate,
+        "export": _export,
     }
     for name, (summary, details) in STAGES.items():
         sub = commands.add_parser(
@@ -137,17 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
                 help="Ray cluster to join, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, "
                 "else a new local cluster)",
             )
+        if name == "export":
+            _export_options(sub)
         sub.set_defaults(handler=handlers[name])
 
     run = commands.add_parser(
         "run",
         help="run every stage of a pipeline in order (no DVC needed)",
-        description="Run fetch, prepare, shard, train and evaluate for one pipeline, in order. "
-        "Unlike `dvc repro`, this re-runs every stage.",
+        description="Run fetch, prepare, shard, train, evaluate and export for one pipeline, "
+        "in order. Unlike `dvc repro`, this re-runs every stage.",
     )
     run.add_argument("pipeline", help="pipeline name: pipelines/<pipeline>.yaml")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--address", help="Ray cluster to train on (see `attnpipe train --help`)")
+    _export_options(run)
     run.set_defaults(handler=_run_all)
 
     models = commands.add_parser(
@@ -158,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.set_defaults(handler=_models)
     return parser
+
+
+def _export_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--opset", type=int, default=17, help="ONNX opset version, 17 or newer (default: 17)"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=16,
+        help="test images the export is verified on (default: 16)",
+    )
 
 
 # --------------------------------------------------------------------------- handlers
@@ -215,8 +243,27 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"report:  {paths.report_html}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from attnpipe.evaluate.export import export, format_size
+
+    recipe, paths = _load(args)
+    result = export(recipe, paths, opset=args.opset, samples=args.samples)
+    print(
+        f"exported {result.path} (opset {result.opset}, dynamic batch): "
+        f"{format_size(result.size_bytes)}"
+    )
+    print(
+        f"verified on {result.samples_checked} test images: ONNX Runtime and PyTorch agree "
+        f"(max |logit difference| {result.max_abs_diff:.2e})"
+    )
+    print(
+        f"single-image CPU latency: ONNX Runtime {result.onnx_latency_ms:.2f} ms, "
+        f"PyTorch {result.torch_latency_ms:.2f} ms (median of 20)"
+    )
+
+
 def _run_all(args: argparse.Namespace) -> None:
-    for step in (_fetch, _prepare, _shard, _train, _evaluate):
+    for step in (_fetch, _prepare, _shard, _train, _evaluate, _export):
         step(args)
 
 

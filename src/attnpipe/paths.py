@@ -44,6 +44,10 @@ class PipelinePaths:
         return self.models / "model.pt"
 
     @property
+    def onnx_file(self) -> Path:
+        return self.models / "model.onnx"
+
+    @property
     def checkpoints(self) -> Path:
         return self.models / "checkpoints"
 

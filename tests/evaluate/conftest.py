@@ -164,3 +164,14 @@ def chromium() -> str:
     if binary is None:
         pytest.skip(f"{why_not}; `make browser` installs it on Debian/Ubuntu")
     return binary
+
+
+@pytest.fixture(scope="session")
+def exported_project(trained_project: tuple[Recipe, PipelinePaths]):
+    """`trained_project` with models/digits/model.onnx from `export` (verified on 8 images)."""
+    from attnpipe.evaluate.export import export
+
+    recipe, paths = trained_project
+    with one_thread():
+        result = export(recipe, paths, samples=8)
+    return paths, result
