@@ -42,7 +42,7 @@ def _help(capsys, *argv: str) -> str:
 
 def test_top_level_help_lists_every_command(capsys):
     text = _help(capsys)
-    for command in [*STAGE_OUTPUTS, "run", "models"]:
+    for command in [*STAGE_OUTPUTS, "predict", "run", "models"]:
         assert command in text
     assert "dvc repro" in text
 
@@ -60,3 +60,21 @@ def test_models_help_and_table(capsys):
     table = capsys.readouterr().out
     for name in ("attention56", "attention92_cifar", "attnvgg16", "streamlined_resnet50"):
         assert name in table
+
+
+def test_predict_help_names_inputs_outputs_and_exit_status(capsys):
+    text = _help(capsys, "predict")
+    for fragment in (
+        "model.pt",
+        "model.onnx",
+        "folders",
+        "--output FILE.csv",
+        "probability",
+        "error line",
+        "--kaggle-submission",
+        "submission.csv",
+        "image_id,label",
+        "--sample-submission",
+        "Exit status: 0 when every file was predicted, 1 when any failed",
+    ):
+        assert fragment in text, f"`attnpipe predict --help` should mention {fragment}"

@@ -12,8 +12,8 @@ from attnpipe.config import ConfigError, Recipe, load_recipe
 from attnpipe.paths import PipelinePaths
 
 DESCRIPTION = """\
-Reproducible training of attention CNNs: fetch -> prepare -> shard -> train -> evaluate
--> export (ONNX).
+Reproducible training of attention CNNs: fetch -> prepare -> shard -> train -> evaluate,
+export (ONNX); then `predict` on new images.
 
 Each stage reads pipelines/<name>.yaml (the recipe) and the previous stage's outputs under
 data/<name>/, models/<name>/ and reports/<name>/. `dvc repro` runs them all for the pipelines
@@ -99,6 +99,7 @@ def _is_user_error(error: Exception) -> bool:
     from attnpipe.data.prepare import PrepareError
     from attnpipe.data.shard import ShardError
     from attnpipe.evaluate.export import ExportError
+    from attnpipe.evaluate.predict import PredictError
     from attnpipe.evaluate.run import EvaluateError
     from attnpipe.train.launch import TrainError
 
@@ -110,6 +111,7 @@ def _is_user_error(error: Exception) -> bool:
         TrainError,
         EvaluateError,
         ExportError,
+        PredictError,
         FileNotFoundError,
     )
     return isinstance(error, known)
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
             _export_options(sub)
         sub.set_defaults(handler=handlers[name])
 
+    _add_predict(commands)
+
     run = commands.add_parser(
         "run",
         help="run every stage of a pipeline in order (no DVC needed)",
@@ -186,6 +190,69 @@ def _export_options(parser: argparse.ArgumentParser) -> None:
         default=16,
         help="test images the export is verified on (default: 16)",
     )
+
+
+PREDICT_DESCRIPTION = """\
+Predict the class of image files with a trained model: models/<name>/model.pt, or the
+models/<name>/model.onnx that `attnpipe export` writes (run by ONNX Runtime; no PyTorch model
+code needed). Images are read like the training data (EXIF orientation, any mode to RGB) and
+resized, centre-cropped and normalised like evaluation; flip TTA is used when the model's
+recipe had evaluate.flip_tta on.
+
+Inputs: image files and/or folders (a folder's files, not recursive, sorted by name).
+
+Output: one line per file, the predicted class and its probability, as a table on stdout,
+or as CSV with --output FILE.csv (columns file, class_index, class, probability, error).
+A file that is missing, corrupt or not an image gets an error line (on stderr, and in the
+error column) and every other file is still predicted.
+
+--kaggle-submission writes a Kaggle submission instead (default file: submission.csv):
+header image_id,label, the file name as image_id and the predicted class index as label
+(for Cassava, the competition's numeric label). With --sample-submission, its header and its
+ids in its order are copied exactly; an id without a usable image keeps the sample's label
+and counts as a failure.
+
+Exit status: 0 when every file was predicted, 1 when any failed (or an error stopped the
+command), 2 for wrong arguments.
+"""
+
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "predict",
+        help="predict image files or folders with model.pt or model.onnx",
+        description=PREDICT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders")
+    sub.add_argument(
+        "-m",
+        "--model",
+        type=Path,
+        required=True,
+        help="models/<name>/model.pt, or an .onnx file written by `attnpipe export`",
+    )
+    sub.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="write CSV here instead of printing a table (with --kaggle-submission: the "
+        "submission file, default submission.csv)",
+    )
+    sub.add_argument(
+        "--kaggle-submission",
+        action="store_true",
+        help="write a Kaggle submission (image_id,label) instead of the prediction table",
+    )
+    sub.add_argument(
+        "--sample-submission",
+        type=Path,
+        help="the competition's sample_submission.csv: copy its header and id order exactly",
+    )
+    sub.add_argument(
+        "--batch-size", type=int, default=32, help="images per forward pass (default: 32)"
+    )
+    sub.set_defaults(handler=_predict)
 
 
 # --------------------------------------------------------------------------- handlers
@@ -260,6 +327,49 @@ def _export(args: argparse.Namespace) -> None:
         f"single-image CPU latency: ONNX Runtime {result.onnx_latency_ms:.2f} ms, "
         f"PyTorch {result.torch_latency_ms:.2f} ms (median of 20)"
     )
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from attnpipe.evaluate.predict import (
+        PredictError,
+        collect_files,
+        format_table,
+        load_predictor,
+        predict_files,
+        write_predictions_csv,
+        write_submission,
+    )
+
+    if args.sample_submission and not args.kaggle_submission:
+        raise PredictError("--sample-submission needs --kaggle-submission")
+    predictor = load_predictor(args.model)
+    files = collect_files(args.inputs)
+    if not files:
+        print("attnpipe: error: no files found in the inputs", file=sys.stderr)
+        return 1
+    rows = predict_files(predictor, files, batch_size=args.batch_size)
+    failed = [r for r in rows if not r.ok]
+    for row in failed:
+        print(f"error: {row.path}: {row.error}", file=sys.stderr)
+    if args.kaggle_submission:
+        target = args.output or Path("submission.csv")
+        submission = write_submission(rows, target, args.sample_submission)
+        for problem in submission.problems:
+            if not any(problem.startswith(f"{r.path.name}:") for r in failed):
+                print(f"error: {problem}", file=sys.stderr)
+        print(f"submission: {submission.rows} rows written to {target}")
+        bad = len(submission.problems)
+    else:
+        if args.output:
+            write_predictions_csv(rows, args.output)
+            print(f"predictions: {len(rows) - len(failed)} of {len(rows)} files -> {args.output}")
+        else:
+            print(format_table(rows))
+        bad = len(failed)
+    if bad:
+        print(f"attnpipe: {bad} file(s) could not be predicted", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run_all(args: argparse.Namespace) -> None:
