@@ -11,7 +11,25 @@ STAGE_OUTPUTS = {
     "prepare": ["manifest.parquet", "rejected.csv", "reports/<name>/data.json"],
     "shard": ["data/<name>/manifest.parquet", "index.json"],
     "train": ["data/<name>/shards/", "models/<name>/model.pt", "train_history.csv", "resume"],
-    "evaluate": ["models/<name>/model.pt", "metrics.json", "confusion.csv"],
+    "evaluate": [
+        "models/<name>/model.pt",
+        "metrics.json",
+        "confusion.csv",
+        "per_class.csv",
+        "reports/<name>/figures/",
+        "reports/<name>/index.html",
+        "train_history.csv",
+        "evaluate.threshold",
+    ],
+    "export": [
+        "models/<name>/model.pt",
+        "models/<name>/model.onnx",
+        "dynamic batch",
+        "ONNX Runtime",
+        "real test images",
+        "latency",
+        "--opset",
+    ],
 }
 
 
@@ -24,7 +42,7 @@ def _help(capsys, *argv: str) -> str:
 
 def test_top_level_help_lists_every_command(capsys):
     text = _help(capsys)
-    for command in [*STAGE_OUTPUTS, "run", "models", "tune"]:
+    for command in [*STAGE_OUTPUTS, "predict", "run", "models", "tune"]:
         assert command in text
     assert "dvc repro" in text
 
@@ -49,3 +67,21 @@ def test_models_help_and_table(capsys):
     table = capsys.readouterr().out
     for name in ("attention56", "attention92_cifar", "attnvgg16", "streamlined_resnet50"):
         assert name in table
+
+
+def test_predict_help_names_inputs_outputs_and_exit_status(capsys):
+    text = _help(capsys, "predict")
+    for fragment in (
+        "model.pt",
+        "model.onnx",
+        "folders",
+        "--output FILE.csv",
+        "probability",
+        "error line",
+        "--kaggle-submission",
+        "submission.csv",
+        "image_id,label",
+        "--sample-submission",
+        "Exit status: 0 when every file was predicted, 1 when any failed",
+    ):
+        assert fragment in text, f"`attnpipe predict --help` should mention {fragment}"
