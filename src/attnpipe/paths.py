@@ -91,4 +91,3 @@ class PipelinePaths:
     @property
     def report_html(self) -> Path:
         return self.reports / "index.html"
-

@@ -115,6 +115,8 @@ def test_offline_wandb_run_matches_the_history_file(trained):
         assert logged["epoch"] == int(written["epoch"])
         for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1"):
             assert logged[key] == pytest.approx(float(written[key]), rel=1e-5), key
+    # Images of the best model, logged at the end (W&B stores media as nested keys).
+    assert any(key.startswith("attention_overlays/") for key in rows[-1])
     config = run_config(records)
     assert config["model"]["name"] == "attention56_cifar"
     assert config["git_commit"] and config["data_version"].startswith(("dvc:", "index:"))

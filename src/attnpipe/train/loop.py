@@ -220,6 +220,11 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
     if rank == 0:
         tracker.summary({"best_epoch": state.best_epoch, f"best_{train_cfg.monitor}": state.best})
         if tracker.run is not None and state.best_weights is not None:
+            eval_model = ema.module if ema is not None else model
+            eval_model.load_state_dict(state.best_weights)
+            log_attention_overlays(
+                tracker, eval_model, val_stream, recipe, train_split.classes, device, state.epoch
+            )
             with tempfile.TemporaryDirectory() as folder:
                 weights = Path(folder) / "best_weights.pt"
                 torch.save(state.best_weights, weights)
@@ -257,6 +262,42 @@ def say(line: str) -> None:
     stream = sys.__stdout__ or sys.stdout
     stream.write(line + "\n")
     stream.flush()
+
+
+OVERLAY_IMAGES = 8
+
+
+@torch.no_grad()
+def log_attention_overlays(
+    tracker: WandbRun,
+    model: nn.Module,
+    stream: ShardStream,
+    recipe: Recipe,
+    classes: list[str],
+    device: torch.device,
+    step: int,
+) -> None:
+    """A few validation images beside their attention maps, drawn as the report draws them."""
+    from attnpipe.evaluate.figures import overlay_strip, pick_maps, spatial_maps
+    from attnpipe.evaluate.inference import denormalize
+
+    model.eval()
+    images, labels, ids = next(iter(make_loader(stream, OVERLAY_IMAGES, workers=0)))
+    maps = spatial_maps(model.attention_maps(images.to(device)))
+    if not maps:
+        return  # e.g. a baseline without attention
+    names = pick_maps(list(maps))
+    pixels = denormalize(images, recipe.augment.mean, recipe.augment.std)
+    predicted = model(images.to(device)).argmax(1).cpu()
+    strips = [
+        (
+            overlay_strip(pixels[i], {name: maps[name][i] for name in names}),
+            f"{ids[i]}: true {classes[labels[i]]}, predicted {classes[predicted[i]]}; "
+            f"maps: {', '.join(names)}",
+        )
+        for i in range(len(ids))
+    ]
+    tracker.log_images("attention_overlays", strips, step=step)
 
 
 class TrainingState:
