@@ -210,7 +210,9 @@ def drain(loader, batches: int, warmup: int) -> tuple[Callable[[], None], list[i
             images, *_ = next(iterator)
             assert images.shape[1:] == (3, INPUT, INPUT)
 
-    return run, [w.pid for w in getattr(iterator, "_workers", [])]
+    import multiprocessing
+
+    return run, [child.pid for child in multiprocessing.active_children()]
 
 
 def loader_measures(files, paths, cores: int, batches: int) -> tuple[Measure, Measure]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -253,3 +254,58 @@ def test_folder_errors_are_clear(tmp_path: Path):
     source = {"kind": "folder", "path": "flat", "labels_csv": "l.csv", "id_column": "file"}
     with pytest.raises(FetchError, match=r"leaves source\.path"):
         fetch(_recipe(source), tmp_path / "raw", root=tmp_path)
+
+
+def test_cifar_download_path_through_torchvision_offline(tmp_path: Path, monkeypatch):
+    """The users' path: torchvision downloads (here from a server on loopback), checks the
+    archive's MD5 and unpacks it; the batch files' MD5s are checked; then the conversion runs."""
+    import functools
+    import hashlib
+    import tarfile
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    import torchvision.datasets
+
+    source_dir = tmp_path / "published"
+    folder = make_cifar10(source_dir)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+
+    def md5(path: Path) -> str:
+        return hashlib.md5(path.read_bytes()).hexdigest()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=tmp_path))
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    cls = torchvision.datasets.CIFAR10
+    url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
+    monkeypatch.setattr(cls, "url", url)
+    monkeypatch.setattr(cls, "tgz_md5", md5(archive))
+    monkeypatch.setattr(cls, "train_list", [[n, md5(folder / n)] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[n, md5(folder / n)] for n, _ in cls.test_list])
+    cache = tmp_path / "cache"
+    recipe = _recipe({"kind": "torchvision", "dataset": "CIFAR10", "download_dir": str(cache)})
+    raw = tmp_path / "raw"
+    try:
+        fetch(recipe, raw, progress=False)
+        assert (cache / "cifar-10-python.tar.gz").is_file()
+        assert len(read_layout(recipe, raw).records) == 19
+
+        (cache / "cifar-10-batches-py" / "test_batch").write_bytes(b"tampered")
+        with pytest.raises(FetchError, match="does not match its published MD5"):
+            fetch(recipe, tmp_path / "raw2", progress=False)
+
+        shutil.rmtree(cache)
+        monkeypatch.setattr(cls, "tgz_md5", "0" * 32)  # a corrupted download
+        with pytest.raises(FetchError, match="could not download CIFAR10"):
+            fetch(recipe, tmp_path / "raw3", progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
