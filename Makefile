@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 export WANDB_SILENT := true
 
-.PHONY: help setup demo test lint format bench clean
+.PHONY: help setup browser demo test lint format bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -29,7 +29,24 @@ demo: setup  ## run the digits pipeline end to end (dvc repro), then show its me
 	$(UV) run --frozen dvc repro
 	$(UV) run --frozen dvc metrics show
 
-test: setup  ## run the whole test suite (tiny data; starts real Ray, DVC and W&B offline)
+# The report test opens reports/<name>/index.html in headless Chromium. Best effort: where it
+# cannot be installed (not root, no apt-get, no network) that test is skipped and says why.
+browser:  ## install Chromium (Debian's apt package) for the report test, if missing
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	   || command -v google-chrome >/dev/null 2>&1; then \
+	  echo "browser: Chromium found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "browser: installing chromium with apt-get (for the report test)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	    >/tmp/attnpipe-browser-install.log 2>&1 \
+	    && echo "browser: chromium installed" \
+	    || echo "browser: could not install chromium (see /tmp/attnpipe-browser-install.log);" \
+	            "the report browser test will be skipped"; \
+	else \
+	  echo "browser: no Chromium and no root apt-get; the report browser test will be skipped"; \
+	fi
+
+test: setup browser  ## run the whole test suite (tiny data; starts real Ray, DVC and W&B offline)
 	$(UV) run --frozen pytest
 
 lint: setup  ## ruff: lint and format check

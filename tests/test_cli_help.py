@@ -11,7 +11,25 @@ STAGE_OUTPUTS = {
     "prepare": ["manifest.parquet", "rejected.csv", "reports/<name>/data.json"],
     "shard": ["data/<name>/manifest.parquet", "index.json", "publish_to", "--publish"],
     "train": ["data/<name>/shards/", "models/<name>/model.pt", "train_history.csv", "resume"],
-    "evaluate": ["models/<name>/model.pt", "metrics.json", "confusion.csv"],
+    "evaluate": [
+        "models/<name>/model.pt",
+        "metrics.json",
+        "confusion.csv",
+        "per_class.csv",
+        "reports/<name>/figures/",
+        "reports/<name>/index.html",
+        "train_history.csv",
+        "evaluate.threshold",
+    ],
+    "export": [
+        "models/<name>/model.pt",
+        "models/<name>/model.onnx",
+        "dynamic batch",
+        "ONNX Runtime",
+        "real test images",
+        "latency",
+        "--opset",
+    ],
 }
 
 
@@ -24,7 +42,7 @@ def _help(capsys, *argv: str) -> str:
 
 def test_top_level_help_lists_every_command(capsys):
     text = _help(capsys)
-    for command in [*STAGE_OUTPUTS, "run", "models", "submit", "jobs"]:
+    for command in [*STAGE_OUTPUTS, "predict", "run", "models", "tune", "submit", "jobs"]:
         assert command in text
     assert "dvc repro" in text
 
@@ -34,6 +52,13 @@ def test_stage_help_names_inputs_and_outputs(capsys, stage):
     text = _help(capsys, stage)
     for fragment in STAGE_OUTPUTS[stage]:
         assert fragment in text, f"`attnpipe {stage} --help` should mention {fragment}"
+
+
+def test_tune_and_overrides_help(capsys):
+    text = _help(capsys, "tune")
+    for fragment in ("tune.space", "ASHA", "tune_trials.csv", "best_params.yaml", "resumes"):
+        assert fragment in text
+    assert "best_params.yaml" in _help(capsys, "train")  # the --overrides switch
 
 
 def test_models_help_and_table(capsys):
@@ -79,3 +104,21 @@ def test_jobs_help(capsys, argv, fragments):
     text = _help(capsys, *argv)
     for fragment in fragments:
         assert fragment in text, f"`attnpipe {' '.join(argv)} --help` should mention {fragment}"
+
+
+def test_predict_help_names_inputs_outputs_and_exit_status(capsys):
+    text = _help(capsys, "predict")
+    for fragment in (
+        "model.pt",
+        "model.onnx",
+        "folders",
+        "--output FILE.csv",
+        "probability",
+        "error line",
+        "--kaggle-submission",
+        "submission.csv",
+        "image_id,label",
+        "--sample-submission",
+        "Exit status: 0 when every file was predicted, 1 when any failed",
+    ):
+        assert fragment in text, f"`attnpipe predict --help` should mention {fragment}"

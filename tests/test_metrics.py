@@ -6,8 +6,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from attnpipe.evaluate.inference import class_probabilities, flip_tta_numpy
 from attnpipe.metrics import (
+    calibration_bins,
     classification_metrics,
     confusion,
     expected_calibration_error,
@@ -81,3 +84,103 @@ def test_ece_by_hand():
     probs[2] = [0.4, 0.6]
     probs[3] = [0.6, 0.4]  # predicts 0, true 1, confidence 0.6
     assert expected_calibration_error(labels, probs) == pytest.approx(0.05)
+
+
+def test_macro_and_per_class_by_hand():
+    # Same predictions as test_multiclass_by_hand: predicted 0 0 1 1 2 2 for true 0 0 0 1 1 2.
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    predicted = [0, 0, 1, 1, 2, 2]
+    probs = np.full((6, 3), 0.1)
+    probs[np.arange(6), predicted] = 0.8
+    result = classification_metrics(labels, probs)
+    assert result["macro_precision"] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+    assert result["macro_recall"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    rows = per_class_report(labels, probs, ["a", "b", "c"])
+    assert [r["class"] for r in rows] == ["a", "b", "c"]
+    assert [r["precision"] for r in rows] == pytest.approx([1, 1 / 2, 1 / 2])
+    assert [r["recall"] for r in rows] == pytest.approx([2 / 3, 1 / 2, 1])
+    assert [r["f1"] for r in rows] == pytest.approx([0.8, 0.5, 2 / 3])
+
+
+def test_a_class_missing_from_the_labels_counts_in_macro_but_not_balanced_accuracy():
+    labels = np.array([0, 0, 1])
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1]])  # 0, 2, 1
+    result = classification_metrics(labels, probs)
+    assert result["balanced_accuracy"] == pytest.approx((1 / 2 + 1) / 2)  # classes 0 and 1
+    assert result["macro_recall"] == pytest.approx((1 / 2 + 1 + 0) / 3)  # class 2 counts as 0
+    assert result["macro_precision"] == pytest.approx((1 + 1 + 0) / 3)
+
+
+def test_binary_pr_auc_and_per_class_at_the_threshold_by_hand():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    p1 = np.array([0.1, 0.4, 0.35, 0.8, 0.7, 0.3, 0.9])
+    probs = np.stack([1 - p1, p1], axis=1)
+    # Ranked by score: 0.9+ 0.8- 0.7+ 0.4- 0.35- 0.3+ 0.1-; average precision is the mean, over
+    # the positives, of the precision at their rank: (1/1 + 2/3 + 3/6) / 3.
+    assert classification_metrics(labels, probs)["pr_auc"] == pytest.approx((1 + 2 / 3 + 0.5) / 3)
+    # threshold 0.5: TN=3 FP=1 FN=1 TP=2
+    negative, positive = per_class_report(labels, probs, ["benign", "malignant"], 0.5)
+    assert positive["precision"] == pytest.approx(2 / 3) and positive["recall"] == 2 / 3
+    assert negative["precision"] == pytest.approx(3 / 4) and negative["recall"] == 3 / 4
+    assert (negative["support"], positive["support"]) == (4, 3)
+    # threshold 0.3: everything but 0.1 is positive -> TP=3 FP=3 TN=1
+    negative, positive = per_class_report(labels, probs, ["benign", "malignant"], 0.3)
+    assert positive["precision"] == pytest.approx(1 / 2) and positive["recall"] == 1
+    assert negative["precision"] == 1 and negative["recall"] == pytest.approx(1 / 4)
+    assert confusion(labels, probs, 0.3).tolist() == [[1, 3], [0, 3]]
+
+
+def test_no_top5_with_five_classes():
+    probs = np.full((2, 5), 0.2)
+    probs[:, 0] = 0.2001
+    assert "top5_accuracy" not in classification_metrics(np.array([0, 4]), probs)
+
+
+def test_ece_over_several_bins_by_hand():
+    # Confidences 0.9 (right), 0.9 (wrong), 0.5 (right), 0.7 (right), 0.7 (right):
+    # bins of 0.9: acc 1/2 vs 0.9; of 0.5: acc 1 vs 0.5; of 0.7: acc 1 vs 0.7.
+    probs = np.array(
+        [
+            [0.9, 0.05, 0.05],
+            [0.9, 0.05, 0.05],
+            [0.5, 0.3, 0.2],
+            [0.1, 0.7, 0.2],
+            [0.1, 0.2, 0.7],
+        ]
+    )
+    labels = np.array([0, 1, 0, 1, 2])
+    expected = 2 / 5 * abs(0.5 - 0.9) + 1 / 5 * abs(1 - 0.5) + 2 / 5 * abs(1 - 0.7)
+    assert expected_calibration_error(labels, probs) == pytest.approx(expected)  # 0.38
+    # Three bins, (0, 1/3], (1/3, 2/3], (2/3, 1]: the 0.7s and 0.9s share the last.
+    confidence, accuracy, counts = calibration_bins(labels, probs, bins=3)
+    assert counts.tolist() == [0, 1, 4]
+    assert confidence[1:] == pytest.approx([0.5, (0.9 + 0.9 + 0.7 + 0.7) / 4])
+    assert accuracy[1:] == pytest.approx([1, 3 / 4])
+    assert np.isnan(accuracy[0]) and np.isnan(confidence[0])
+    assert expected_calibration_error(labels, probs, bins=3) == pytest.approx(
+        1 / 5 * 0.5 + 4 / 5 * abs(3 / 4 - 0.8)
+    )
+    # A perfectly confident, always-right model is perfectly calibrated.
+    assert expected_calibration_error(np.array([0, 1]), np.eye(2)) == 0
+
+
+class _LeftMinusRight(torch.nn.Module):
+    """Logits (left column sum, right column sum): mirroring the image swaps them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[..., 0].sum((1, 2)), x[..., -1].sum((1, 2))], dim=1)
+
+
+def test_flip_tta_by_hand():
+    image = torch.tensor([[[[1.0, 0.0]]]])  # N=1, C=1, 1 x 2: bright on the left
+    model = _LeftMinusRight()
+    e = math.e
+    once = class_probabilities(model, image)[0].tolist()
+    assert once == pytest.approx([e / (1 + e), 1 / (1 + e)])
+    # The mirror predicts the opposite, so the average is exactly undecided.
+    assert class_probabilities(model, image, flip_tta=True)[0].tolist() == pytest.approx([0.5, 0.5])
+    # The NumPy form (ONNX Runtime's) averages the same way.
+    as_numpy = flip_tta_numpy(
+        lambda b: model(torch.from_numpy(b)).softmax(1).numpy(), image.numpy(), flip_tta=True
+    )
+    assert as_numpy[0] == pytest.approx([0.5, 0.5])

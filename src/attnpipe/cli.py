@@ -15,7 +15,8 @@ from attnpipe.jobs import print_results
 from attnpipe.paths import PipelinePaths
 
 DESCRIPTION = """\
-Reproducible training of attention CNNs: fetch -> prepare -> shard -> train -> evaluate.
+Reproducible training of attention CNNs: fetch -> prepare -> shard -> train -> evaluate,
+export (ONNX); then `predict` on new images.
 
 Each stage reads pipelines/<name>.yaml (the recipe) and the previous stage's outputs under
 data/<name>/, models/<name>/ and reports/<name>/. `dvc repro` runs them all for the pipelines
@@ -57,9 +58,26 @@ STAGES = {
         "--address when given, else starts a local Ray cluster.",
     ),
     "evaluate": (
-        "score the model on the test split",
-        "Reads models/<name>/model.pt and the test shards; writes reports/<name>/metrics.json, "
-        "reports/<name>/confusion.csv and reports/<name>/per_class.csv.",
+        "score the model on the test split and write the report",
+        "Reads models/<name>/model.pt, the test shards (data/<name>/shards/) and "
+        "reports/<name>/train_history.csv. Predicts every test image exactly once (with flip "
+        "TTA when the recipe's evaluate.flip_tta is on) and writes reports/<name>/metrics.json "
+        "(accuracy, balanced accuracy, macro precision/recall/F1, ECE, top-5 with more than 5 "
+        "classes; binary: ROC-AUC, PR-AUC, sensitivity and specificity at evaluate.threshold), "
+        "reports/<name>/confusion.csv (one row per test image), reports/<name>/per_class.csv, "
+        "PNG figures in reports/<name>/figures/ (confusion matrix, training curves, "
+        "calibration, attention overlays of right and wrong test images) and "
+        "reports/<name>/index.html, a self-contained page of all of it with the model's "
+        "provenance (open it in any browser).",
+    ),
+    "export": (
+        "export the model to ONNX, verified against PyTorch",
+        "Reads models/<name>/model.pt and the test shards; writes models/<name>/model.onnx "
+        "(input 'input' N x 3 x S x S normalised float32, output 'logits' N x classes, dynamic "
+        "batch axis; class names, input size, mean/std and provenance in its metadata, so "
+        "`attnpipe predict` needs nothing else). The file is kept only if ONNX Runtime and "
+        "PyTorch agree on real test images (max |logit difference| <= 1e-4 per unit of logit "
+        "scale). Prints the file size and the single-image CPU latency of both runtimes.",
     ),
 }
 
@@ -98,16 +116,24 @@ def _is_user_error(error: Exception) -> bool:
     from attnpipe.data.layouts import LayoutError
     from attnpipe.data.prepare import PrepareError
     from attnpipe.data.shard import ShardError
+    from attnpipe.data.sources import FetchError
+    from attnpipe.evaluate.export import ExportError
+    from attnpipe.evaluate.predict import PredictError
+    from attnpipe.evaluate.run import EvaluateError
     from attnpipe.jobs import JobError
     from attnpipe.train.launch import TrainError
 
     known = (
         ConfigError,
+        FetchError,
         LayoutError,
         PrepareError,
         ShardError,
         TrainError,
         JobError,
+        EvaluateError,
+        ExportError,
+        PredictError,
         FileNotFoundError,
     )
     return isinstance(error, known)
@@ -134,9 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         "shard": _shard,
         "train": _train,
         "evaluate": _evaluate,
+        "export": _export,
     }
     for name, (summary, details) in STAGES.items():
-        sub = commands.add_parser(name, help=summary, description=f"{summary}.\n\n{details}")
+        sub = commands.add_parser(
+            name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.\n\n{details}"
+        )
         sub.add_argument("pipeline", help="pipeline name: pipelines/<pipeline>.yaml")
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
         if name == "shard":
@@ -149,21 +178,48 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "train":
             sub.add_argument(
+                "--overrides",
+                type=Path,
+                metavar="YAML",
+                help="recipe keys to change for this run, e.g. a sweep's "
+                "reports/<name>/best_params.yaml ({train.optimizer.lr: 0.01, ...})",
+            )
+            sub.add_argument(
                 "--address",
                 help="Ray cluster to join, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, "
                 "else a new local cluster)",
             )
+        if name == "export":
+            _export_options(sub)
         sub.set_defaults(handler=handlers[name])
+
+    tune = commands.add_parser(
+        "tune",
+        help="sweep hyperparameters with Ray Tune (ASHA early stopping)",
+        description="Sweep the recipe's `tune.space` (dotted recipe keys with loguniform, "
+        "uniform or choice ranges): `tune.num_samples` trials, `tune.max_concurrent_trials` at "
+        "once, each a Ray TorchTrainer run on the pipeline's shards (data/<name>/shards/), "
+        "stopped early by ASHA on `tune.metric`. Writes reports/<name>/tune_trials.csv (every "
+        "trial's settings, last and best metric, stopped early or not) and "
+        "reports/<name>/best_params.yaml; apply the latter with `attnpipe train <name> "
+        "--overrides reports/<name>/best_params.yaml`. An interrupted sweep resumes when run "
+        "again; finished trials are not re-run. Joins RAY_ADDRESS or --address when given.",
+    )
+    tune.add_argument("pipeline", help="pipeline name: pipelines/<pipeline>.yaml")
+    tune.add_argument("--address", help="Ray cluster to run the trials on")
+    tune.set_defaults(handler=_tune)
+    _add_predict(commands)
 
     run = commands.add_parser(
         "run",
         help="run every stage of a pipeline in order (no DVC needed)",
-        description="Run fetch, prepare, shard, train and evaluate for one pipeline, in order. "
-        "Unlike `dvc repro`, this re-runs every stage.",
+        description="Run fetch, prepare, shard, train, evaluate and export for one pipeline, "
+        "in order. Unlike `dvc repro`, this re-runs every stage.",
     )
     run.add_argument("pipeline", help="pipeline name: pipelines/<pipeline>.yaml")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--address", help="Ray cluster to train on (see `attnpipe train --help`)")
+    _export_options(run)
     run.set_defaults(handler=_run_all)
 
     _add_cluster_commands(commands)
@@ -274,6 +330,81 @@ def _add_cluster_commands(commands: argparse._SubParsersAction) -> None:
     jobs.set_defaults(handler=lambda args: jobs.print_help() or 2)
 
 
+def _export_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--opset", type=int, default=17, help="ONNX opset version, 17 or newer (default: 17)"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=16,
+        help="test images the export is verified on (default: 16)",
+    )
+
+
+PREDICT_DESCRIPTION = """\
+Predict the class of image files with a trained model: models/<name>/model.pt, or the
+models/<name>/model.onnx that `attnpipe export` writes (run by ONNX Runtime; no PyTorch model
+code needed). Images are read like the training data (EXIF orientation, any mode to RGB) and
+resized, centre-cropped and normalised like evaluation; flip TTA is used when the model's
+recipe had evaluate.flip_tta on.
+
+Inputs: image files and/or folders (a folder's files, not recursive, sorted by name).
+
+Output: one line per file, the predicted class and its probability, as a table on stdout,
+or as CSV with --output FILE.csv (columns file, class_index, class, probability, error).
+A file that is missing, corrupt or not an image gets an error line (on stderr, and in the
+error column) and every other file is still predicted.
+
+--kaggle-submission writes a Kaggle submission instead (default file: submission.csv):
+header image_id,label, the file name as image_id and the predicted class index as label
+(for Cassava, the competition's numeric label). With --sample-submission, its header and its
+ids in its order are copied exactly; an id without a usable image keeps the sample's label
+and counts as a failure.
+
+Exit status: 0 when every file was predicted, 1 when any failed (or an error stopped the
+command), 2 for wrong arguments.
+"""
+
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "predict",
+        help="predict image files or folders with model.pt or model.onnx",
+        description=PREDICT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders")
+    sub.add_argument(
+        "-m",
+        "--model",
+        type=Path,
+        required=True,
+        help="models/<name>/model.pt, or an .onnx file written by `attnpipe export`",
+    )
+    sub.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="write CSV here instead of printing a table (with --kaggle-submission: the "
+        "submission file, default submission.csv)",
+    )
+    sub.add_argument(
+        "--kaggle-submission",
+        action="store_true",
+        help="write a Kaggle submission (image_id,label) instead of the prediction table",
+    )
+    sub.add_argument(
+        "--sample-submission",
+        type=Path,
+        help="the competition's sample_submission.csv: copy its header and id order exactly",
+    )
+    sub.add_argument(
+        "--batch-size", type=int, default=32, help="images per forward pass (default: 32)"
+    )
+    sub.set_defaults(handler=_predict)
+
+
 # --------------------------------------------------------------------------- handlers
 def _load(args: argparse.Namespace) -> tuple[Recipe, PipelinePaths]:
     root = args.root.resolve()
@@ -284,7 +415,7 @@ def _fetch(args: argparse.Namespace) -> None:
     from attnpipe.data.sources import fetch
 
     recipe, paths = _load(args)
-    out = fetch(recipe, paths.raw)
+    out = fetch(recipe, paths.raw, progress=not args.no_progress, root=paths.root)
     print(f"fetched '{recipe.source.kind}' into {out}")
 
 
@@ -314,9 +445,15 @@ def _shard(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from attnpipe.config import apply_overrides
     from attnpipe.train.launch import train
+    from attnpipe.train.tune import load_overrides
 
     recipe, paths = _load(args)
+    if getattr(args, "overrides", None):
+        changes = load_overrides(args.overrides)
+        recipe = apply_overrides(recipe, changes, origin=str(args.overrides))
+        print(f"overrides from {args.overrides}: {changes}")
     result = train(recipe, paths, address=args.address)
     metric = recipe.train.monitor
     best = result.best_metrics.get(metric, float("nan"))
@@ -344,6 +481,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     print(f"test ({metrics['test_samples']} samples): {shown}")
     print(f"metrics: {paths.metrics}")
+    print(f"report:  {paths.report_html}")
     print_results("evaluate", {"pipeline": recipe.name, "metrics": metrics})
 
 
@@ -391,8 +529,82 @@ def _jobs_stop(args: argparse.Namespace) -> int:
     return 0 if status in ("STOPPED", "SUCCEEDED", "FAILED") else 1
 
 
+def _export(args: argparse.Namespace) -> None:
+    from attnpipe.evaluate.export import export, format_size
+
+    recipe, paths = _load(args)
+    result = export(recipe, paths, opset=args.opset, samples=args.samples)
+    print(
+        f"exported {result.path} (opset {result.opset}, dynamic batch): "
+        f"{format_size(result.size_bytes)}"
+    )
+    print(
+        f"verified on {result.samples_checked} test images: ONNX Runtime and PyTorch agree "
+        f"(max |logit difference| {result.max_abs_diff:.2e})"
+    )
+    print(
+        f"single-image CPU latency: ONNX Runtime {result.onnx_latency_ms:.2f} ms, "
+        f"PyTorch {result.torch_latency_ms:.2f} ms (median of 20)"
+    )
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from attnpipe.evaluate.predict import (
+        PredictError,
+        collect_files,
+        format_table,
+        load_predictor,
+        predict_files,
+        write_predictions_csv,
+        write_submission,
+    )
+
+    if args.sample_submission and not args.kaggle_submission:
+        raise PredictError("--sample-submission needs --kaggle-submission")
+    predictor = load_predictor(args.model)
+    files = collect_files(args.inputs)
+    if not files:
+        print("attnpipe: error: no files found in the inputs", file=sys.stderr)
+        return 1
+    rows = predict_files(predictor, files, batch_size=args.batch_size)
+    failed = [r for r in rows if not r.ok]
+    for row in failed:
+        print(f"error: {row.path}: {row.error}", file=sys.stderr)
+    if args.kaggle_submission:
+        target = args.output or Path("submission.csv")
+        submission = write_submission(rows, target, args.sample_submission)
+        for problem in submission.problems:
+            if not any(problem.startswith(f"{r.path.name}:") for r in failed):
+                print(f"error: {problem}", file=sys.stderr)
+        print(f"submission: {submission.rows} rows written to {target}")
+        bad = len(submission.problems)
+    else:
+        if args.output:
+            write_predictions_csv(rows, args.output)
+            print(f"predictions: {len(rows) - len(failed)} of {len(rows)} files -> {args.output}")
+        else:
+            print(format_table(rows))
+        bad = len(failed)
+    if bad:
+        print(f"attnpipe: {bad} file(s) could not be predicted", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from attnpipe.train.tune import tune
+
+    recipe, paths = _load(args)
+    result = tune(recipe, paths, address=args.address)
+    best = {k: v for k, v in result.best.items() if "." in k}
+    print(
+        f"sweep '{result.experiment}': {len(result.trials)} trials; best {result.best['trial_id']}"
+    )
+    print(f"best settings {best} written to {paths.reports / 'best_params.yaml'}")
+
+
 def _run_all(args: argparse.Namespace) -> None:
-    for step in (_fetch, _prepare, _shard, _train, _evaluate):
+    for step in (_fetch, _prepare, _shard, _train, _evaluate, _export):
         step(args)
 
 

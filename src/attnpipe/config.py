@@ -35,30 +35,59 @@ class SklearnDigitsSource(Strict):
 
 
 class KaggleCompetitionSource(Strict):
+    """A Kaggle competition's data files, through the official `kaggle` client.
+
+    Needs Kaggle credentials and an account that accepted the competition's rules.
+    """
+
     kind: Literal["kaggle-competition"]
-    competition: str
+    competition: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="the name in the URL")
     layout: Literal["cassava"] = "cassava"
+    exclude: tuple[str, ...] = Field(
+        (), description="glob patterns of archive members not to extract (e.g. train_tfrecords/*)"
+    )
 
 
 class KaggleDatasetSource(Strict):
+    """A Kaggle dataset (`owner/slug`), through the official `kaggle` client."""
+
     kind: Literal["kaggle-dataset"]
-    dataset: str = Field(description="owner/slug")
+    dataset: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="owner/slug")
     layout: Literal["melanoma"] = "melanoma"
+    exclude: tuple[str, ...] = Field(
+        (), description="glob patterns of archive members not to extract"
+    )
 
 
 class TorchvisionSource(Strict):
+    """A torchvision dataset, downloaded by torchvision and converted to the CSV layout."""
+
     kind: Literal["torchvision"]
     dataset: Literal["CIFAR10", "CIFAR100", "FGVCAircraft"]
+    download_dir: str | None = Field(
+        None, description="where torchvision keeps the archive; default ~/.cache/attnpipe"
+    )
+    annotation_level: Literal["variant", "family", "manufacturer"] = Field(
+        "variant", description="FGVCAircraft only: the label granularity"
+    )
+    remove_banner: bool = Field(
+        True, description="FGVCAircraft only: crop the 20-pixel copyright banner at the bottom"
+    )
 
 
 class FolderSource(Strict):
-    """A user's image tree: class-per-folder, or a flat folder plus a labels CSV."""
+    """A user's image tree: class-per-folder, or a flat folder plus a labels CSV.
+
+    `fetch` copies it into `data/<name>/raw/` so that DVC versions a snapshot.
+    """
 
     kind: Literal["folder"]
-    path: str
-    labels_csv: str | None = None
+    path: str = Field(description="the image folder (relative to the project root or absolute)")
+    labels_csv: str | None = Field(None, description="without it: one sub-folder per class")
     id_column: str = "image_id"
     label_column: str = "label"
+    group_column: str | None = Field(None, description="e.g. a patient id: kept in one split")
+    image_suffix: str = Field("", description="appended to ids that lack the file extension")
 
 
 SOURCE_KINDS: dict[str, type[Strict]] = {
@@ -94,6 +123,11 @@ class SplitRatios(Strict):
 
 class PrepareConfig(Strict):
     splits: SplitRatios = SplitRatios()
+    test_split: Literal["stratified", "official"] = Field(
+        "stratified",
+        description="official: the dataset's own test set (CIFAR, FGVC-Aircraft) is the test "
+        "split and the rest is split train/val by their ratio (splits.test is ignored)",
+    )
     seed: int = 0
     folds: int = Field(0, ge=0, description="0 = no k-fold column; else k-fold over train+val")
     max_reject_fraction: float = Field(0.01, ge=0, le=1)
@@ -109,6 +143,9 @@ class ShardConfig(Strict):
     image_size: int | None = Field(None, gt=0, description="shorter side at shard time")
     format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(95, ge=1, le=100)
+    jpeg_subsampling: Literal["4:2:0", "4:4:4"] = Field(
+        "4:2:0", description="chroma resolution: 4:2:0 halves the bytes and the decoding time"
+    )
     workers: int = Field(0, ge=0, description="writer processes; 0 = one per core")
     publish_to: str | None = Field(
         None,
@@ -170,6 +207,11 @@ class LossConfig(Strict):
     class_weights: Literal["none", "inverse_frequency"] = "none"
 
 
+Monitor = Literal[
+    "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss", "val_roc_auc"
+]
+
+
 class TrainConfig(Strict):
     workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: Literal["auto", True, False] = "auto"
@@ -189,9 +231,7 @@ class TrainConfig(Strict):
     compile: bool = False
     ema_decay: float | None = Field(None, gt=0, lt=1)
     early_stopping_patience: int | None = Field(None, ge=1)
-    monitor: Literal[
-        "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss", "val_roc_auc"
-    ] = "val_accuracy"
+    monitor: Monitor = "val_accuracy"
     max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 = unlimited")
     storage_path: str | None = Field(
         None,
@@ -217,6 +257,44 @@ class EvaluateConfig(Strict):
     flip_tta: bool = False
 
 
+class SearchDimension(Strict):
+    """One hyperparameter's range: `loguniform`/`uniform` over [low, high], `choice` (random
+    pick) or `grid` (every value, each `num_samples` times)."""
+
+    type: Literal["loguniform", "uniform", "choice", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchDimension:
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"a '{self.type}' dimension needs a non-empty 'values' list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a '{self.type}' dimension needs 'low' < 'high'")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError("a 'loguniform' dimension needs 'low' > 0")
+        return self
+
+
+class TuneConfig(Strict):
+    """A Ray Tune sweep over recipe keys (dotted paths such as `train.optimizer.lr`)."""
+
+    space: dict[str, SearchDimension] = Field(default_factory=dict)
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    metric: Monitor = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    epochs: int | None = Field(None, ge=1, description="per trial; default train.epochs")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: int = Field(2, ge=2)
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0, description="used only when training on GPUs")
+    seed: int = 0
+
+
 class Recipe(Strict):
     """One pipeline's whole recipe, as in `pipelines/<name>.yaml`."""
 
@@ -229,6 +307,18 @@ class Recipe(Strict):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _space_names_recipe_keys(self) -> Recipe:
+        data = self.model_dump()
+        for dotted in self.tune.space:
+            node: Any = data
+            for part in dotted.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise ValueError(f"tune.space: '{dotted}' is not a key of the recipe")
+                node = node[part]
+        return self
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none): identifies a training run."""

@@ -22,7 +22,9 @@ def classification_metrics(
     """Headline metrics for `labels` (N,) against class probabilities `probs` (N, C).
 
     Binary tasks (C == 2) predict class 1 when its probability >= `threshold` and add ROC-AUC,
-    PR-AUC, sensitivity and specificity; tasks with 5+ classes add top-5 accuracy.
+    PR-AUC (average precision), sensitivity and specificity at that threshold; tasks with more
+    than 5 classes add top-5 accuracy (with 5 or fewer it is always 1). Macro averages weigh
+    every class equally, including classes absent from `labels` (their recall counts as 0).
     """
     labels = np.asarray(labels)
     num_classes = probs.shape[1]
@@ -31,12 +33,15 @@ def classification_metrics(
     result = {
         "accuracy": float(skm.accuracy_score(labels, predictions)),
         "balanced_accuracy": _balanced_accuracy(labels, predictions),
-        "macro_f1": float(
-            skm.f1_score(labels, predictions, labels=all_classes, average="macro", zero_division=0)
-        ),
-        "ece": expected_calibration_error(labels, probs),
     }
-    if num_classes >= 5:
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        labels, predictions, labels=all_classes, average="macro", zero_division=0
+    )
+    result["macro_precision"] = float(precision)
+    result["macro_recall"] = float(recall)
+    result["macro_f1"] = float(f1)
+    result["ece"] = expected_calibration_error(labels, probs)
+    if num_classes > 5:
         result["top5_accuracy"] = float(
             skm.top_k_accuracy_score(labels, probs, k=5, labels=all_classes)
         )
@@ -94,15 +99,30 @@ def confusion(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> 
     return skm.confusion_matrix(labels, predict_classes(probs, threshold), labels=classes)
 
 
-def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
-    """ECE of the top-1 confidence with equal-width bins (Guo et al. 2017)."""
+def calibration_bins(
+    labels: np.ndarray, probs: np.ndarray, bins: int = 15
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-1 confidence in `bins` equal-width bins (lo, hi]: (mean confidence, accuracy, count)
+    per bin; empty bins hold NaN and 0. The reliability diagram and the ECE read the same bins.
+    """
+    labels = np.asarray(labels)
     confidence = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    error = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            error += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(error)
+    counts = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(which, weights=confidence, minlength=bins) / counts
+        accuracy = np.bincount(which, weights=correct, minlength=bins) / counts
+    return mean_confidence, accuracy, counts
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """ECE of the top-1 confidence with equal-width bins (Guo et al. 2017): the sample-weighted
+    mean of |accuracy - confidence| over the bins."""
+    if len(probs) == 0:
+        return float("nan")
+    mean_confidence, accuracy, counts = calibration_bins(labels, probs, bins)
+    filled = counts > 0
+    gaps = np.abs(accuracy[filled] - mean_confidence[filled])
+    return float((counts[filled] / counts.sum() * gaps).sum())

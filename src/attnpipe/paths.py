@@ -44,8 +44,16 @@ class PipelinePaths:
         return self.models / "model.pt"
 
     @property
+    def onnx_file(self) -> Path:
+        return self.models / "model.onnx"
+
+    @property
     def checkpoints(self) -> Path:
         return self.models / "checkpoints"
+
+    @property
+    def tune_storage(self) -> Path:
+        return self.models / "tune"
 
     @property
     def reports(self) -> Path:
@@ -71,3 +79,16 @@ class PipelinePaths:
     def wandb_parent(self) -> Path:
         """W&B writes its runs to `wandb/` inside this folder."""
         return self.root
+
+    @property
+    def per_class(self) -> Path:
+        return self.reports / "per_class.csv"
+
+    @property
+    def figures(self) -> Path:
+        return self.reports / "figures"
+
+    @property
+    def report_html(self) -> Path:
+        return self.reports / "index.html"
+

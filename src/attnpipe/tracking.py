@@ -160,5 +160,13 @@ def write_history(path: Path, history: list[dict[str, Any]]) -> None:
             writer.writerow({k: _fmt(row.get(k)) for k in columns})
 
 
+def read_history(path: Path) -> list[dict[str, str]]:
+    """The rows `write_history` wrote (values as text); empty when the file does not exist."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def _fmt(value: Any) -> Any:
     return f"{value:.6g}" if isinstance(value, float) else value

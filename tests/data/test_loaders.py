@@ -78,3 +78,113 @@ def test_train_order_changes_with_the_epoch(digits_project):
         orders.append(ids)
     assert orders[0] == orders[1]  # reproducible
     assert orders[0] != orders[2]  # reshuffled per epoch
+
+
+def test_fast_transform_matches_torchvision_bit_for_bit():
+    """The loader's crop + flip + normalise equal torchvision v2's, from the same seed."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import v2
+
+    from attnpipe.config import AugmentConfig
+
+    augment = AugmentConfig(vertical_flip=0.5)
+    reference = v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                24, augment.random_resized_crop_scale, augment.random_resized_crop_ratio
+            ),
+            v2.RandomHorizontalFlip(augment.horizontal_flip),
+            v2.RandomVerticalFlip(augment.vertical_flip),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(augment.mean, augment.std),
+        ]
+    )
+    ours = build_transform(augment, 24, train=True)
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    image = decode_jpeg(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8),
+                        mode=ImageReadMode.RGB)  # fmt: skip
+    assert not image.is_contiguous()  # channels-last, as decoded
+    for seed in range(20):
+        torch.manual_seed(seed)
+        expected = reference(image)
+        torch.manual_seed(seed)
+        got = ours(image)
+        assert got.shape == (3, 24, 24)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_loader_batches_equal_the_per_sample_transform(digits_project):
+    """make_loader normalises whole batches in the main process: same numbers, same order."""
+    recipe, paths = digits_project
+    info = split_info(paths.shards, "val")
+    stream = _stream(recipe, info.urls, 0, 1, train=False)
+    direct = list(stream)  # per-sample: augment + normalise in one call
+    batched = [b for b in make_loader(stream, batch_size=16, workers=2)]
+    images = torch.cat([b[0] for b in batched])
+    ids = [i for b in batched for i in b[2]]
+    labels = torch.cat([b[1] for b in batched])
+    assert images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert sorted(ids) == sorted(i for _, _, i in direct)
+    by_id = {i: (image, label) for image, label, i in direct}
+    for image, label, sample_id in zip(images, labels, ids, strict=True):
+        torch.testing.assert_close(image, by_id[sample_id][0], rtol=0, atol=1e-6)
+        assert int(label) == by_id[sample_id][1]
+
+
+def test_float_batch_is_writable_and_sized():
+    from attnpipe.data.loaders import float_batch
+
+    batch = float_batch((8, 3, 224, 224))  # 4.8 MB: from a huge-page mapping
+    batch.fill_(1.5)
+    assert batch.shape == (8, 3, 224, 224) and float(batch.sum()) == 1.5 * batch.numel()
+    assert float_batch((2, 3, 4, 4)).shape == (2, 3, 4, 4)  # small: a plain tensor
+
+
+def test_tar_reader_agrees_with_webdataset_on_long_and_unicode_names(tmp_path):
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from attnpipe.data.loaders import iter_tar_samples
+
+    path = tmp_path / "s.tar"
+    keys = ["short", "x" * 150, "nested/dir/" + "y" * 120, "éléphant_ünïcode"]
+    with open(path, "wb") as handle, wds.TarWriter(handle, mtime=0) as writer:
+        for i, key in enumerate(keys):
+            writer.write({"__key__": key, "jpg": bytes([i]) * (100 + 700 * i), "cls": b"%d" % i})
+    ours = list(iter_tar_samples(str(path)))
+    with open(path, "rb") as stream:
+        theirs = list(group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])))
+    assert [s["__key__"] for s in ours] == keys
+    assert [{k: v for k, v in s.items() if k != "__url__"} for s in ours] == [
+        {k: v for k, v in s.items() if k != "__url__"} for s in theirs
+    ]
+
+
+def test_tar_reader_rejects_a_corrupt_shard(tmp_path):
+    from attnpipe.data.loaders import ShardFormatError, iter_tar_samples
+
+    path = tmp_path / "bad.tar"
+    path.write_bytes(b"this is not a tar file" * 100)
+    with pytest.raises(ShardFormatError, match="bad tar header"):
+        list(iter_tar_samples(str(path)))
+    good = tmp_path / "good.tar"
+    import webdataset as wds
+
+    with open(good, "wb") as handle, wds.TarWriter(handle, mtime=0) as writer:
+        writer.write({"__key__": "a", "cls": b"1"})
+    data = bytearray(good.read_bytes())
+    data[0] ^= 1  # one flipped bit in the first header's name
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardFormatError, match="checksum"):
+        list(iter_tar_samples(str(path)))
+    for cut in (700, 1024):  # inside a member, and between members
+        path.write_bytes(good.read_bytes()[:cut])
+        with pytest.raises(ShardFormatError, match="truncated"):
+            list(iter_tar_samples(str(path)))

@@ -76,3 +76,108 @@ def test_two_runs_are_byte_identical(tmp_path: Path, digits_project):
     first = _digest(paths.shards)
     shard(recipe, paths, progress=False)  # and again, over its own output
     assert _digest(paths.shards) == first
+
+
+def _photo(seed: int, size=(160, 120)) -> bytes:
+    """Noise over gradients: compresses like a photo, and every file is different."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    base = np.stack([x * 255 / size[0], y * 255 / size[1], (x + y) * 127 / sum(size)], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _jpeg_project(root: Path, workers: int, count: int = 40):
+    import csv
+
+    from attnpipe.config import parse_recipe
+
+    paths = PipelinePaths(root, "photos")
+    images = paths.raw / "train_images"
+    images.mkdir(parents=True)
+    with (paths.raw / "train.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "label"])
+        for i in range(count):
+            # One portrait photo: the shorter side is then its width.
+            size = (120, 160) if i == 7 else (160, 120)
+            (images / f"{i:03d}.jpg").write_bytes(_photo(i, size))
+            writer.writerow([f"{i:03d}.jpg", i % 3])
+    (paths.raw / "label_num_to_disease_map.json").write_text('{"0": "a", "1": "b", "2": "c"}')
+    recipe = parse_recipe(
+        {
+            "source": {"kind": "kaggle-competition", "competition": "photos"},
+            "prepare": {"workers": workers},
+            "shard": {
+                "image_size": 48,
+                "format": "jpg",
+                "jpeg_quality": 90,
+                "maxcount": 5,
+                "min_shards": 2,
+                "workers": workers,
+            },
+            "model": {"name": "resnet50"},
+        },
+        name="photos",
+    )
+    return recipe, paths
+
+
+def test_resized_jpeg_shards_are_byte_identical_across_runs_and_workers(tmp_path: Path):
+    import io
+
+    from PIL import Image
+
+    digests, manifests = [], []
+    for run, workers in enumerate((2, 1)):  # parallel writers, then a single process
+        recipe, paths = _jpeg_project(tmp_path / f"run{run}", workers)
+        prepare(recipe, paths, progress=False)
+        shard(recipe, paths, progress=False)
+        digests.append(_digest(paths.shards))
+        manifests.append(paths.manifest.read_bytes())
+    assert digests[0] == digests[1] and manifests[0] == manifests[1]
+
+    index = json.loads((paths.shards / "index.json").read_text())
+    assert index["splits"]["train"]["samples"] == 28
+    for block in index["splits"].values():
+        assert len(block["shards"]) >= 2  # min_shards
+        assert all(entry["samples"] <= 5 for entry in block["shards"])  # maxcount
+    sizes = {}
+    for tar_path in paths.shards.glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".jpg"):
+                    image = Image.open(io.BytesIO(tar.extractfile(member).read()))
+                    sizes[member.name.split(".")[0]] = image.size
+    assert len(sizes) == 40
+    assert sizes[sample_key("007.jpg")] == (48, 64)  # portrait: shorter side 48, aspect kept
+    assert all(size == (64, 48) for key, size in sizes.items() if key != sample_key("007.jpg"))
+
+
+def test_shard_plan_respects_maxcount_maxsize_and_min_shards():
+    from attnpipe.config import ShardConfig
+    from attnpipe.data.shard import plan_shard_counts
+
+    config = ShardConfig(maxcount=100, maxsize=1_000_000, min_shards=4)
+    assert plan_shard_counts(1000, 10, config) == 10  # by count
+    assert plan_shard_counts(50, 7_500_000, config) == 8  # by bytes
+    assert plan_shard_counts(50, 10, config) == 4  # at least min_shards
+    assert plan_shard_counts(3, 10, config) == 3  # never more shards than samples
+
+
+def test_shard_decoding_skips_resolution_it_does_not_need(tmp_path: Path):
+    """JPEG DCT scaling: for a 48-pixel target a 160x120 photo is decoded at 80x60."""
+    from attnpipe.data.images import load_rgb
+
+    path = tmp_path / "p.jpg"
+    path.write_bytes(_photo(1))
+    assert load_rgb(path, 10**8).size == (160, 120)
+    assert load_rgb(path, 10**8, draft_size=48).size == (80, 60)  # still >= 48 on its short side
+    assert load_rgb(path, 10**8, draft_size=100).size == (160, 120)  # no room to halve

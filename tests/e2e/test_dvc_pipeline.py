@@ -60,7 +60,7 @@ def built_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_repro_runs_every_stage_and_writes_the_contract(built_project):
     root, output = built_project
     assert _stages_run(output) == {
-        f"{stage}@digits" for stage in ("fetch", "prepare", "shard", "train", "evaluate")
+        f"{stage}@digits" for stage in ("fetch", "prepare", "shard", "train", "evaluate", "export")
     }
     for path in (
         "data/digits/raw/train.csv",
@@ -72,6 +72,10 @@ def test_repro_runs_every_stage_and_writes_the_contract(built_project):
         "reports/digits/train_history.csv",
         "reports/digits/metrics.json",
         "reports/digits/confusion.csv",
+        "reports/digits/per_class.csv",
+        "reports/digits/figures/confusion.png",
+        "reports/digits/index.html",
+        "models/digits/model.onnx",
     ):
         assert (root / path).is_file(), path
     metrics = json.loads((root / "reports/digits/metrics.json").read_text())["test"]
@@ -98,9 +102,9 @@ def test_metrics_and_plots_show(built_project):
     assert "reports_digits_train_history_csv" in page and "reports_digits_confusion_csv" in page
 
 
-def test_exp_run_with_a_training_param_reruns_only_train_and_evaluate(built_project):
+def test_exp_run_with_a_training_param_reruns_only_the_model_stages(built_project):
     root, _ = built_project
     _run(root, "git", "add", "-A")
     _run(root, "git", "commit", "-q", "-m", "built")
     output = _run(root, "dvc", "exp", "run", "-S", "pipelines/digits.yaml:train.optimizer.lr=0.002")
-    assert _stages_run(output) == {"train@digits", "evaluate@digits"}, output
+    assert _stages_run(output) == {"train@digits", "evaluate@digits", "export@digits"}, output

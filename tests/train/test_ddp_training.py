@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from attnpipe.data.loaders import ShardStream, build_transform, split_info
+from attnpipe.metrics import classification_metrics, softmax
 from attnpipe.paths import PipelinePaths
 from attnpipe.train.launch import load_model_file, train
-from attnpipe.train.loop import evaluate_split
+from attnpipe.train.loop import predict_stream
 from tests.wandb_offline import history_rows, read_records, run_config
 
 pytestmark = pytest.mark.slow
@@ -49,22 +50,46 @@ def test_ranks_trained_on_disjoint_samples(trained):
 
 
 def test_validation_metrics_equal_a_single_process_computation(trained):
+    """One process, the same weights, every validation sample: the numbers the ranks reported.
+
+    The process reads each rank's share with that rank's batches and one thread, as the
+    workers did, so the logits are bit-identical; the metrics are then computed once over all
+    samples. Averaging per-rank metrics (the classic mistake) would not match.
+    """
     recipe, paths, result, _ = trained
     model, payload = load_model_file(paths.model_file)
-    stream = ShardStream(
-        urls=split_info(paths.shards, "val").urls,
-        rank=0,
-        world_size=1,
-        transform=build_transform(recipe.augment, recipe.model.input_size, train=False),
-        train=False,
-    )
-    single = evaluate_split(model, stream, recipe, torch.device("cpu"))
-    with paths.train_history.open() as handle:
-        rows = {int(r["epoch"]): r for r in csv.DictReader(handle)}
-    distributed = rows[payload["epoch"]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    parts = [
+        predict_stream(
+            model,
+            ShardStream(
+                urls=split_info(paths.shards, "val").urls,
+                rank=rank,
+                world_size=2,
+                transform=build_transform(recipe.augment, recipe.model.input_size, train=False),
+                train=False,
+            ),
+            recipe,
+            torch.device("cpu"),
+        )
+        for rank in (0, 1)
+    ]
+    torch.set_num_threads(threads)
+    logits = np.concatenate([logits for logits, _ in parts])
+    labels = np.concatenate([labels for _, labels in parts])
+    assert len(labels) == 179  # every validation sample
+    single = classification_metrics(labels, softmax(logits))
+    single["loss"] = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits), torch.from_numpy(labels)
+    ).item()
+    reported = payload["metrics"]  # what the ranks computed at the best epoch, full precision
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "loss"):
-        assert float(distributed[f"val_{key}"]) == pytest.approx(single[key], abs=1e-5), key
-    assert result.best_metrics["val_accuracy"] == pytest.approx(single["accuracy"])
+        assert reported[f"val_{key}"] == pytest.approx(single[key], abs=1e-6), key
+    assert result.best_metrics == reported
+    with paths.train_history.open() as handle:  # the same numbers, to the CSV's 6 digits
+        row = {int(r["epoch"]): r for r in csv.DictReader(handle)}[payload["epoch"]]
+    assert float(row["val_macro_f1"]) == pytest.approx(single["macro_f1"], rel=1e-5)
 
 
 def test_model_file_loads_without_ray_and_names_its_classes(trained):

@@ -14,7 +14,7 @@ import pytest
 
 from attnpipe.paths import PipelinePaths
 from attnpipe.train.launch import train
-from tests.train.trace import events, wait_for_epoch
+from tests.train.trace import events, recorded_epoch, wait_for_epoch, wait_for_recorded_epoch
 from tests.wandb_offline import read_records, run_ids
 
 pytestmark = pytest.mark.slow
@@ -36,6 +36,8 @@ def test_worker_killed_in_epoch_2_restarts_from_epoch_1(digits_project, tmp_path
 
     def kill_rank1_in_epoch_2() -> None:
         event = wait_for_epoch(trace, rank=1, epoch=2)
+        wait_for_recorded_epoch(paths.checkpoints, 1)
+        assert recorded_epoch(paths.checkpoints) == 1  # still inside epoch 2
         os.kill(event["pid"], signal.SIGKILL)
         killed.update(event)
 
@@ -66,19 +68,18 @@ def _attnpipe(root: Path, trace: Path) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_train_command_resumes_with_the_same_wandb_run(
-    digits_project, tmp_path, stop_signal
-):
+def test_killed_train_command_resumes_with_the_same_wandb_run(digits_project, tmp_path):
+    """SIGTERM (what `kill`, schedulers and preemption send); Ctrl-C takes the same path."""
     paths = _copy_project(digits_project, tmp_path / "project")
     trace = tmp_path / "trace"
     first = _attnpipe(paths.root, trace)
     try:
-        wait_for_epoch(trace, rank=0, epoch=3)  # epochs 1 and 2 are checkpointed
+        wait_for_epoch(trace, rank=0, epoch=3)
+        wait_for_recorded_epoch(paths.checkpoints, 2)  # epochs 1 and 2 are checkpointed
     except TimeoutError:
         first.kill()
         pytest.fail(first.communicate()[0][-3000:])
-    first.send_signal(stop_signal)
+    first.send_signal(signal.SIGTERM)
     output, _ = first.communicate(timeout=120)
     assert first.returncode == 130, output[-3000:]
     assert "run the same command again to resume" in output

@@ -23,3 +23,27 @@ def wait_for_epoch(folder: Path, rank: int, epoch: int, timeout: float = 300) ->
                 return event
         time.sleep(0.2)
     raise TimeoutError(f"rank {rank} did not start epoch {epoch} within {timeout:.0f}s")
+
+
+def recorded_epoch(storage: Path) -> int:
+    """The epoch of the newest checkpoint Ray Train has recorded under `storage` (0 if none).
+
+    A worker's `report()` returns before the controller records its checkpoint; only a
+    recorded checkpoint is what a restarted or re-launched run resumes from.
+    """
+    newest = 0
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        except (json.JSONDecodeError, OSError):  # being rewritten right now
+            continue
+        newest = max(newest, int(latest.get("metrics", {}).get("epoch", 0)))
+    return newest
+
+
+def wait_for_recorded_epoch(storage: Path, epoch: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while recorded_epoch(storage) < epoch:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no checkpoint of epoch {epoch} recorded in {storage}")
+        time.sleep(0.2)

@@ -10,7 +10,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnpipe.config import Recipe, SklearnDigitsSource
+from attnpipe.config import (
+    FolderSource,
+    KaggleCompetitionSource,
+    KaggleDatasetSource,
+    Recipe,
+    SklearnDigitsSource,
+    TorchvisionSource,
+)
+
+MELANOMA_IMAGES = "512x512-dataset-melanoma/512x512-dataset-melanoma"
+MELANOMA_CLASSES = {"0": "benign", "1": "melanoma"}
 
 
 @dataclass(frozen=True)
@@ -21,6 +31,7 @@ class RawRecord:
     path: Path
     label: str
     group: str | None = None
+    split: str | None = None  # the dataset's official split ("train"/"test"), when it has one
 
 
 @dataclass(frozen=True)
@@ -35,29 +46,64 @@ class LayoutError(ValueError):
 
 
 def read_layout(recipe: Recipe, raw_dir: Path) -> RawIndex:
+    """Read `raw_dir` with the adapter for the recipe's source (and its `layout`)."""
     source = recipe.source
     if isinstance(source, SklearnDigitsSource):
         return read_csv_layout(raw_dir, "train.csv", "train_images", "label_map.json")
-    raise NotImplementedError(f"no layout adapter for source kind '{source.kind}' yet")
+    if isinstance(source, KaggleCompetitionSource) and source.layout == "cassava":
+        # train.csv (image_id,label) + train_images/<image_id> + {"0": "Cassava ...", ...}
+        return read_csv_layout(
+            raw_dir, "train.csv", "train_images", "label_num_to_disease_map.json"
+        )
+    if isinstance(source, KaggleDatasetSource) and source.layout == "melanoma":
+        # marking.csv: one row per image; a patient's images stay in one split.
+        return read_csv_layout(
+            raw_dir,
+            "marking.csv",
+            MELANOMA_IMAGES,
+            MELANOMA_CLASSES,
+            label_column="target",
+            group_column="patient_id",
+            image_suffix=".jpg",
+        )
+    if isinstance(source, TorchvisionSource):
+        return read_csv_layout(
+            raw_dir, "train.csv", "train_images", "label_map.json", split_column="split"
+        )
+    if isinstance(source, FolderSource):
+        return read_csv_layout(
+            raw_dir,
+            "train.csv",
+            "train_images",
+            "label_map.json",
+            group_column="group",
+            image_suffix=source.image_suffix if source.labels_csv else "",
+        )
+    raise LayoutError(f"no layout adapter for source kind '{source.kind}'")  # pragma: no cover
 
 
 def read_csv_layout(
     raw_dir: Path,
     csv_name: str,
     images_dir: str,
-    label_map_name: str | None,
+    label_map: str | dict[str, str] | None,
     id_column: str = "image_id",
     label_column: str = "label",
     group_column: str | None = None,
     image_suffix: str = "",
+    split_column: str | None = None,
 ) -> RawIndex:
-    """A CSV of (id, label[, group]) beside an image folder and an optional {label: name} map."""
+    """A CSV of (id, label[, group][, split]) beside an image folder and a {label: name} map.
+
+    `label_map` is a JSON file name in `raw_dir`, a dict, or None (the labels found, sorted).
+    An empty group means "no group" (the image is a group of its own).
+    """
     csv_path = raw_dir / csv_name
     if not csv_path.is_file():
         raise LayoutError(f"{csv_path} is missing: run `attnpipe fetch` first")
     with csv_path.open(newline="") as handle:
         reader = csv.DictReader(handle)
-        needed = [c for c in (id_column, label_column, group_column) if c]
+        needed = [c for c in (id_column, label_column, group_column, split_column) if c]
         missing = [c for c in needed if c not in (reader.fieldnames or [])]
         if missing:
             raise LayoutError(
@@ -69,12 +115,25 @@ def read_csv_layout(
                 image_id=row[id_column],
                 path=raw_dir / images_dir / f"{row[id_column]}{image_suffix}",
                 label=row[label_column].strip(),
-                group=row[group_column] if group_column else None,
+                group=(row[group_column].strip() or None) if group_column else None,
+                split=(row[split_column].strip() or None) if split_column else None,
             )
             for row in reader
         ]
-    if label_map_name:
-        label_map = json.loads((raw_dir / label_map_name).read_text())
+    escaping = [
+        (line, r.image_id)
+        for line, r in enumerate(records, start=2)
+        if Path(r.image_id).is_absolute() or ".." in Path(r.image_id).parts
+    ]
+    if escaping:
+        shown = ", ".join(f"line {line} ({image_id!r})" for line, image_id in escaping[:10])
+        raise LayoutError(f"{csv_path}: image ids must stay inside {images_dir}/: {shown}")
+    if isinstance(label_map, str):
+        map_path = raw_dir / label_map
+        if not map_path.is_file():
+            raise LayoutError(f"{map_path} is missing: the download looks incomplete")
+        label_map = json.loads(map_path.read_text())
+    if label_map:
         label_values = sorted(label_map, key=_natural_key)
         class_names = [label_map[value] for value in label_values]
     else:

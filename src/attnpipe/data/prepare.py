@@ -10,7 +10,7 @@ import csv
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from attnpipe.data.layouts import RawIndex, RawRecord, read_layout
 from attnpipe.paths import PipelinePaths
 
 SPLITS = ("train", "val", "test")
+SEQUENTIAL_BELOW = 64  # fewer images than this are scanned in-process: a pool costs more
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -100,15 +101,24 @@ def prepare(recipe: Recipe, paths: PipelinePaths, progress: bool = True) -> Prep
 
     kept, duplicates = _drop_duplicates(good, config.duplicates)
     rejected.extend(
-        Rejection(dup.record.image_id, _rel(dup.record.path, paths.root), f"duplicate of {orig}")
-        for dup, orig in duplicates
+        Rejection(dup.record.image_id, _rel(dup.record.path, paths.root), reason)
+        for dup, reason in duplicates
     )
 
+    official = None
+    if config.test_split == "official":
+        official = [s.record.split for s in kept]
+        if "test" not in official:
+            raise PrepareError(
+                f"prepare.test_split is 'official' but {paths.raw} marks no image as test "
+                "(only the torchvision sources carry an official split); use 'stratified'"
+            )
     splits = assign_splits(
         labels=[s.label for s in kept],
         groups=[s.record.group for s in kept],
         ids=[s.record.image_id for s in kept],
         config=config,
+        official=official,
     )
     folds = assign_folds(
         labels=[s.label for s in kept],
@@ -155,7 +165,7 @@ def scan_images(
     bar = tqdm(total=len(paths), desc="scan images", unit="img", disable=not progress)
     results: list[ImageInfo | BadImage] = []
     with bar:
-        if workers == 1 or len(paths) < 64:
+        if workers == 1 or len(paths) < SEQUENTIAL_BELOW:
             for path in paths:
                 results.append(_scan_one(path, max_pixels))
                 bar.update()
@@ -178,16 +188,20 @@ def _scan_one(path: Path, max_pixels: int) -> ImageInfo | BadImage:
 def _drop_duplicates(
     samples: list[Sample], policy: str
 ) -> tuple[list[Sample], list[tuple[Sample, str]]]:
+    """Keep the first (by id) of each set of byte-identical files; say why each other went."""
     first_by_hash: dict[str, Sample] = {}
     kept, duplicates = [], []
     for sample in sorted(samples, key=lambda s: s.record.image_id):
         first = first_by_hash.setdefault(sample.info.sha256, sample)
         if first is sample:
             kept.append(sample)
-        else:
-            duplicates.append((sample, first.record.image_id))
+            continue
+        reason = f"duplicate of {first.record.image_id}"
+        if first.label != sample.label:
+            reason += f" (labelled {sample.record.label!r} here, {first.record.label!r} there)"
+        duplicates.append((sample, reason))
     if duplicates and policy == "error":
-        shown = ", ".join(f"{d.record.image_id} = {orig}" for d, orig in duplicates[:10])
+        shown = ", ".join(f"{d.record.image_id}: {reason}" for d, reason in duplicates[:10])
         raise PrepareError(
             f"{len(duplicates)} exact duplicate image(s): {shown}; remove them or set "
             f"prepare.duplicates: keep-first"
@@ -207,18 +221,31 @@ def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
 
 
 def assign_splits(
-    labels: Sequence[int], groups: Sequence[str | None], ids: Sequence[str], config: PrepareConfig
+    labels: Sequence[int],
+    groups: Sequence[str | None],
+    ids: Sequence[str],
+    config: PrepareConfig,
+    official: Sequence[str | None] | None = None,
 ) -> list[str]:
     """Stratified (by class) and, when groups are given, group-aware train/val/test split.
 
     Deterministic: depends only on the ids, labels, groups, ratios and seed, never on row order.
+    With `official` (the dataset's own split per sample), its test samples are the test split
+    and the others are split train/val in the ratio of `splits.train` to `splits.val`.
     """
     ratios = [config.splits.train, config.splits.val, config.splits.test]
-    rng = np.random.default_rng(config.seed)
-    order = sorted(range(len(ids)), key=lambda i: ids[i])
     result = [""] * len(ids)
-    if any(g is not None for g in groups):
-        return _group_split(labels, groups, order, ratios, rng)
+    if official is not None:
+        for i, split in enumerate(official):
+            if split == "test":
+                result[i] = "test"
+        total = config.splits.train + config.splits.val
+        ratios = [config.splits.train / total, config.splits.val / total, 0.0]
+    rng = np.random.default_rng(config.seed)
+    order = sorted((i for i in range(len(ids)) if not result[i]), key=lambda i: ids[i])
+    if any(groups[i] is not None for i in order):
+        _group_split(labels, groups, order, ratios, rng, result)
+        return result
     by_class: dict[int, list[int]] = defaultdict(list)
     for i in order:
         by_class[labels[i]].append(i)
@@ -236,35 +263,35 @@ def assign_splits(
 def _group_split(
     labels: Sequence[int],
     groups: Sequence[str | None],
-    order: Iterable[int],
+    order: Sequence[int],
     ratios: Sequence[float],
     rng: np.random.Generator,
-) -> list[str]:
+    result: list[str],
+) -> None:
     """Greedy: place whole groups, largest first, where their classes are most under target."""
     members: dict[str, list[int]] = defaultdict(list)
     for i in order:
         # A sample without a group is a group of its own.
         members[groups[i] if groups[i] is not None else f"\0{i}"].append(i)
-    class_totals = Counter(labels)
+    class_totals = Counter(labels[i] for i in order)
     targets = {
         c: np.asarray(ratios) * total for c, total in class_totals.items()
     }  # per class: ideal count per split
     filled = {c: np.zeros(len(ratios)) for c in class_totals}
+    closed = np.asarray(ratios) <= 0  # a split with no share never receives a group
     names = sorted(members)
     rng.shuffle(names)  # random tie-break among groups of equal size
     names.sort(key=lambda name: -len(members[name]))
-    result = [""] * len(labels)
     for name in names:
         counts = Counter(labels[i] for i in members[name])
         deficit = sum(
             (targets[c] - filled[c]) / max(class_totals[c], 1) * k for c, k in counts.items()
         )
-        choice = int(np.argmax(deficit))
+        choice = int(np.argmax(np.where(closed, -np.inf, deficit)))
         for c, k in counts.items():
             filled[c][choice] += k
         for i in members[name]:
             result[i] = SPLITS[choice]
-    return result
 
 
 def assign_folds(

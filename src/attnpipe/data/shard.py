@@ -44,6 +44,7 @@ class ShardJob:
     format: str
     jpeg_quality: int
     max_pixels: int
+    jpeg_subsampling: str = "4:2:0"
 
 
 def sample_key(image_id: str) -> str:
@@ -96,6 +97,7 @@ def shard(recipe: Recipe, paths: PipelinePaths, progress: bool = True) -> dict:
                         format=config.format,
                         jpeg_quality=config.jpeg_quality,
                         max_pixels=recipe.prepare.max_pixels,
+                        jpeg_subsampling=config.jpeg_subsampling,
                     ),
                 )
             )
@@ -150,7 +152,9 @@ def write_shard(job: ShardJob) -> dict:
             writer.write(
                 {
                     "__key__": sample_key(row["id"]),
-                    job.format: encode_image(image, job.format, job.jpeg_quality),
+                    job.format: encode_image(
+                        image, job.format, job.jpeg_quality, job.jpeg_subsampling
+                    ),
                     "cls": str(row["label"]).encode(),
                     "json": json.dumps(meta, sort_keys=True).encode(),
                 }
@@ -174,12 +178,12 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
-def encode_image(image: Image.Image, fmt: str, quality: int) -> bytes:
+def encode_image(image: Image.Image, fmt: str, quality: int, subsampling: str = "4:2:0") -> bytes:
     buffer = io.BytesIO()
     if fmt == "png":
         image.save(buffer, format="PNG", optimize=False)
     else:
-        image.save(buffer, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+        image.save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
     return buffer.getvalue()
 
 

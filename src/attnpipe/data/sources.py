@@ -3,35 +3,130 @@
 Each source writes or downloads files only; reading them into labelled records is the job of
 the layout adapters in `attnpipe.data.layouts`, so the embedded digits take the same code
 path as a real Kaggle competition.
+
+Sources that download or copy (Kaggle, torchvision, folder) finish by writing a completion
+marker, `raw/.attnpipe-fetch.json`, that records what was fetched (the source's identity, the
+number of files and their bytes). A later `fetch` of the same source finds the marker, checks
+that the files are still all there, and downloads nothing.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from attnpipe.config import Recipe, SklearnDigitsSource
+from attnpipe.config import (
+    FolderSource,
+    KaggleCompetitionSource,
+    KaggleDatasetSource,
+    Recipe,
+    SklearnDigitsSource,
+    TorchvisionSource,
+)
+
+MARKER_NAME = ".attnpipe-fetch.json"
+DOWNLOAD_DIR_NAME = ".download"  # partial downloads, kept between attempts for resuming
 
 DIGIT_NAMES = [
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 ]  # fmt: skip
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
-def fetch(recipe: Recipe, raw_dir: Path) -> Path:
-    """Fetch `recipe.source` into `raw_dir` and return it."""
+
+class FetchError(RuntimeError):
+    """The dataset cannot be fetched; the message says why and what to do (one line)."""
+
+
+def fetch(recipe: Recipe, raw_dir: Path, progress: bool = True, root: Path | None = None) -> Path:
+    """Fetch `recipe.source` into `raw_dir` and return it.
+
+    `root` resolves a folder source's relative `path` (default: the current directory).
+    """
     source = recipe.source
     if isinstance(source, SklearnDigitsSource):
         write_sklearn_digits(raw_dir, image_size=source.image_size)
         return raw_dir
-    raise NotImplementedError(
-        f"source kind '{source.kind}' is not available yet in this version of attnpipe"
-    )
+
+    identity = source_identity(source)
+    if is_fetched(raw_dir, identity):
+        print(f"{raw_dir} already holds {identity}: nothing to download")
+        return raw_dir
+    clear_raw(raw_dir)
+
+    if isinstance(source, KaggleCompetitionSource | KaggleDatasetSource):
+        from attnpipe.data.kaggle_source import fetch_kaggle
+
+        fetch_kaggle(source, raw_dir, progress=progress)
+    elif isinstance(source, TorchvisionSource):
+        from attnpipe.data.torchvision_source import fetch_torchvision
+
+        fetch_torchvision(source, raw_dir, progress=progress)
+    elif isinstance(source, FolderSource):
+        copy_folder(source, raw_dir, root=root or Path.cwd())
+    else:  # pragma: no cover - config.py's union and this dispatch are kept in step
+        raise FetchError(f"source kind '{source.kind}' has no fetch implementation")
+    write_marker(raw_dir, identity)
+    return raw_dir
 
 
+# --------------------------------------------------------------------------- marker
+def source_identity(source) -> dict:
+    """What decides the fetched bytes (not how they are read later: `layout` is left out)."""
+    data = source.model_dump(mode="json")
+    for key in ("layout", "download_dir"):
+        data.pop(key, None)
+    return data
+
+
+def _inventory(raw_dir: Path) -> tuple[int, int]:
+    files = total = 0
+    for dirpath, dirnames, filenames in os.walk(raw_dir):
+        if Path(dirpath) == raw_dir:
+            dirnames[:] = [d for d in dirnames if d != DOWNLOAD_DIR_NAME]
+            filenames = [f for f in filenames if f != MARKER_NAME]
+        for name in filenames:
+            files += 1
+            total += os.lstat(os.path.join(dirpath, name)).st_size
+    return files, total
+
+
+def write_marker(raw_dir: Path, identity: dict) -> None:
+    files, total = _inventory(raw_dir)
+    marker = {"source": identity, "files": files, "bytes": total}
+    (raw_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+
+
+def is_fetched(raw_dir: Path, identity: dict) -> bool:
+    """True when the marker names this source and every file it counted is still there."""
+    try:
+        marker = json.loads((raw_dir / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if marker.get("source") != identity:
+        return False
+    return _inventory(raw_dir) == (marker.get("files"), marker.get("bytes"))
+
+
+def clear_raw(raw_dir: Path) -> None:
+    """Empty `raw_dir` before a fresh fetch, keeping partial downloads for resuming."""
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for item in raw_dir.iterdir():
+        if item.name == DOWNLOAD_DIR_NAME:
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+
+
+# --------------------------------------------------------------------------- digits
 def write_sklearn_digits(raw_dir: Path, image_size: int = 32) -> None:
     """Write scikit-learn's bundled digits as `train.csv` + `train_images/*.png` + label map.
 
@@ -56,3 +151,89 @@ def write_sklearn_digits(raw_dir: Path, image_size: int = 32) -> None:
         writer.writerows(rows)
     label_map = {str(i): name for i, name in enumerate(DIGIT_NAMES)}
     (raw_dir / "label_map.json").write_text(json.dumps(label_map, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- folder
+def copy_folder(source: FolderSource, raw_dir: Path, root: Path) -> None:
+    """Copy a user's image tree into the common layout: `train.csv` + `train_images/` + label map.
+
+    Class-per-folder (`path/<class>/<file>`): the label is the sub-folder's name and the image
+    id its path below `path`. With `labels_csv`: the CSV's id and label columns (and group
+    column, when given) are kept; ids name files below `path` (plus `image_suffix`). Files the
+    CSV names but the folder lacks are kept as rows, so `prepare` reports them as missing.
+    """
+    folder = Path(source.path).expanduser()
+    folder = folder if folder.is_absolute() else root / folder
+    if not folder.is_dir():
+        raise FetchError(f"source.path: {folder} is not a folder")
+    images_dir = raw_dir / "train_images"
+    rows: list[tuple[str, str, str]] = []
+    if source.labels_csv is None:
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if not classes:
+            raise FetchError(
+                f"{folder} has no class sub-folders; put each class's images in <path>/<class>/ "
+                "or give source.labels_csv"
+            )
+        for name in classes:
+            for file in sorted((folder / name).rglob("*")):
+                if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
+                    rows.append((file.relative_to(folder).as_posix(), name, ""))
+        if not rows:
+            raise FetchError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    else:
+        csv_path = Path(source.labels_csv).expanduser()
+        csv_path = csv_path if csv_path.is_absolute() else root / csv_path
+        rows = _read_labels_csv(csv_path, source)
+    seen: set[str] = set()
+    for image_id, _, _ in rows:
+        file_name = image_id + source.image_suffix if source.labels_csv else image_id
+        if file_name in seen:
+            continue
+        seen.add(file_name)
+        origin = folder / file_name
+        if origin.is_file():
+            destination = images_dir / file_name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(origin, destination)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    with (raw_dir / "train.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "label", "group"])
+        writer.writerows(rows)
+    labels = sorted({label for _, label, _ in rows}, key=_natural_key)
+    label_map = {label: label for label in labels}
+    (raw_dir / "label_map.json").write_text(json.dumps(label_map, indent=2) + "\n")
+
+
+def _read_labels_csv(csv_path: Path, source: FolderSource) -> list[tuple[str, str, str]]:
+    if not csv_path.is_file():
+        raise FetchError(f"source.labels_csv: {csv_path} does not exist")
+    with csv_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [source.id_column, source.label_column]
+        if source.group_column:
+            columns.append(source.group_column)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise FetchError(
+                f"{csv_path}: missing column(s) {', '.join(missing)}; found "
+                f"{', '.join(reader.fieldnames or [])} (set source.id_column/label_column)"
+            )
+        rows = []
+        for row in reader:
+            image_id = row[source.id_column].strip()
+            if not _safe_relative(image_id + source.image_suffix):
+                raise FetchError(f"{csv_path}: image id {image_id!r} leaves source.path")
+            group = row[source.group_column].strip() if source.group_column else ""
+            rows.append((image_id, row[source.label_column].strip(), group))
+    return rows
+
+
+def _safe_relative(name: str) -> bool:
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
+def _natural_key(text: str) -> tuple[int, int | str]:
+    return (0, int(text)) if text.lstrip("-").isdigit() else (1, text)

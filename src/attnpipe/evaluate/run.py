@@ -1,15 +1,19 @@
 """`evaluate`: score `models/<name>/model.pt` on the test split, each sample exactly once.
 
-Outputs: `reports/<name>/metrics.json` (DVC metrics), `confusion.csv` (DVC confusion plot:
-one row per test sample, actual and predicted class names), `per_class.csv`.
+Outputs under `reports/<name>/`: `metrics.json` (DVC metrics), `confusion.csv` (DVC confusion
+plot: one row per test sample, actual and predicted class names), `per_class.csv`, the PNG
+figures in `figures/` and the self-contained report page `index.html`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+import math
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,9 +21,34 @@ import torch
 from attnpipe.config import Recipe
 from attnpipe.data.loaders import ShardStream, build_transform, make_loader, split_info
 from attnpipe.data.shard import shard_location
-from attnpipe.metrics import classification_metrics, per_class_report, predict_classes, softmax
+from attnpipe.evaluate.figures import AttentionExample
+from attnpipe.evaluate.inference import class_probabilities, denormalize
+from attnpipe.metrics import (
+    classification_metrics,
+    confusion,
+    per_class_report,
+    predict_classes,
+)
 from attnpipe.paths import PipelinePaths
 from attnpipe.train.launch import load_model_file
+
+# Attention overlays: up to this many correct and this many wrong test images per class...
+EXAMPLES_PER_CLASS = 2
+# ...for at most this many classes (rows) per figure.
+MAX_EXAMPLE_ROWS = 10
+
+
+class EvaluateError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Candidate:
+    sample_id: str
+    pixels: np.ndarray  # uint8 (H, W, 3): the transformed input, kept small until chosen
+    label: int
+    predicted: int
+    confidence: float
 
 
 @dataclass(frozen=True)
@@ -28,11 +57,28 @@ class Predictions:
     labels: np.ndarray  # N
     probs: np.ndarray  # N x C
     class_names: list[str]
+    candidates: list[Candidate] = field(default_factory=list)
 
 
 def predict_split(recipe: Recipe, paths: PipelinePaths, split: str = "test") -> Predictions:
     """Run `model.pt` over every sample of `split` in this process, in shard order."""
     model, payload = load_model_file(paths.model_file)
+    return run_split(model, payload, recipe, paths, split)
+
+
+def run_split(
+    model: torch.nn.Module,
+    payload: dict[str, Any],
+    recipe: Recipe,
+    paths: PipelinePaths,
+    split: str = "test",
+    examples_per_class: int = 0,
+) -> Predictions:
+    """Probabilities for every sample of `split` exactly once (checked against the shard index).
+
+    With `examples_per_class`, also keeps that many correct and wrong inputs per class (as
+    uint8 pixels) for the attention overlays.
+    """
     info = split_info(shard_location(recipe, paths), split)
     stream = ShardStream(
         urls=info.urls,
@@ -42,40 +88,252 @@ def predict_split(recipe: Recipe, paths: PipelinePaths, split: str = "test") -> 
         train=False,
     )
     loader = make_loader(stream, recipe.evaluate.batch_size, workers=0)
+    threshold = recipe.evaluate.threshold
+    num_classes = len(payload["class_names"])
+    kept = {(c, ok): 0 for c in range(num_classes) for ok in (True, False)}
+    candidates: list[Candidate] = []
     ids: list[str] = []
-    labels, logits = [], []
+    labels, probs = [], []
     with torch.inference_mode():
         for images, batch_labels, batch_ids in loader:
-            output = model(images)
-            if recipe.evaluate.flip_tta:
-                output = (output.softmax(1) + model(images.flip(-1)).softmax(1)).log()
-            logits.append(output.float())
+            batch_probs = class_probabilities(model, images, recipe.evaluate.flip_tta)
+            probs.append(batch_probs)
             labels.append(batch_labels)
             ids.extend(batch_ids)
+            if not examples_per_class:
+                continue
+            predicted = predict_classes(batch_probs.numpy(), threshold)
+            chosen = []
+            for i, (label, guess) in enumerate(zip(batch_labels.tolist(), predicted, strict=True)):
+                key = (label, bool(label == guess))
+                if kept[key] < examples_per_class:
+                    kept[key] += 1
+                    chosen.append(i)
+            if chosen:
+                pixels = denormalize(images[chosen], recipe.augment.mean, recipe.augment.std)
+                for row, i in enumerate(chosen):
+                    guess = int(predicted[i])
+                    candidates.append(
+                        Candidate(
+                            sample_id=batch_ids[i],
+                            pixels=pixels[row],
+                            label=int(batch_labels[i]),
+                            predicted=guess,
+                            confidence=float(batch_probs[i, guess]),
+                        )
+                    )
     if not ids:
-        raise RuntimeError(f"the {split} split is empty: give prepare.splits.{split} a share")
+        raise EvaluateError(f"the {split} split is empty: give prepare.splits.{split} a share")
+    if len(ids) != info.samples or len(set(ids)) != len(ids):
+        raise EvaluateError(
+            f"the {split} split should give each of its {info.samples} samples once; got "
+            f"{len(ids)} predictions for {len(set(ids))} distinct ids"
+        )
     return Predictions(
         ids=ids,
         labels=torch.cat(labels).numpy(),
-        probs=softmax(torch.cat(logits).numpy()),
-        class_names=payload["class_names"],
+        probs=torch.cat(probs).numpy().astype(np.float64),
+        class_names=list(payload["class_names"]),
+        candidates=candidates,
     )
 
 
-def evaluate(recipe: Recipe, paths: PipelinePaths) -> dict:
-    """Compute and write the test metrics; return them."""
-    predictions = predict_split(recipe, paths, "test")
+def split_images(
+    recipe: Recipe, paths: PipelinePaths, input_size: int, count: int, split: str = "test"
+) -> torch.Tensor:
+    """The first `count` images of `split` in shard order, transformed as evaluation does."""
+    info = split_info(paths.shards, split)
+    stream = ShardStream(
+        urls=info.urls,
+        rank=0,
+        world_size=1,
+        transform=build_transform(recipe.augment, input_size, train=False),
+        train=False,
+    )
+    images: list[torch.Tensor] = []
+    for batch, _, _ in make_loader(stream, count, workers=0):
+        images.append(batch)
+        if sum(len(b) for b in images) >= count:
+            break
+    if not images:
+        return torch.zeros(0, 3, input_size, input_size)
+    return torch.cat(images)[:count]
+
+
+def evaluate(recipe: Recipe, paths: PipelinePaths, report: bool = True) -> dict:
+    """Compute and write the test metrics (and, with `report`, the figures and index.html)."""
+    model, payload = load_model_file(paths.model_file)
+    predictions = run_split(
+        model, payload, recipe, paths, "test", EXAMPLES_PER_CLASS if report else 0
+    )
     threshold = recipe.evaluate.threshold
-    metrics = classification_metrics(predictions.labels, predictions.probs, threshold)
-    metrics = {"test_samples": len(predictions.ids), **metrics}
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    paths.metrics.write_text(json.dumps({"test": metrics}, indent=2) + "\n")
-    write_confusion_rows(paths.confusion, predictions, threshold)
-    write_per_class(
-        paths.reports / "per_class.csv",
-        per_class_report(predictions.labels, predictions.probs, predictions.class_names, threshold),
+    metrics: dict[str, Any] = {
+        "test_samples": len(predictions.ids),
+        **classification_metrics(predictions.labels, predictions.probs, threshold),
+    }
+    if len(predictions.class_names) == 2:
+        metrics["threshold"] = threshold
+    per_class = per_class_report(
+        predictions.labels, predictions.probs, predictions.class_names, threshold
     )
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    paths.metrics.write_text(json.dumps({"test": json_safe(metrics)}, indent=2) + "\n")
+    write_confusion_rows(paths.confusion, predictions, threshold)
+    write_per_class(paths.per_class, per_class)
+    if report:
+        from attnpipe.evaluate.report import write_report
+
+        figures = write_figures(model, payload, recipe, paths, predictions, metrics)
+        write_report(
+            paths.report_html,
+            pipeline=recipe.name,
+            metrics=metrics,
+            per_class=per_class,
+            predictions=predictions,
+            payload=payload,
+            figures=figures,
+            threshold=threshold,
+            flip_tta=recipe.evaluate.flip_tta,
+        )
     return metrics
+
+
+def json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    """NaN (e.g. ROC-AUC with one class present) is not JSON: write null instead."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class FigureFile:
+    key: str
+    title: str
+    caption: str
+    path: Path
+
+
+def choose_examples(
+    candidates: list[Candidate], correct: bool, per_class: int, max_rows: int
+) -> list[list[Candidate]]:
+    """Rows of up to `per_class` candidates of one true class; for mistakes, the classes with
+    the most kept mistakes first, else in class order."""
+    by_class: dict[int, list[Candidate]] = {}
+    for candidate in candidates:
+        if (candidate.label == candidate.predicted) == correct:
+            by_class.setdefault(candidate.label, []).append(candidate)
+    order = sorted(by_class, key=lambda c: (-len(by_class[c]), c) if not correct else c)
+    return [by_class[c][:per_class] for c in order[:max_rows]]
+
+
+def write_figures(
+    model: torch.nn.Module,
+    payload: dict[str, Any],
+    recipe: Recipe,
+    paths: PipelinePaths,
+    predictions: Predictions,
+    metrics: dict[str, Any],
+) -> list[FigureFile]:
+    """Every PNG of the report into `reports/<name>/figures/` (replacing what was there)."""
+    from attnpipe.evaluate import figures as fig
+    from attnpipe.tracking import read_history
+
+    if paths.figures.exists():
+        shutil.rmtree(paths.figures)
+    paths.figures.mkdir(parents=True)
+    names = predictions.class_names
+    threshold = recipe.evaluate.threshold
+    written: list[FigureFile] = []
+
+    def save(key: str, figure, title: str, caption: str) -> None:
+        path = fig.save_png(figure, paths.figures / f"{key}.png")
+        written.append(FigureFile(key, title, caption, path))
+
+    matrix = confusion(predictions.labels, predictions.probs, threshold)
+    save(
+        "confusion",
+        fig.confusion_figure(matrix, names),
+        "Confusion matrix",
+        "Test samples by true class (rows) and predicted class (columns); colour is the share "
+        "of the true class, so the diagonal reads as per-class recall.",
+    )
+    history = read_history(paths.train_history)
+    if history:
+        save(
+            "training_curves",
+            fig.training_curves_figure(history, payload.get("epoch")),
+            "Training curves",
+            "Per epoch, from train_history.csv. The dashed line marks the best epoch on "
+            f"validation ({recipe.train.monitor}), the weights this report evaluates.",
+        )
+    save(
+        "calibration",
+        fig.calibration_figure(predictions.labels, predictions.probs, metrics["ece"]),
+        "Calibration",
+        "Accuracy of the test predictions against their confidence in 15 equal-width bins; "
+        "bars below the diagonal are over-confident. ECE is the sample-weighted mean gap.",
+    )
+    if len(names) == 2 and len(np.unique(predictions.labels)) == 2:
+        save(
+            "roc_pr",
+            fig.roc_pr_figure(predictions.labels, predictions.probs[:, 1], threshold),
+            "ROC and precision-recall",
+            f"Positive class: {names[1]}. The dot is the operating point at the recipe's "
+            f"threshold {threshold:g} (evaluate.threshold).",
+        )
+    for correct, key, title in (
+        (True, "attention_correct", "Attention: correct predictions"),
+        (False, "attention_wrong", "Attention: mistakes"),
+    ):
+        rows = choose_examples(
+            predictions.candidates, correct, EXAMPLES_PER_CLASS, MAX_EXAMPLE_ROWS
+        )
+        if not rows:
+            continue
+        examples = _attention_rows(model, payload, recipe, rows)
+        if not examples[0][0].maps:
+            continue  # the model has no spatial attention maps to draw
+        save(
+            key,
+            fig.attention_figure(examples, names, EXAMPLES_PER_CLASS),
+            title,
+            "Each test image (title: true → predicted class, confidence, id) beside its "
+            "attention maps blended over it, shallow to deep; each map is normalised to its own "
+            "range (warm = more attention).",
+        )
+    return written
+
+
+def _attention_rows(
+    model: torch.nn.Module,
+    payload: dict[str, Any],
+    recipe: Recipe,
+    rows: list[list[Candidate]],
+) -> list[list[AttentionExample]]:
+    from attnpipe.evaluate.figures import compute_attention_examples
+
+    flat = [c for row in rows for c in row]
+    mean, std = recipe.augment.mean, recipe.augment.std
+    pixels = torch.from_numpy(np.stack([c.pixels for c in flat])).permute(0, 3, 1, 2)
+    images = (pixels.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+        1, 3, 1, 1
+    )
+    examples: list[AttentionExample] = []
+    for start in range(0, len(flat), 16):
+        part = flat[start : start + 16]
+        examples += compute_attention_examples(
+            model,
+            images[start : start + 16],
+            [c.label for c in part],
+            [c.predicted for c in part],
+            [c.confidence for c in part],
+            [c.sample_id for c in part],
+            mean,
+            std,
+        )
+    out, position = [], 0
+    for row in rows:
+        out.append(examples[position : position + len(row)])
+        position += len(row)
+    return out
 
 
 def write_confusion_rows(path: Path, predictions: Predictions, threshold: float) -> None:

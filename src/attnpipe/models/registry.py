@@ -148,14 +148,15 @@ def describe_models(names: Sequence[str] | None = None) -> list[ModelInfo]:
         spec = _spec(name)
         model = create_model(name, spec.summary_classes).eval()
         x = torch.zeros(1, 3, spec.input_size, spec.input_size)
-        with torch.no_grad():
+        # One pass gives both: map extraction adds only reductions, which are not counted.
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
             map_names = tuple(model.attention_maps(x))
         rows.append(
             ModelInfo(
                 name=name,
                 params=count_parameters(model),
                 num_classes=spec.summary_classes,
-                macs=count_macs(model, spec.input_size),
+                macs=counter.get_total_flops() // 2,
                 input_size=spec.input_size,
                 attention_maps=map_names,
             )

@@ -141,7 +141,7 @@ def _streamlined(
     if reduction != 16:
         # torchvision's ResNet builds blocks with fixed arguments, so rebuild the (freshly
         # initialised, parameter-only) attention branches for a non-default reduction.
-        for m in model.modules():
+        for m in list(model.modules()):
             if isinstance(m, StreamlinedBasicBlock | StreamlinedBottleneck):
                 m.attn = ChannelAttention(m.attn.fc2.out_features, reduction)
     if pretrained_backbone is not None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,44 @@ def run_identity(recipe: Recipe, data_ver: str) -> tuple[str, str]:
     fingerprint = recipe.fingerprint("model", "augment", "train")
     short = hashlib.sha256(f"{fingerprint}{data_ver}".encode()).hexdigest()[:10]
     return f"{recipe.name}-{short}", f"{recipe.name}-{short}"
+
+
+def configure_ray_environment() -> None:
+    """Settings Ray reads from the environment, defaulted before it is imported."""
+    # Under `uv run`, Ray would otherwise package the working directory (data/ included) and
+    # start every worker through `uv run`; the workers share this environment already.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Ray's 60 s is too short for GPU nodes that autoscale in, or for a loaded machine.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+
+
+def connect_ray(address: str | None, cpus_needed: int = 1) -> bool:
+    """Join `address` (or RAY_ADDRESS), else start a private local cluster.
+
+    Returns whether a connection was made here (and so must be shut down here).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    sigterm = signal.getsignal(signal.SIGTERM)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local": a private cluster, never one that happens to run on this machine already
+        # (`ray start`, a test's).
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, cpus_needed),
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    # Ray's core installs a fatal-signal handler that aborts on SIGTERM; put ours back so a
+    # `kill` unwinds (shutting Ray down, keeping checkpoints) like Ctrl-C does.
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
+    return True
 
 
 def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> dict[str, Any]:
@@ -81,9 +121,7 @@ def train(
     address: str | None = None,
 ) -> TrainResult:
     """Train `recipe` on its shards with Ray Train; write `model.pt` and the history CSV."""
-    # Under `uv run`, Ray would otherwise package the working directory (data/ included) and
-    # start every worker through `uv run`; the workers share this environment already.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    configure_ray_environment()
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -99,23 +137,7 @@ def train(
     if use_gpu:
         resources["GPU"] = train_cfg.gpus_per_worker
 
-    started_here = False
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            # A private local cluster sized to what this run asks for. "local": never join
-            # another cluster that happens to run on this machine (`ray start`, a test's).
-            ray.init(
-                address="local",
-                num_cpus=max(
-                    os.cpu_count() or 1, int(train_cfg.workers * train_cfg.cpus_per_worker)
-                ),
-                log_to_driver=True,
-                configure_logging=False,
-            )
-        started_here = True
+    started_here = connect_ray(address, int(train_cfg.workers * train_cfg.cpus_per_worker))
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,

@@ -9,7 +9,6 @@ worker group, or a re-launched run, continues from the latest checkpoint.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -46,9 +45,6 @@ TRACE_ENV = "ATTNPIPE_TRACE_DIR"
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point: one call per worker."""
-    # Ray Train's INFO records (one per report and checkpoint) reach the console through the
-    # root logger whatever LoggingConfig says; our epoch line already says it once.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     run_training(config, RaySession())
 
 
@@ -129,13 +125,14 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
             name=config["run_name"],
             directory=Path(config["wandb_parent"]),
             run_config=config["run_config"],
+            group=config.get("wandb_group"),
         )
     trace_dir = os.environ.get(TRACE_ENV)
-    _trace(trace_dir, session, event="start", epoch=state.epoch)
+    _trace(trace_dir, session, config["run_name"], event="start", epoch=state.epoch)
 
     started, first_epoch = time.perf_counter(), state.epoch
     for epoch in range(state.epoch, train_cfg.epochs):
-        _trace(trace_dir, session, event="epoch", epoch=epoch + 1)
+        _trace(trace_dir, session, config["run_name"], event="epoch", epoch=epoch + 1)
         train_stream.set_epoch(epoch)
         ddp_model.train()
         loader = make_loader(train_stream, train_cfg.batch_size, train_cfg.loader_workers, pin)
@@ -173,6 +170,7 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
             trace.write_text("\n".join(seen_ids) + "\n")
 
         eval_model = ema.module if ema is not None else model
+        _sync_buffers(eval_model, world)
         val = evaluate_split(eval_model, val_stream, recipe, device, memory_format, amp_dtype)
         train_loss = _mean_across_ranks(loss_sum, seen, world, device)
         state.epoch = epoch + 1
@@ -236,7 +234,7 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
             say(f"W&B offline run: {run_dir}  (share it: wandb sync {run_dir})")
 
 
-def _trace(folder: str | None, session: WorkerSession, **event: Any) -> None:
+def _trace(folder: str | None, session: WorkerSession, run: str, **event: Any) -> None:
     """Append where and when this rank is (pid, node, epoch) to `<folder>/rank<r>.jsonl`.
 
     Off unless ATTNPIPE_TRACE_DIR is set: for debugging placement and for the tests that kill
@@ -245,7 +243,7 @@ def _trace(folder: str | None, session: WorkerSession, **event: Any) -> None:
     if not folder:
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
-    event.update(pid=os.getpid(), node_id=session.node_id, time=time.time())
+    event.update(run=run, pid=os.getpid(), node_id=session.node_id, time=time.time())
     with (Path(folder) / f"rank{session.rank}.jsonl").open("a") as handle:
         handle.write(json.dumps(event) + "\n")
 
@@ -392,6 +390,18 @@ def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _sync_buffers(model: nn.Module, world: int) -> None:
+    """Give every rank rank 0's BatchNorm statistics before validating.
+
+    DDP broadcasts buffers from rank 0 at the start of each training forward, but each rank's
+    last forward still updated its own running statistics: without this, ranks would validate
+    slightly different models, and not the one rank 0 checkpoints.
+    """
+    if world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _mean_across_ranks(total: torch.Tensor, count: int, world: int, device: torch.device) -> float:

@@ -7,6 +7,7 @@ the loop without Ray.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -42,6 +43,7 @@ class RaySession:
         import ray.train
         import ray.train.torch
 
+        _quiet_ray_train_reports()
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -69,6 +71,20 @@ class RaySession:
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _quiet_ray_train_reports() -> None:
+    """Silence Ray Train's INFO line per report and checkpoint; our epoch line says it once.
+
+    Ray names that logger after its file path (`getLogger(__file__)`), outside `ray.train`,
+    so RunConfig's LoggingConfig does not reach it.
+    """
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as ray_context
+    except ImportError:  # a Ray version that moved it: only the noise comes back
+        return
+    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
 
 
 class TorchrunSession:

@@ -1,0 +1,109 @@
+"""Ray Tune sweeps on CPU: ASHA stops bad trials, reports list every trial, sweeps resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from attnpipe.config import load_recipe
+from attnpipe.paths import PipelinePaths
+from attnpipe.train.tune import tune
+from tests.train.trace import events
+
+# Two short sweeps: a few minutes on an idle 2-core machine, more when it is shared.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+LEARNING_RATES = [0.003, 1e-6, 0.002, 1e-5]
+
+
+def _sweep_project(digits_project, root: Path, epochs: int, concurrent: int) -> PipelinePaths:
+    _, built = digits_project
+    shutil.copytree(built.root, root)
+    recipe_path = root / "pipelines" / "digits.yaml"
+    data = yaml.safe_load(recipe_path.read_text())
+    data["tracking"] = {"wandb": {"mode": "disabled"}}
+    data["tune"] = {
+        "space": {"train.optimizer.lr": {"type": "grid", "values": LEARNING_RATES}},
+        "num_samples": 1,
+        "max_concurrent_trials": concurrent,
+        "epochs": epochs,
+        "grace_period": 1,
+        "reduction_factor": 2,
+        "workers_per_trial": 1,
+        "cpus_per_worker": 0.5,  # fractional: two trials at once on two cores
+    }
+    recipe_path.write_text(yaml.safe_dump(data))
+    return PipelinePaths(root, "digits")
+
+
+def _read_trials(paths: PipelinePaths) -> list[dict]:
+    with (paths.reports / "tune_trials.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_sweep_stops_bad_trials_early_and_reports_the_best(digits_project, tmp_path, monkeypatch):
+    paths = _sweep_project(digits_project, tmp_path / "project", epochs=3, concurrent=2)
+    monkeypatch.setenv("ATTNPIPE_TRACE_DIR", str(tmp_path / "trace"))
+    result = tune(load_recipe("digits", paths.root), paths)
+
+    trials = _read_trials(paths)
+    assert len(trials) == 4
+    assert sorted(float(t["train.optimizer.lr"]) for t in trials) == sorted(LEARNING_RATES)
+    assert any(t["stopped_early"] == "True" for t in trials), trials
+    assert all(t["status"] == "finished" for t in trials)
+    best_trial = max(trials, key=lambda t: float(t["best_val_accuracy"]))
+    best_params = yaml.safe_load((paths.reports / "best_params.yaml").read_text())
+    assert best_params == {"train.optimizer.lr": float(best_trial["train.optimizer.lr"])}
+    assert result.best["trial_id"] == best_trial["trial_id"]
+    assert float(best_trial["train.optimizer.lr"]) in (0.003, 0.002)  # not the 1e-6 trial
+
+
+def _tune_command(root: Path, trace: Path) -> subprocess.Popen:
+    env = {**os.environ, "ATTNPIPE_TRACE_DIR": str(trace), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    command = [sys.executable, "-m", "attnpipe.cli", "--root", str(root), "tune", "digits"]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _runs_started(trace: Path) -> Counter:
+    return Counter(e["run"] for e in events(trace, 0) if e["event"] == "start")
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(digits_project, tmp_path):
+    paths = _sweep_project(digits_project, tmp_path / "project", epochs=2, concurrent=1)
+    trace = tmp_path / "trace"
+    first = _tune_command(paths.root, trace)
+    deadline = time.monotonic() + 420
+    # One trial at a time: once a third has started, the first two have finished.
+    while len(_runs_started(trace)) < 3:
+        if first.poll() is not None or time.monotonic() > deadline:
+            first.kill()
+            pytest.fail(f"sweep ended early:\n{first.communicate()[0][-3000:]}")
+        time.sleep(0.5)
+    finished_before = set(_runs_started(trace))
+    time.sleep(1)
+    first.send_signal(signal.SIGINT)
+    output, _ = first.communicate(timeout=180)
+    assert first.returncode == 130, output[-3000:]
+    assert not (paths.reports / "tune_trials.csv").exists()
+
+    second = _tune_command(paths.root, trace)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output[-3000:]
+    assert "resuming sweep" in output
+    starts = _runs_started(trace)
+    assert len(starts) == 4
+    done_first = [run for run in finished_before if starts[run] == 1]
+    assert len(done_first) >= 2, starts  # finished trials were not run again
+    assert len(_read_trials(paths)) == 4
