@@ -333,7 +333,8 @@ def parse_results(logs: str) -> dict[str, Any] | None:
 def print_results(stage: str, results: dict[str, Any]) -> None:
     """Called by a stage when it runs as a job: one line that `submit` reads back."""
     if os.environ.get(RESULT_ENV):
-        print(RESULT_MARKER + json.dumps({"stage": stage, **results}, sort_keys=True), flush=True)
+        line = json.dumps({"stage": stage, **results}, sort_keys=True, default=str)
+        print(RESULT_MARKER + line, flush=True)
 
 
 # --------------------------------------------------------------------------- jobs
