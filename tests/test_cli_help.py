@@ -9,7 +9,7 @@ from attnpipe.cli import main
 STAGE_OUTPUTS = {
     "fetch": ["data/<name>/raw/"],
     "prepare": ["manifest.parquet", "rejected.csv", "reports/<name>/data.json"],
-    "shard": ["data/<name>/manifest.parquet", "index.json"],
+    "shard": ["data/<name>/manifest.parquet", "index.json", "publish_to", "--publish"],
     "train": ["data/<name>/shards/", "models/<name>/model.pt", "train_history.csv", "resume"],
     "evaluate": [
         "models/<name>/model.pt",
@@ -42,7 +42,7 @@ def _help(capsys, *argv: str) -> str:
 
 def test_top_level_help_lists_every_command(capsys):
     text = _help(capsys)
-    for command in [*STAGE_OUTPUTS, "predict", "run", "models", "tune"]:
+    for command in [*STAGE_OUTPUTS, "predict", "run", "models", "tune", "submit", "jobs"]:
         assert command in text
     assert "dvc repro" in text
 
@@ -67,6 +67,43 @@ def test_models_help_and_table(capsys):
     table = capsys.readouterr().out
     for name in ("attention56", "attention92_cifar", "attnvgg16", "streamlined_resnet50"):
         assert name in table
+
+
+def test_submit_help_says_what_is_uploaded_passed_and_returned(capsys):
+    text = _help(capsys, "submit")
+    for fragment in (
+        "Ray job",
+        "working directory",
+        "never data/",
+        "512 MiB",
+        ".gitignore",
+        "shard.publish_to",
+        "train.storage_path",
+        "AWS_* and WANDB_*",
+        "never printed",
+        "exit with the job's status",
+        "metrics",
+        "--no-wait",
+        "attnpipe jobs logs ID --follow",
+        "--stage",
+        "--address",
+    ):
+        assert fragment in text, f"`attnpipe submit --help` should mention {fragment}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (("jobs",), ["list", "logs", "stop", "--all", "RAY_API_SERVER_ADDRESS"]),
+        (("jobs", "list"), ["status", "--all", "--address"]),
+        (("jobs", "logs"), ["--follow", "exit with its status"]),
+        (("jobs", "stop"), ["checkpointed", "resumes"]),
+    ],
+)
+def test_jobs_help(capsys, argv, fragments):
+    text = _help(capsys, *argv)
+    for fragment in fragments:
+        assert fragment in text, f"`attnpipe {' '.join(argv)} --help` should mention {fragment}"
 
 
 def test_predict_help_names_inputs_outputs_and_exit_status(capsys):

@@ -142,7 +142,7 @@ def split_images(
     recipe: Recipe, paths: PipelinePaths, input_size: int, count: int, split: str = "test"
 ) -> torch.Tensor:
     """The first `count` images of `split` in shard order, transformed as evaluation does."""
-    info = split_info(paths.shards, split)
+    info = split_info(shard_location(recipe, paths), split)
     stream = ShardStream(
         urls=info.urls,
         rank=0,

@@ -22,7 +22,9 @@ from typing import Any
 import yaml
 
 from attnpipe.config import ConfigError, Recipe, SearchDimension, apply_overrides
+from attnpipe.data.shard import shard_location
 from attnpipe.paths import PipelinePaths
+from attnpipe.storage import join
 from attnpipe.tracking import data_version
 
 PARAMS_KEY = "params"
@@ -132,13 +134,14 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
     from ray.tune.search import BasicVariantGenerator
 
     sweep = recipe.tune
-    data_ver = data_version(paths.root, recipe.name, paths.shards)
+    data_ver = data_version(paths.root, recipe.name, shard_location(recipe, paths))
     name = experiment_name(recipe, data_ver)
-    storage = Path(recipe.train.storage_path or paths.tune_storage.resolve())
+    # A folder or a URL (s3://...): kept a string, since Path would mangle "s3://".
+    storage = recipe.train.storage_path or str(paths.tune_storage.resolve())
     trial_paths = {
         "root": str(paths.root.resolve()),
         "experiment": name,
-        "storage": str(storage / "trials"),
+        "storage": join(storage, "trials"),
     }
     trainable = ray_tune.with_parameters(
         run_trial, base=recipe.model_dump(mode="json"), paths=trial_paths
@@ -150,7 +153,7 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
 
     started_here = connect_ray(address)
     try:
-        experiment_path = str(storage / name)
+        experiment_path = join(storage, name)
         if ray_tune.Tuner.can_restore(experiment_path):
             print(f"resuming sweep '{name}': finished trials are not run again")
             tuner = ray_tune.Tuner.restore(
@@ -173,7 +176,7 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
                         reduction_factor=sweep.reduction_factor,
                     ),
                 ),
-                run_config=ray_tune.RunConfig(name=name, storage_path=str(storage)),
+                run_config=ray_tune.RunConfig(name=name, storage_path=storage),
             )
         grid = tuner.fit()
     finally:
