@@ -6,7 +6,7 @@ Generates synthetic 800x600 JPEGs (gradients + smooth blobs + sensor-like noise,
 about the size of Cassava's photos), then measures, alternating ours and the baseline
 (A-B-B-A...) and keeping each one's best run:
 
-1. Shard writing at 256 (shorter side), JPEG quality 95:
+1. Shard writing at 256 (shorter side), JPEG quality --jpeg-quality (90, as the recipes):
    - baseline: one process, one file per image (open, decode in full, resize, save);
    - ours: `attnpipe.data.shard.shard` (reduced-size JPEG decoding, one process per core).
 2. Loading at 224 with the training augmentation (RandomResizedCrop 224 + flip + normalise):
@@ -124,15 +124,18 @@ def synthetic_photo(seed: int, size=(800, 600)) -> bytes:
     return buffer.getvalue()
 
 
-def make_project(root: Path, images: int, cores: int):
+def make_project(root: Path, images: int, cores: int, quality: int = 90):
     paths = PipelinePaths(root, "bench")
     folder = paths.raw / "train_images"
-    folder.mkdir(parents=True)
+    if len(list(folder.glob("*.jpg"))) != images:  # a --workdir of an earlier run is reused
+        shutil.rmtree(paths.raw, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for i in range(images):
+            (folder / f"{i:05d}.jpg").write_bytes(synthetic_photo(i))
     with (paths.raw / "train.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "label"])
         for i in range(images):
-            (folder / f"{i:05d}.jpg").write_bytes(synthetic_photo(i))
             writer.writerow([f"{i:05d}.jpg", i % 5])
     (paths.raw / "label_num_to_disease_map.json").write_text(
         json.dumps({str(i): f"class{i}" for i in range(5)})
@@ -145,7 +148,7 @@ def make_project(root: Path, images: int, cores: int):
             "shard": {
                 "image_size": SHORT_SIDE,
                 "format": "jpg",
-                "jpeg_quality": 95,
+                "jpeg_quality": quality,
                 "maxcount": 100,
                 "min_shards": 2 * cores,
                 "workers": cores,
@@ -158,7 +161,7 @@ def make_project(root: Path, images: int, cores: int):
 
 
 # --------------------------------------------------------------------------- shard writing
-def per_image_resize_loop(files: list[Path], out: Path) -> None:
+def per_image_resize_loop(files: list[Path], out: Path, quality: int) -> None:
     """The baseline: one process, open, decode fully, resize, save one file per image."""
     out.mkdir(parents=True, exist_ok=True)
     for path in files:
@@ -167,7 +170,7 @@ def per_image_resize_loop(files: list[Path], out: Path) -> None:
             scale = SHORT_SIDE / min(image.size)
             size = (round(image.width * scale), round(image.height * scale))
             image.resize(size, Image.Resampling.BILINEAR).save(
-                out / path.name, format="JPEG", quality=95
+                out / path.name, format="JPEG", quality=quality
             )
 
 
@@ -262,6 +265,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batches", type=int, default=30, help="timed loader batches per run")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each")
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="of the shards (recipes: 90)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -269,7 +273,7 @@ def main() -> None:
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_"))
     print(f"generating {args.images} synthetic 800x600 JPEGs in {root} ...", flush=True)
-    recipe, paths = make_project(root, args.images, args.cores)
+    recipe, paths = make_project(root, args.images, args.cores, args.jpeg_quality)
     files = sorted((paths.raw / "train_images").glob("*.jpg"))
     mean_kb = sum(f.stat().st_size for f in files) / len(files) / 1024
     prep = timed("prepare", len(files), args.cores, lambda: prepare(recipe, paths, progress=False))
@@ -284,7 +288,7 @@ def main() -> None:
             flush=True,
         )
 
-    print("shard writing (800x600 -> shorter side 256, JPEG q95):", flush=True)
+    print(f"shard writing (800x600 -> shorter side 256, JPEG q{args.jpeg_quality}):", flush=True)
     for repeat in range(args.repeats):
         order = ["ours", "base", "ours1"] if repeat % 2 == 0 else ["base", "ours1", "ours"]
         for what in order:
@@ -296,7 +300,7 @@ def main() -> None:
                         "baseline: per-image loop, 1 process",
                         len(files),
                         1,
-                        lambda out=out: per_image_resize_loop(files, out),
+                        lambda out=out: per_image_resize_loop(files, out, args.jpeg_quality),
                     )
                 )
             else:
@@ -339,6 +343,7 @@ def main() -> None:
             "torch": torch.__version__,
         },
         "images": len(files),
+        "jpeg_quality": args.jpeg_quality,
         "mean_source_kb": round(mean_kb, 1),
         "shard_bytes_mean_kb": round(
             sum(p.stat().st_size for p in paths.shards.glob("train-*.tar"))

@@ -138,12 +138,30 @@ def test_loader_batches_equal_the_per_sample_transform(digits_project):
         assert int(label) == by_id[sample_id][1]
 
 
-def test_float_batch_is_writable_and_sized():
-    from attnpipe.data.loaders import float_batch
+def test_float_batches_are_reused_only_once_nothing_refers_to_them():
+    from attnpipe.data.loaders import FloatBatchPool, float_batch
 
-    batch = float_batch((8, 3, 224, 224))  # 4.8 MB: from a huge-page mapping
-    batch.fill_(1.5)
-    assert batch.shape == (8, 3, 224, 224) and float(batch.sum()) == 1.5 * batch.numel()
+    shape = (8, 3, 224, 224)  # 4.8 MB: huge-page mappings
+    pool = FloatBatchPool(keep=2)
+    first = pool.get(shape)
+    first.fill_(1.5)
+    assert first.shape == shape and float(first.sum()) == 1.5 * first.numel()
+    address = first.data_ptr()
+    second = pool.get(shape)  # `first` is still held: a different buffer
+    assert second.data_ptr() != address
+    view = first[3]
+    del first
+    assert pool.get(shape).data_ptr() not in (address, second.data_ptr())  # a view holds it
+    del view
+    assert pool.get(shape).data_ptr() == address  # released: handed out again
+    held = pool.get(shape)  # takes the first buffer again
+    second_address = second.data_ptr()
+    storage = second.untyped_storage()
+    del second
+    assert pool.get(shape).data_ptr() not in (address, second_address)  # storage alive
+    del storage
+    assert pool.get(shape).data_ptr() == second_address
+    assert held.data_ptr() == address
     assert float_batch((2, 3, 4, 4)).shape == (2, 3, 4, 4)  # small: a plain tensor
 
 

@@ -221,6 +221,13 @@ def test_class_per_folder_tree(tmp_path: Path):
     assert all(r.path.is_file() for r in index.records)
     assert all(r.label == r.image_id.split("/")[0] for r in index.records)
 
+    written = (raw / "train.csv").stat().st_mtime_ns
+    fetch(recipe, raw, progress=False, root=tmp_path)  # unchanged: nothing copied again
+    assert (raw / "train.csv").stat().st_mtime_ns == written
+    _image(tree / "cats" / "new.png")  # the user's folder changed: copied again
+    fetch(recipe, raw, progress=False, root=tmp_path)
+    assert "cats/new.png" in {r.image_id for r in read_layout(recipe, raw).records}
+
 
 def test_image_folder_with_a_labels_csv(tmp_path: Path):
     images = tmp_path / "pics"

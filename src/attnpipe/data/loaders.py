@@ -15,6 +15,7 @@ import json
 import math
 import mmap
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -345,21 +346,57 @@ class _Unnormalized(IterableDataset):
         return self.stream.samples(normalize=False)
 
 
-def float_batch(shape: Sequence[int], pin_memory: bool = False) -> torch.Tensor:
-    """An empty float32 tensor for a batch, cheap to fill for the first time.
+class FloatBatchPool:
+    """Float32 batch tensors that are cheap to fill: huge pages, reused once released.
 
-    A fresh 40 MB batch costs tens of thousands of page faults, which on a virtual machine
-    cost more than normalising the images; 2 MB (transparent huge) pages cut them 500-fold.
-    Pinned memory comes from CUDA's caching host allocator, which reuses its blocks.
+    A fresh 40 MB batch costs ten thousand page faults, which on a virtual machine cost more
+    than normalising the images. Each batch here lives in an anonymous mapping advised to use
+    2 MB (transparent huge) pages, and a mapping is handed out again only when no tensor,
+    view or storage refers to it any more (the mapping's reference count says so: tensors
+    made by `torch.frombuffer` hold it until their storage dies), so a batch the caller still
+    holds is never overwritten. Pinned memory comes from CUDA's caching host allocator.
     """
-    numel = math.prod(shape)
-    if pin_memory:
-        return torch.empty(tuple(shape), dtype=torch.float32, pin_memory=True)
-    if numel * 4 >= 4 << 20 and hasattr(mmap, "MADV_HUGEPAGE"):
-        region = mmap.mmap(-1, numel * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        region.madvise(mmap.MADV_HUGEPAGE)
-        return torch.frombuffer(region, dtype=torch.float32).view(tuple(shape))
-    return torch.empty(tuple(shape), dtype=torch.float32)
+
+    SMALL = 4 << 20  # below this, torch's allocator (malloc) reuses memory well enough
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self.regions: list[mmap.mmap] = []
+
+    def get(self, shape: Sequence[int], pin_memory: bool = False) -> torch.Tensor:
+        shape = tuple(shape)
+        nbytes = math.prod(shape) * 4
+        if pin_memory:
+            return torch.empty(shape, dtype=torch.float32, pin_memory=True)
+        if nbytes < self.SMALL or not hasattr(mmap, "MADV_HUGEPAGE"):
+            return torch.empty(shape, dtype=torch.float32)
+        region = self._free_region(nbytes)
+        if region is None:
+            region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            region.madvise(mmap.MADV_HUGEPAGE)
+            self._remember(region)
+        return torch.frombuffer(region, dtype=torch.float32).view(shape)
+
+    def _free_region(self, nbytes: int) -> mmap.mmap | None:
+        for region in self.regions:
+            # Referenced by the list, `region` and getrefcount's argument: nothing else.
+            if len(region) == nbytes and sys.getrefcount(region) <= 3:
+                return region
+        return None
+
+    def _remember(self, region: mmap.mmap) -> None:
+        if len(self.regions) < self.keep:
+            self.regions.append(region)
+            return
+        for i, old in enumerate(self.regions):  # replace a released one of another size
+            if sys.getrefcount(old) <= 3:
+                self.regions[i] = region
+                return
+
+
+def float_batch(shape: Sequence[int], pin_memory: bool = False) -> torch.Tensor:
+    """An empty float32 batch tensor in huge-page memory (see `FloatBatchPool`), not pooled."""
+    return FloatBatchPool(keep=0).get(shape, pin_memory)
 
 
 class _NormalizingLoader(DataLoader):
@@ -370,8 +407,9 @@ class _NormalizingLoader(DataLoader):
         self.image_transform: ImageTransform = stream.transform
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        pool = FloatBatchPool()
         for images, labels, ids in super().__iter__():
-            out = float_batch(images.shape, pin_memory=self.pin_memory and images.is_pinned())
+            out = pool.get(images.shape, pin_memory=self.pin_memory and images.is_pinned())
             yield self.image_transform.normalize(images, out=out), labels, ids
 
 

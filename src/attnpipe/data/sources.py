@@ -13,6 +13,7 @@ that the files are still all there, and downloads nothing.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -54,7 +55,7 @@ def fetch(recipe: Recipe, raw_dir: Path, progress: bool = True, root: Path | Non
         write_sklearn_digits(raw_dir, image_size=source.image_size)
         return raw_dir
 
-    identity = source_identity(source)
+    identity = source_identity(source, root or Path.cwd())
     if is_fetched(raw_dir, identity):
         print(f"{raw_dir} already holds {identity}: nothing to download")
         return raw_dir
@@ -77,12 +78,29 @@ def fetch(recipe: Recipe, raw_dir: Path, progress: bool = True, root: Path | Non
 
 
 # --------------------------------------------------------------------------- marker
-def source_identity(source) -> dict:
-    """What decides the fetched bytes (not how they are read later: `layout` is left out)."""
+def source_identity(source, root: Path) -> dict:
+    """What decides the fetched bytes (not how they are read later: `layout` is left out).
+
+    For a folder source that includes the folder's inventory (files and bytes) and the
+    labels CSV's hash, so that a changed folder is copied again.
+    """
     data = source.model_dump(mode="json")
     for key in ("layout", "download_dir"):
         data.pop(key, None)
+    if isinstance(source, FolderSource):
+        folder = _resolve(source.path, root)
+        data["tree"] = list(_inventory(folder)) if folder.is_dir() else None
+        if source.labels_csv:
+            labels = _resolve(source.labels_csv, root)
+            data["labels_sha256"] = (
+                hashlib.sha256(labels.read_bytes()).hexdigest() if labels.is_file() else None
+            )
     return data
+
+
+def _resolve(path: str, root: Path) -> Path:
+    resolved = Path(path).expanduser()
+    return resolved if resolved.is_absolute() else root / resolved
 
 
 def _inventory(raw_dir: Path) -> tuple[int, int]:
@@ -162,8 +180,7 @@ def copy_folder(source: FolderSource, raw_dir: Path, root: Path) -> None:
     column, when given) are kept; ids name files below `path` (plus `image_suffix`). Files the
     CSV names but the folder lacks are kept as rows, so `prepare` reports them as missing.
     """
-    folder = Path(source.path).expanduser()
-    folder = folder if folder.is_absolute() else root / folder
+    folder = _resolve(source.path, root)
     if not folder.is_dir():
         raise FetchError(f"source.path: {folder} is not a folder")
     images_dir = raw_dir / "train_images"
@@ -182,9 +199,7 @@ def copy_folder(source: FolderSource, raw_dir: Path, root: Path) -> None:
         if not rows:
             raise FetchError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     else:
-        csv_path = Path(source.labels_csv).expanduser()
-        csv_path = csv_path if csv_path.is_absolute() else root / csv_path
-        rows = _read_labels_csv(csv_path, source)
+        rows = _read_labels_csv(_resolve(source.labels_csv, root), source)
     seen: set[str] = set()
     for image_id, _, _ in rows:
         file_name = image_id + source.image_suffix if source.labels_csv else image_id
