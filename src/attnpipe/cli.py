@@ -77,7 +77,8 @@ STAGES = {
         "batch axis; class names, input size, mean/std and provenance in its metadata, so "
         "`attnpipe predict` needs nothing else). The file is kept only if ONNX Runtime and "
         "PyTorch agree on real test images (max |logit difference| <= 1e-4 per unit of logit "
-        "scale). Prints the file size and the single-image CPU latency of both runtimes.",
+        "scale). Prints the file size and the single-image CPU latency (one thread) of both "
+        "runtimes.",
     ),
 }
 
@@ -543,8 +544,8 @@ def _export(args: argparse.Namespace) -> None:
         f"(max |logit difference| {result.max_abs_diff:.2e})"
     )
     print(
-        f"single-image CPU latency: ONNX Runtime {result.onnx_latency_ms:.2f} ms, "
-        f"PyTorch {result.torch_latency_ms:.2f} ms (median of 20)"
+        f"single-image CPU latency (1 thread, median of 20): ONNX Runtime "
+        f"{result.onnx_latency_ms:.2f} ms, PyTorch {result.torch_latency_ms:.2f} ms"
     )
 
 

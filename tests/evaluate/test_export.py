@@ -4,6 +4,7 @@ batch axis; `attnpipe export` verifies on real test images and says size and lat
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -122,7 +123,8 @@ def test_export_command_prints_size_and_latency(trained_project, tmp_path, capsy
     size_kb = copy.onnx_file.stat().st_size / 1e3
     assert f"{size_kb:.1f} kB" in out or f"{size_kb / 1e3:.2f} MB" in out
     assert "verified on 4 test images" in out
-    assert "single-image CPU latency: ONNX Runtime" in out and " ms" in out
+    assert "single-image CPU latency (1 thread, median of 20): ONNX Runtime" in out
+    assert re.search(r"ONNX Runtime \d+\.\d\d ms, PyTorch \d+\.\d\d ms", out)
     assert json.loads(onnx.load(copy.onnx_file).metadata_props[0].value)["model_name"] == (
         "attention56_cifar"
     )

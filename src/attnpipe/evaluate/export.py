@@ -183,9 +183,17 @@ def export(
     tmp.write_bytes(data)
     tmp.replace(paths.onnx_file)
 
-    onnx_ms = latency_ms(lambda: session.run(None, {INPUT_NAME: single}))
-    with torch.inference_mode():
-        torch_ms = latency_ms(lambda: model(images[:1]))
+    # Latency on one thread for both runtimes: comparable, and stable on a shared machine
+    # (several intra-op threads spin-waiting on busy cores can take 100x longer).
+    single_thread = onnx_session(data, threads=1)
+    onnx_ms = latency_ms(lambda: single_thread.run(None, {INPUT_NAME: single}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            torch_ms = latency_ms(lambda: model(images[:1]))
+    finally:
+        torch.set_num_threads(threads)
     return ExportResult(
         path=paths.onnx_file,
         size_bytes=len(data),

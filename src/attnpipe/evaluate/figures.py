@@ -204,22 +204,20 @@ def attention_examples(
 
 
 def attention_figure(
-    rows: Sequence[Sequence[AttentionExample]], class_names: Sequence[str], per_row: int
+    examples: Sequence[AttentionExample], class_names: Sequence[str], per_row: int = 2
 ) -> Figure:
-    """A grid: one row per class, up to `per_row` examples, each the image then its overlays."""
-    map_names = list(rows[0][0].maps) if rows and rows[0] else []
+    """A grid of `per_row` examples per row, each the input image then its overlays."""
+    rows = [examples[i : i + per_row] for i in range(0, len(examples), per_row)]
+    map_names = list(examples[0].maps) if examples else []
     tiles = 1 + len(map_names)
-    tile_in = 1.05
+    tile_in = 1.3
     fig = Figure(
-        figsize=(per_row * tiles * tile_in + (per_row - 1) * 0.35, len(rows) * (tile_in + 0.62))
+        figsize=(per_row * tiles * tile_in + (per_row - 1) * 0.4, len(rows) * (tile_in + 0.62))
     )
-    outer = fig.add_gridspec(len(rows), per_row, wspace=0.1, hspace=0.55)
-    for r, examples in enumerate(rows):
-        for c in range(per_row):
+    outer = fig.add_gridspec(len(rows), per_row, wspace=0.1, hspace=0.5)
+    for r, row in enumerate(rows):
+        for c, ex in enumerate(row):
             inner = outer[r, c].subgridspec(1, tiles, wspace=0.04)
-            if c >= len(examples):
-                continue
-            ex = examples[c]
             original, blended = attention_overlays(ex.image, ex.maps)
             for t, (name, tile) in enumerate([("input", original), *blended]):
                 ax = fig.add_subplot(inner[0, t])
@@ -233,13 +231,13 @@ def attention_figure(
                     ax.set_title(
                         f"{_short(class_names[ex.label])} → {_short(class_names[ex.predicted])}"
                         f"\n{ex.confidence:.0%}",
-                        fontsize=7.5,
+                        fontsize=8.5,
                         color=verdict,
                         pad=3,
                     )
-                    ax.set_xlabel(_short(ex.sample_id, 20), fontsize=6.5, color=MUTED, labelpad=2)
+                    ax.set_xlabel(_short(ex.sample_id, 20), fontsize=7.5, color=MUTED, labelpad=2)
                 elif r == 0:
-                    ax.set_title(name, fontsize=7.5, color=MUTED, pad=3)
+                    ax.set_title(name, fontsize=8.5, color=MUTED, pad=3)
     return fig
 
 
@@ -327,7 +325,13 @@ def training_curves_figure(history: Sequence[Mapping[str, str | float]], best_ep
             loss_ax.plot(
                 epochs, values, marker="o", markersize=3, lw=1.8, color=colour, label=label
             )
-    loss_ax.set_title("loss", fontsize=10, loc="left")
+    losses = [line.get_ydata() for line in loss_ax.lines]
+    finite = np.concatenate([v[np.isfinite(v)] for v in losses]) if losses else np.array([])
+    if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 20:
+        loss_ax.set_yscale("log")  # one early spike would flatten every later epoch
+    loss_ax.set_title(
+        "loss" + (" (log scale)" if loss_ax.get_yscale() == "log" else ""), fontsize=10, loc="left"
+    )
     metric_keys = [
         ("val_accuracy", "accuracy"),
         ("val_balanced_accuracy", "balanced accuracy"),
@@ -396,8 +400,17 @@ def calibration_figure(labels: np.ndarray, probs: np.ndarray, ece: float, bins: 
     top.plot([0, 1], [0, 1], ls="--", color=MUTED, lw=1, label="perfect calibration")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
-    top.set_title(f"reliability (ECE {ece:.3f})", fontsize=10, loc="left")
-    top.legend(fontsize=8, frameon=False, loc="upper left")
+    top.set_title(f"reliability (ECE {ece:.3f})", fontsize=10, loc="left", pad=24)
+    top.legend(
+        fontsize=8,
+        frameon=False,
+        loc="lower left",
+        bbox_to_anchor=(0, 1.0),
+        ncol=3,
+        handlelength=1.5,
+        columnspacing=1.2,
+        borderaxespad=0.2,
+    )
     bottom.bar(centres, counts, width=width * 0.92, color="#94a3b8")
     bottom.set_ylabel("samples")
     bottom.set_xlabel("confidence of the predicted class")
@@ -443,7 +456,7 @@ def roc_pr_figure(labels: np.ndarray, positive: np.ndarray, threshold: float) ->
     return fig
 
 
-def save_png(fig: Figure, path: Path, dpi: int = 110) -> Path:
+def save_png(fig: Figure, path: Path, dpi: int = 100) -> Path:
     """Write `fig` as PNG (no timestamps in the file: same figure, same bytes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)

@@ -25,17 +25,17 @@ if TYPE_CHECKING:
 
 # (metrics.json key, label, kind, hint); kind "pct" shows a share as a percentage.
 METRIC_CARDS = [
-    ("accuracy", "Accuracy", "pct", "share of test images classified right"),
-    ("balanced_accuracy", "Balanced accuracy", "pct", "mean recall over classes"),
-    ("macro_f1", "Macro F1", "num", "F1 averaged over classes"),
-    ("macro_precision", "Macro precision", "num", "averaged over classes"),
-    ("macro_recall", "Macro recall", "num", "averaged over classes"),
-    ("top5_accuracy", "Top-5 accuracy", "pct", "true class among the 5 most likely"),
-    ("roc_auc", "ROC-AUC", "num", "ranking of positives over negatives"),
-    ("pr_auc", "PR-AUC", "num", "average precision of the positive class"),
+    ("accuracy", "Accuracy", "pct", "test images classified right"),
+    ("balanced_accuracy", "Balanced acc.", "pct", "mean recall over classes"),
+    ("macro_f1", "Macro F1", "num", "mean F1 over classes"),
+    ("macro_precision", "Macro precision", "num", "mean over classes"),
+    ("macro_recall", "Macro recall", "num", "mean over classes"),
+    ("top5_accuracy", "Top-5 accuracy", "pct", "true class in the top 5"),
+    ("roc_auc", "ROC-AUC", "num", "positives ranked above negatives"),
+    ("pr_auc", "PR-AUC", "num", "average precision"),
     ("sensitivity", "Sensitivity", "pct", "recall of the positive class"),
     ("specificity", "Specificity", "pct", "recall of the negative class"),
-    ("ece", "ECE", "num", "expected calibration error, lower is better"),
+    ("ece", "ECE", "num", "calibration error, lower is better"),
 ]
 MAX_MISTAKES_LISTED = 15
 
@@ -71,21 +71,21 @@ h1 { margin: 6px 0 6px; font-size: 34px; font-weight: 700; letter-spacing: -.01e
   margin-top: -52px;
 }
 .metric {
-  background: var(--card); border-radius: 14px; padding: 15px 18px 14px;
+  background: var(--card); border-radius: 14px; padding: 14px 16px 13px;
   box-shadow: 0 1px 2px rgba(15,23,42,.06), 0 8px 24px rgba(15,23,42,.07);
 }
 .metric .label {
-  font-size: 11.5px; font-weight: 600; letter-spacing: .08em; text-transform: uppercase;
-  color: var(--muted);
+  display: block; font-size: 12.5px; font-weight: 600; color: var(--muted);
+  white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
 }
 .metric .value {
-  display: block; margin-top: 2px; font-size: 27px; font-weight: 700; color: var(--ink);
+  display: block; margin-top: 2px; font-size: 26px; font-weight: 700; color: var(--ink);
   font-variant-numeric: tabular-nums; letter-spacing: -.01em;
 }
 .metric .hint { display: block; font-size: 12.5px; color: var(--muted); line-height: 1.35; }
 .metric.primary { background: linear-gradient(135deg, #1d4ed8, #2563eb); color: #fff; }
 .metric.primary .label, .metric.primary .hint { color: #dbeafe; }
-.metric.primary .value { color: #fff; font-size: 32px; }
+.metric.primary .value { color: #fff; font-size: 30px; }
 section.panel {
   background: var(--card); border-radius: 16px; padding: 24px 26px; margin-top: 22px;
   box-shadow: 0 1px 2px rgba(15,23,42,.05), 0 6px 20px rgba(15,23,42,.05);
@@ -108,7 +108,7 @@ tbody tr:nth-child(even) td { background: var(--soft); }
 tbody tr:hover td { background: #eef2ff; }
 th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.mono, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono",
-  monospace; font-size: 12.5px; word-break: break-all; }
+  monospace; font-size: 12px; overflow-wrap: anywhere; }
 tfoot td { font-weight: 600; border-top: 2px solid var(--line); border-bottom: 0; }
 .score { display: flex; align-items: center; gap: 10px; justify-content: flex-end; }
 .bar { width: 72px; height: 7px; border-radius: 4px; background: #e2e8f0; overflow: hidden; }
@@ -120,7 +120,7 @@ tfoot td { font-weight: 600; border-top: 2px solid var(--line); border-bottom: 0
   border-radius: 999px; background: #dcfce7; color: var(--good);
 }
 .tag.bad { background: #fee2e2; color: var(--bad); }
-.prov th { width: 34%; text-transform: none; letter-spacing: 0; font-size: 13px;
+.prov th { width: 26%; text-transform: none; letter-spacing: 0; font-size: 13px;
   color: var(--muted); border-bottom: 1px solid var(--line); font-weight: 500; }
 pre.recipe {
   margin: 0; background: #0f172a; color: #e2e8f0; border-radius: 12px; padding: 16px 18px;

@@ -34,8 +34,8 @@ from attnpipe.train.launch import load_model_file
 
 # Attention overlays: up to this many correct and this many wrong test images per class...
 EXAMPLES_PER_CLASS = 2
-# ...for at most this many classes (rows) per figure.
-MAX_EXAMPLE_ROWS = 10
+# ...for at most this many classes per figure.
+MAX_EXAMPLE_CLASSES = 10
 
 
 class EvaluateError(RuntimeError):
@@ -212,16 +212,16 @@ class FigureFile:
 
 
 def choose_examples(
-    candidates: list[Candidate], correct: bool, per_class: int, max_rows: int
-) -> list[list[Candidate]]:
-    """Rows of up to `per_class` candidates of one true class; for mistakes, the classes with
-    the most kept mistakes first, else in class order."""
+    candidates: list[Candidate], correct: bool, per_class: int, max_classes: int
+) -> list[Candidate]:
+    """Up to `per_class` candidates of each true class, class by class; for mistakes, the
+    classes with the most kept mistakes first, else in class order."""
     by_class: dict[int, list[Candidate]] = {}
     for candidate in candidates:
         if (candidate.label == candidate.predicted) == correct:
             by_class.setdefault(candidate.label, []).append(candidate)
     order = sorted(by_class, key=lambda c: (-len(by_class[c]), c) if not correct else c)
-    return [by_class[c][:per_class] for c in order[:max_rows]]
+    return [x for c in order[:max_classes] for x in by_class[c][:per_class]]
 
 
 def write_figures(
@@ -283,17 +283,17 @@ def write_figures(
         (True, "attention_correct", "Attention: correct predictions"),
         (False, "attention_wrong", "Attention: mistakes"),
     ):
-        rows = choose_examples(
-            predictions.candidates, correct, EXAMPLES_PER_CLASS, MAX_EXAMPLE_ROWS
+        chosen = choose_examples(
+            predictions.candidates, correct, EXAMPLES_PER_CLASS, MAX_EXAMPLE_CLASSES
         )
-        if not rows:
+        if not chosen:
             continue
-        examples = _attention_rows(model, payload, recipe, rows)
-        if not examples[0][0].maps:
+        examples = _attention_examples(model, recipe, chosen)
+        if not examples[0].maps:
             continue  # the model has no spatial attention maps to draw
         save(
             key,
-            fig.attention_figure(examples, names, EXAMPLES_PER_CLASS),
+            fig.attention_figure(examples, names, per_row=2),
             title,
             "Each test image (title: true → predicted class, confidence, id) beside its "
             "attention maps blended over it, shallow to deep; each map is normalised to its own "
@@ -302,23 +302,19 @@ def write_figures(
     return written
 
 
-def _attention_rows(
-    model: torch.nn.Module,
-    payload: dict[str, Any],
-    recipe: Recipe,
-    rows: list[list[Candidate]],
-) -> list[list[AttentionExample]]:
+def _attention_examples(
+    model: torch.nn.Module, recipe: Recipe, chosen: list[Candidate]
+) -> list[AttentionExample]:
     from attnpipe.evaluate.figures import compute_attention_examples
 
-    flat = [c for row in rows for c in row]
     mean, std = recipe.augment.mean, recipe.augment.std
-    pixels = torch.from_numpy(np.stack([c.pixels for c in flat])).permute(0, 3, 1, 2)
+    pixels = torch.from_numpy(np.stack([c.pixels for c in chosen])).permute(0, 3, 1, 2)
     images = (pixels.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
         1, 3, 1, 1
     )
     examples: list[AttentionExample] = []
-    for start in range(0, len(flat), 16):
-        part = flat[start : start + 16]
+    for start in range(0, len(chosen), 16):
+        part = chosen[start : start + 16]
         examples += compute_attention_examples(
             model,
             images[start : start + 16],
@@ -329,11 +325,7 @@ def _attention_rows(
             mean,
             std,
         )
-    out, position = [], 0
-    for row in rows:
-        out.append(examples[position : position + len(row)])
-        position += len(row)
-    return out
+    return examples
 
 
 def write_confusion_rows(path: Path, predictions: Predictions, threshold: float) -> None:
