@@ -18,7 +18,8 @@ import pytest
 from tests.conftest import S3Bucket
 from tests.e2e.test_dvc_pipeline import GIT_ID
 
-pytestmark = pytest.mark.slow
+# Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def _run(cwd: Path, bucket: S3Bucket, *command: str) -> str:

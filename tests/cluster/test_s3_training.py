@@ -18,7 +18,8 @@ from attnpipe.paths import PipelinePaths
 from attnpipe.train.launch import build_loop_config, load_model_file, train
 from tests.train.trace import events
 
-pytestmark = pytest.mark.slow
+# Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def _s3_checkpoints(bucket, run_name: str) -> dict[str, list[str]]:

@@ -33,7 +33,8 @@ from attnpipe.cli import main
 from attnpipe.data.shard import publish_shards
 from tests.conftest import REPO, S3Bucket
 
-pytestmark = pytest.mark.slow
+# Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import TINY_OVERRIDES, write_project
 
-pytestmark = pytest.mark.slow
+# Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 GIT_ID = {
     "GIT_AUTHOR_NAME": "attnpipe tests",

@@ -16,7 +16,8 @@ from attnpipe.train.launch import load_model_file, train
 from attnpipe.train.loop import predict_stream
 from tests.wandb_offline import history_rows, read_records, run_config
 
-pytestmark = pytest.mark.slow
+# Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 # Planted in the environment of the training run: it must not appear in any file it writes.
 SECRET = "attnpipe-test-secret-7f3a9c"

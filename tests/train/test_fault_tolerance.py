@@ -17,7 +17,8 @@ from attnpipe.train.launch import train
 from tests.train.trace import events, recorded_epoch, wait_for_epoch, wait_for_recorded_epoch
 from tests.wandb_offline import read_records, run_ids
 
-pytestmark = pytest.mark.slow
+# Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def _copy_project(digits_project, destination: Path) -> PipelinePaths:

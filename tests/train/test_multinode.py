@@ -11,7 +11,8 @@ from attnpipe.paths import PipelinePaths
 from attnpipe.train.launch import train
 from tests.train.trace import events
 
-pytestmark = pytest.mark.slow
+# Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def test_two_node_cluster_trains_one_worker_per_node(digits_project, tmp_path, monkeypatch):

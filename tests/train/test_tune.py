@@ -21,7 +21,7 @@ from attnpipe.train.tune import tune
 from tests.train.trace import events
 
 # Two short sweeps: a few minutes on an idle 2-core machine, more when it is shared.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 LEARNING_RATES = [0.003, 1e-6, 0.002, 1e-5]
 
