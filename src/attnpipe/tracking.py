@@ -22,14 +22,21 @@ from attnpipe.config import WandbConfig
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
 
+# What `dvc repro` itself rewrites: DVC deletes a stage's outputs before running it (the
+# git-tracked reports/ files included) and updates dvc.lock and .gitignore files. Changes there
+# say nothing about the source, so they do not make a commit "dirty".
+PIPELINE_WRITTEN = (":(exclude)dvc.lock", ":(exclude)reports", ":(exclude,glob)**/.gitignore")
+
+
 def git_commit(root: Path) -> str:
-    """The checked-out commit (with '-dirty' when files changed), or 'unknown' outside git."""
+    """The checked-out commit, with '-dirty' when tracked files other than the pipeline's own
+    outputs changed (see PIPELINE_WRITTEN), or 'unknown' outside git."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *PIPELINE_WRITTEN],
             cwd=root,
             capture_output=True,
             text=True,
