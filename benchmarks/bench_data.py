@@ -4,7 +4,7 @@
 
 Generates synthetic 800x600 JPEGs (gradients + smooth blobs + sensor-like noise, quality 90:
 about the size of Cassava's photos), then measures, alternating ours and the baseline
-(A-B-B-A...) and keeping each one's best run:
+(A-B-B-A...) and reporting each one's median over the runs:
 
 1. Shard writing at 256 (shorter side), JPEG quality --jpeg-quality (90, as the recipes):
    - baseline: one process, one file per image (open, decode in full, resize, save);
@@ -18,8 +18,9 @@ about the size of Cassava's photos), then measures, alternating ours and the bas
 
 Throughput is images per wall-clock second; "per core" divides by the processes used. On a
 shared machine the wall clock suffers from other people's work, so the images per CPU-second
-(this process and its children, from getrusage) are reported too: that is the per-core
-throughput the code would reach on an idle core.
+(this process, its finished children from getrusage, live DataLoader workers from /proc) are
+reported too: that is the per-core throughput the code reaches on a core of its own (or
+better: contention also slows the CPU-seconds themselves, through shared caches).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -255,10 +257,6 @@ def loader_measures(files, paths, cores: int, batches: int) -> tuple[Measure, Me
 
 
 # --------------------------------------------------------------------------- main
-def best(measures: list[Measure]) -> Measure:
-    return max(measures, key=lambda m: m.per_s)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=400)
@@ -324,21 +322,41 @@ def main() -> None:
             for measure in (ours, base) if repeat % 2 == 0 else (base, ours):
                 record(measure)
 
-    summary = {name: best(ms) for name, ms in results.items()}
-    shard_ours = summary[f"ours: shard(), {args.cores} process(es)"]
-    shard_one = summary["ours: shard(), 1 process(es)"]
-    shard_base = summary["baseline: per-image loop, 1 process"]
-    load_ours = summary[f"ours: shards, {args.cores} workers"]
-    load_base = summary[f"baseline: JPEG files, {args.cores} workers"]
-    load_ours0 = summary["ours: shards, 0 workers"]
-    load_base0 = summary["baseline: JPEG files, 0 workers"]
+    def median(name: str, key: str) -> float:
+        return statistics.median(getattr(m, key) for m in results[name])
+
+    names = {
+        "shard_ours": f"ours: shard(), {args.cores} process(es)",
+        "shard_ours_1": "ours: shard(), 1 process(es)",
+        "shard_baseline": "baseline: per-image loop, 1 process",
+        "load_ours": f"ours: shards, {args.cores} workers",
+        "load_baseline": f"baseline: JPEG files, {args.cores} workers",
+        "load_ours_1": "ours: shards, 0 workers",
+        "load_baseline_1": "baseline: JPEG files, 0 workers",
+    }
+    table = {
+        key: {
+            "name": name,
+            "runs": len(results[name]),
+            "processes": results[name][0].processes,
+            "images_per_s": median(name, "per_s"),
+            "images_per_s_per_core": median(name, "per_core_s"),
+            "images_per_cpu_s": median(name, "per_cpu_s"),
+        }
+        for key, name in names.items()
+    }
+
+    def ratio(ours: str, base: str, key: str) -> float:
+        return table[ours][key] / table[base][key]
+
     report = {
+        "command": " ".join(["python", *sys.argv]),
         "machine": {
             "cpu_count": os.cpu_count(),
             "cores_used": args.cores,
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
-            "load_average_1m": os.getloadavg()[0],
+            "load_average_1m_at_end": os.getloadavg()[0],
             "python": sys.version.split()[0],
             "torch": torch.__version__,
         },
@@ -352,27 +370,32 @@ def main() -> None:
             1,
         ),
         "prepare": asdict(prep) | {"per_s": prep.per_s},
-        "measures": {
+        "medians": table,
+        "ratios (medians)": {
+            "shard, per core (1 process each), wall": ratio(
+                "shard_ours_1", "shard_baseline", "images_per_s"
+            ),
+            "shard, per CPU-second": ratio("shard_ours_1", "shard_baseline", "images_per_cpu_s"),
+            f"shard, {args.cores} processes vs 1-process baseline, wall": ratio(
+                "shard_ours", "shard_baseline", "images_per_s"
+            ),
+            f"loader, {args.cores} workers each, wall": ratio(
+                "load_ours", "load_baseline", "images_per_s"
+            ),
+            f"loader, {args.cores} workers each, per CPU-second": ratio(
+                "load_ours", "load_baseline", "images_per_cpu_s"
+            ),
+            "loader, single process, wall": ratio("load_ours_1", "load_baseline_1", "images_per_s"),
+            "loader, single process, per CPU-second": ratio(
+                "load_ours_1", "load_baseline_1", "images_per_cpu_s"
+            ),
+        },
+        "runs": {
             name: [asdict(m) | {"per_s": m.per_s, "per_cpu_s": m.per_cpu_s} for m in ms]
             for name, ms in results.items()
         },
-        "ratios": {
-            "shard_per_core_vs_baseline": shard_one.per_s / shard_base.per_s,
-            "shard_all_cores_vs_baseline": shard_ours.per_s / shard_base.per_s,
-            "shard_per_cpu_s_vs_baseline": shard_one.per_cpu_s / shard_base.per_cpu_s,
-            "loader_vs_baseline_same_workers": load_ours.per_s / load_base.per_s,
-            "loader_single_process_vs_baseline": load_ours0.per_s / load_base0.per_s,
-            "loader_per_cpu_s_vs_baseline": load_ours.per_cpu_s / load_base.per_cpu_s,
-        },
-        "loader_per_core": {
-            "ours_workers": load_ours.per_core_s,
-            "ours_single_process": load_ours0.per_s,
-            "ours_per_cpu_s": load_ours.per_cpu_s,
-            "baseline_workers": load_base.per_core_s,
-            "baseline_single_process": load_base0.per_s,
-        },
     }
-    print(json.dumps({k: report[k] for k in ("machine", "ratios", "loader_per_core")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("machine", "medians", "ratios (medians)")}, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.workdir is None:

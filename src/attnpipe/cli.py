@@ -28,7 +28,11 @@ STAGES = {
     "fetch": (
         "download or write the raw dataset",
         "Reads the recipe's `source` and writes data/<name>/raw/ in the dataset's native layout "
-        "(for the embedded `digits`: train.csv, train_images/*.png, label_map.json).",
+        "(for the embedded `digits`: train.csv, train_images/*.png, label_map.json). Kaggle "
+        "sources need KAGGLE_API_TOKEN, or KAGGLE_USERNAME and KAGGLE_KEY, or "
+        "~/.kaggle/kaggle.json (and a competition's rules accepted); torchvision sources "
+        "download through torchvision; a folder source is copied. Data already fetched "
+        "(raw/.attnpipe-fetch.json) is not downloaded again.",
     ),
     "prepare": (
         "validate images, split stratified, write the manifest",

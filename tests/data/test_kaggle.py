@@ -267,3 +267,13 @@ def test_cassava_recipe_end_to_end_through_prepare(
         assert list(csv.DictReader(handle)) == []
     classes = json.loads((root / "data/cassava/classes.json").read_text())["classes"]
     assert classes[3] == "Cassava Mosaic Disease (CMD)"
+
+
+def test_a_download_that_is_not_a_zip_is_reported(
+    kaggle_env: FakeKaggle, tmp_path: Path, monkeypatch
+):
+    kaggle_env.competitions[CASSAVA] = b"<html>maintenance</html>"
+    _use_legacy_key(monkeypatch)
+    with pytest.raises(KaggleError, match=r"sent no zip archive .*\(got: "):
+        fetch(_competition(), tmp_path / "raw", progress=False)
+    assert not (tmp_path / "raw" / MARKER_NAME).exists()

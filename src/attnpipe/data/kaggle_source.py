@@ -20,6 +20,7 @@ import os
 import shutil
 import stat
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +163,8 @@ def fetch_kaggle(
                 )
     except RequestException as error:
         raise _translate(error, credentials, what=what, source=source) from None
-    archives = sorted(download.glob("*.zip"))
+    # Named after the download URL's extension, normally .zip: trust the content instead.
+    archives = sorted(p for p in download.iterdir() if p.is_file() and zipfile.is_zipfile(p))
     if not archives:
         raise KaggleError(f"Kaggle sent no zip archive for {what} (got: {_listing(download)})")
     for archive in archives:

@@ -57,7 +57,7 @@ def fetch(recipe: Recipe, raw_dir: Path, progress: bool = True, root: Path | Non
 
     identity = source_identity(source, root or Path.cwd())
     if is_fetched(raw_dir, identity):
-        print(f"{raw_dir} already holds {identity}: nothing to download")
+        print(f"{raw_dir} already holds this {source.kind} source: nothing to fetch")
         return raw_dir
     clear_raw(raw_dir)
 
