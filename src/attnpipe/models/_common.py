@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 AttentionMaps = dict[str, Tensor]
@@ -46,6 +47,29 @@ class AttentionAPI:
         Runs under the caller's grad mode: wrap in ``torch.no_grad()`` for visualisation.
         """
         return self.forward_with_attention(x)[1]
+
+
+def _interpolate(x: Tensor, size: Sequence[int], align_corners: bool) -> Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+# torch 2.13's Inductor CPU (C++) backend can miscompile the backward of a bilinear upsample fused
+# with neighbouring ops (local-buffer promotion of index_put's mutation output in outer-loop
+# fusion, pytorch/pytorch#196570, fix in PR #196639): training then crashes with
+# UnboundLocalError or silently gets wrong gradients (seen with the Residual Attention mask).
+_interpolate_eager = torch.compiler.disable(_interpolate)
+
+
+def upsample_bilinear(x: Tensor, size: Sequence[int], align_corners: bool) -> Tensor:
+    """Bilinear resize of ``x`` (N x C x h x w) to ``size``.
+
+    Under ``torch.compile`` on CPU it runs eagerly (one graph break per call) to avoid the
+    Inductor bug above; eager mode, GPU compilation and ``torch.export`` / ONNX are unaffected.
+    """
+    compiling = torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    if compiling and x.device.type == "cpu":
+        return _interpolate_eager(x, size, align_corners)
+    return _interpolate(x, size, align_corners)
 
 
 def init_conv_bn(module: nn.Module) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from ._common import AttentionAPI, AttentionMaps, init_conv_bn, load_backbone
+from ._common import AttentionAPI, AttentionMaps, init_conv_bn, load_backbone, upsample_bilinear
 
 __all__ = ["AttnVGG", "GridAttention", "attnvgg16"]
 
@@ -39,9 +39,8 @@ class GridAttention(nn.Module):
 
     def forward(self, local: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         """Returns (attention N x 1 x H x W, attended descriptor N x C)."""
-        g_up = F.interpolate(
-            self.w_g(g), size=local.shape[-2:], mode="bilinear", align_corners=False
-        )  # N x 256 x H x W
+        # N x 256 x H x W; align_corners=False as in the original code
+        g_up = upsample_bilinear(self.w_g(g), local.shape[-2:], align_corners=False)
         hidden = F.relu(self.w_l(local) + g_up)
         # Scores in float32 even under autocast (cheap: one output channel), since the softmax
         # variant exponentiates them.

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import AttentionAPI, AttentionMaps, init_conv_bn
+from ._common import AttentionAPI, AttentionMaps, init_conv_bn, upsample_bilinear
 
 __all__ = [
     "AttentionModule",
@@ -31,7 +30,7 @@ def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 def _upsample_to(x: Tensor, ref: Tensor) -> Tensor:
     # Size from the reference tensor, not a constant, so any input size works (and ONNX export
     # keeps the size symbolic). align_corners=True is what Caffe's Interp layer computes.
-    return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=True)
+    return upsample_bilinear(x, ref.shape[-2:], align_corners=True)
 
 
 class PreActBottleneck(nn.Module):
