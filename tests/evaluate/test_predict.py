@@ -7,7 +7,7 @@ import csv
 import shutil
 from pathlib import Path
 
-import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from attnpipe.cli import main
@@ -24,16 +24,16 @@ def image_folder(
 
     Returns (folder, {file name: class the evaluation predicted}, broken file names)."""
     paths, _ = evaluated_project
-    manifest = pd.read_parquet(paths.manifest)
-    test = manifest[manifest["split"] == "test"].sort_values("id").head(GOOD)
+    manifest = pq.read_table(paths.manifest, columns=["id", "split"]).to_pylist()
+    test_ids = sorted(row["id"] for row in manifest if row["split"] == "test")[:GOOD]
     with paths.confusion.open(newline="") as handle:
         evaluated = {row["id"]: row["predicted"] for row in csv.DictReader(handle)}
     folder = tmp_path_factory.mktemp("to_predict")
     expected = {}
-    for image_id in test["id"]:
+    for image_id in test_ids:
         shutil.copy(paths.raw / "train_images" / image_id, folder / image_id)
         expected[image_id] = evaluated[image_id]
-    first = (folder / test["id"].iloc[0]).read_bytes()
+    first = (folder / test_ids[0]).read_bytes()
     (folder / "truncated.png").write_bytes(first[: len(first) // 2])
     (folder / "notes.txt").write_text("not an image\n")
     (folder / "empty.jpg").write_bytes(b"")
