@@ -143,9 +143,12 @@ class WandbRun:
             artifact.add_file(str(path))
             self.run.log_artifact(artifact)
 
-    def finish(self) -> None:
+    def finish(self, preempted: bool = False) -> None:
+        """End the run; `preempted`: stopped on request, to be resumed (W&B shows it so)."""
         if self.run:
-            self.run.finish()
+            if preempted:
+                self.run.mark_preempting()
+            self.run.finish(exit_code=130 if preempted else 0)
             self.run = None
 
 

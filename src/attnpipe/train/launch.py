@@ -12,16 +12,18 @@ import hashlib
 import os
 import signal
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attnpipe.config import Recipe
+from attnpipe.config import Recipe, TrainConfig
 from attnpipe.data.shard import ShardError, read_index, shard_location
 from attnpipe.paths import PipelinePaths
 from attnpipe.tracking import data_version, git_commit, write_history
+from attnpipe.train.stop import create_stop_request, run_stoppable
 
 MODEL_FORMAT_VERSION = 1
 
@@ -139,6 +141,8 @@ def train(
 
     started_here = connect_ray(address, int(train_cfg.workers * train_cfg.cpus_per_worker))
     try:
+        loop_config["stop_name"] = f"attnpipe-stop-{run_name}-{uuid.uuid4().hex[:8]}"
+        stop_flag = create_stop_request(loop_config["stop_name"])
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
@@ -158,7 +162,9 @@ def train(
             f"training run '{run_name}' ({train_cfg.workers} worker(s), "
             f"{'GPU' if use_gpu else 'CPU'}); checkpoints in {storage}/{run_name}"
         )
-        result = trainer.fit()
+        result, stop_requested = run_stoppable(
+            trainer.fit, request_stop=lambda: stop_flag.request.remote()
+        )
         if result.checkpoint is None:
             raise TrainError(f"run '{run_name}' finished without a checkpoint")
         with result.checkpoint.as_directory() as folder:
@@ -170,6 +176,8 @@ def train(
             ray.shutdown()
 
     state = saved["state"]
+    if stop_requested and not _run_complete(state, train_cfg):
+        raise KeyboardInterrupt(f"run '{run_name}' stopped after epoch {state['epoch']}")
     classes = read_index(loop_config["shards"])["classes"]
     best_row = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
     best_metrics = {k: v for k, v in best_row.items() if k.startswith("val_")}
@@ -192,6 +200,16 @@ def train(
         best_metrics,
         len(state["history"]),
         list(state["resumed_from"]),
+    )
+
+
+def _run_complete(state: dict[str, Any], train_cfg: TrainConfig) -> bool:
+    """All epochs trained, or early stopping ended the run."""
+    from attnpipe.train.loop import TrainingState
+
+    progress = TrainingState.from_dict(state)
+    return progress.epoch >= train_cfg.epochs or progress.should_stop(
+        train_cfg.early_stopping_patience
     )
 
 

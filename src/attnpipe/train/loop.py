@@ -41,11 +41,13 @@ from attnpipe.train.session import RaySession, WorkerSession
 CHECKPOINT_FILE = "checkpoint.pt"
 # Set to a folder to have every rank write the sample ids it trained on, per epoch.
 TRACE_ENV = "ATTNPIPE_TRACE_DIR"
+# Steps between the ranks' checks for a stop request: one tiny all-reduce, a few ms of latency.
+STOP_CHECK_STEPS = 10
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point: one call per worker."""
-    run_training(config, RaySession())
+    run_training(config, RaySession(stop_name=config.get("stop_name")))
 
 
 def run_training(config: dict[str, Any], session: WorkerSession) -> None:
@@ -131,6 +133,7 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
     _trace(trace_dir, session, config["run_name"], event="start", epoch=state.epoch)
 
     started, first_epoch = time.perf_counter(), state.epoch
+    stopped_in_epoch = None
     for epoch in range(state.epoch, train_cfg.epochs):
         _trace(trace_dir, session, config["run_name"], event="epoch", epoch=epoch + 1)
         train_stream.set_epoch(epoch)
@@ -163,6 +166,11 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
             seen += labels.shape[0]
             if trace_dir:
                 seen_ids.extend(ids)
+            if (step + 1) % STOP_CHECK_STEPS == 0 and _stop_agreed(session, device):
+                stopped_in_epoch = epoch + 1
+                break
+        if stopped_in_epoch is not None:
+            break
         train_seconds = time.perf_counter() - epoch_start
         if trace_dir:
             trace = Path(trace_dir) / f"epoch{epoch + 1}-rank{rank}.txt"
@@ -217,6 +225,14 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
                     f"{train_cfg.early_stopping_patience} epochs"
                 )
             break
+    if stopped_in_epoch is not None:
+        if rank == 0:
+            say(
+                f"stopped on request in epoch {stopped_in_epoch}; the checkpoint of epoch "
+                f"{state.epoch} is kept: run the same command again to resume"
+            )
+            tracker.finish(preempted=True)
+        return
     if rank == 0:
         tracker.summary({"best_epoch": state.best_epoch, f"best_{train_cfg.monitor}": state.best})
         if tracker.run is not None and state.best_weights is not None:
@@ -237,6 +253,16 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
         tracker.finish()
         if run_dir is not None and recipe.tracking.wandb.mode == "offline":
             say(f"W&B offline run: {run_dir}  (share it: wandb sync {run_dir})")
+
+
+def _stop_agreed(session: WorkerSession, device: torch.device) -> bool:
+    """Whether any rank saw a stop request: all ranks must leave at the same step, or DDP hangs."""
+    wanted = session.stop_requested()
+    if session.world_size == 1:
+        return wanted
+    flag = torch.tensor([int(wanted)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _trace(folder: str | None, session: WorkerSession, run: str, **event: Any) -> None:

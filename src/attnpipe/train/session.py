@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -36,9 +38,12 @@ class WorkerSession(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         """End of an epoch on every rank (a barrier); rank 0 passes the checkpoint folder."""
 
+    def stop_requested(self) -> bool:
+        """This rank's view of whether the launcher asked the run to stop (ranks then agree)."""
+
 
 class RaySession:
-    def __init__(self) -> None:
+    def __init__(self, stop_name: str | None = None) -> None:
         import ray
         import ray.train
         import ray.train.torch
@@ -49,6 +54,8 @@ class RaySession:
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.node_id = ray.get_runtime_context().get_node_id()
+        self._stop_name = stop_name
+        self._stop_cache: dict[str, Any] = {}
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
@@ -71,6 +78,12 @@ class RaySession:
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+    def stop_requested(self) -> bool:
+        from attnpipe.train.stop import stop_was_requested
+
+        # One poll per check, by rank 0 only: the loop shares its answer with the other ranks.
+        return self.rank == 0 and stop_was_requested(self._stop_name, self._stop_cache)
 
 
 def _quiet_ray_train_reports() -> None:
@@ -104,6 +117,13 @@ class TorchrunSession:
         self.node_id = socket.gethostname()
         self.storage = storage
         self._count = len(self._checkpoints())
+        # torchrun passes its SIGTERM on to every worker: note it, the loop stops cleanly.
+        self._stop = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: self._stop.set())
+
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)

@@ -15,6 +15,11 @@ import csv
 import hashlib
 import json
 import math
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,8 +172,11 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
                     metric=sweep.metric,
                     mode=sweep.mode,
                     num_samples=sweep.num_samples,
-                    max_concurrent_trials=sweep.max_concurrent_trials,
-                    search_alg=BasicVariantGenerator(random_state=sweep.seed),
+                    # The limit goes to the generator: Tune ignores TuneConfig's
+                    # max_concurrent_trials when a BasicVariantGenerator is passed in.
+                    search_alg=BasicVariantGenerator(
+                        random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials or 0
+                    ),
                     scheduler=ASHAScheduler(
                         time_attr="epoch",
                         max_t=max_epochs,
@@ -178,7 +186,8 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
                 ),
                 run_config=ray_tune.RunConfig(name=name, storage_path=storage),
             )
-        grid = tuner.fit()
+        with _stop_signals_end_the_sweep_gracefully() as interrupted:
+            grid = tuner.fit()
     finally:
         if started_here:
             ray.shutdown()
@@ -186,14 +195,51 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
     expected = sweep.num_samples * math.prod(
         len(dim.values or []) for dim in sweep.space.values() if dim.type == "grid"
     )
-    if grid.num_terminated + grid.num_errors < expected:
-        # Tune catches Ctrl-C itself, saves the experiment and returns: pass the stop on.
+    if interrupted.is_set() or grid.num_terminated + grid.num_errors < expected:
+        # Tune saved the experiment and returned (the running trials marked as errors, which a
+        # resume restarts): pass the stop on rather than report a partial sweep.
         raise KeyboardInterrupt(f"sweep '{name}' stopped before all {expected} trials ended")
     trials = summarise(grid, sweep.metric, sweep.mode, max_epochs)
     write_trials(paths, trials)  # first: it holds each trial's error if none succeeded
     best = pick_best(trials, sweep.mode)
     write_best_params(paths, best)
     return SweepResult(name, trials, best)
+
+
+@contextmanager
+def _stop_signals_end_the_sweep_gracefully() -> Iterator[threading.Event]:
+    """Ctrl-C or SIGTERM: ask Tune to save the experiment and stop (SIGUSR1), and remember it.
+
+    Tune's own Ctrl-C handler stops the sweep but leaves no trace of the interruption: the
+    running trials come back as errors, indistinguishable from a sweep that ended. A second
+    signal stops at once.
+    """
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        if interrupted.is_set() or signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+            raise KeyboardInterrupt(f"signal {signum}")  # again, or before Tune is listening
+        interrupted.set()
+        print("stopping the sweep: saving its state (press Ctrl-C again to stop at once)")
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    disable = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    for sig in previous:
+        signal.signal(sig, stop)
+    try:
+        yield interrupted
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if disable is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = disable
 
 
 def summarise(grid: Any, metric: str, mode: str, max_epochs: int) -> list[dict[str, Any]]:
