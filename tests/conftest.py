@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +69,63 @@ def digits_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recipe, Pi
     prepare(recipe, paths, progress=False)
     shard(recipe, paths, progress=False)
     return recipe, paths
+
+
+# --------------------------------------------------------------------------- dvc repro, once
+
+GIT_ID = {
+    "GIT_AUTHOR_NAME": "attnpipe tests",
+    "GIT_AUTHOR_EMAIL": "tests@attnpipe.invalid",
+    "GIT_COMMITTER_NAME": "attnpipe tests",
+    "GIT_COMMITTER_EMAIL": "tests@attnpipe.invalid",
+}
+# Planted in the environment of `dvc repro`: it must not appear in any file the pipeline writes.
+SECRET = "attnpipe-test-secret-7f3a9c"
+
+
+def run_in(root: Path, *command: str, env: dict[str, str] | None = None) -> str:
+    """Run a command (dvc, git, attnpipe) in `root` with the venv first on PATH; its output."""
+    full_env = {
+        **os.environ,
+        **GIT_ID,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "WANDB_MODE": "offline",
+        **(env or {}),
+    }
+    done = subprocess.run(command, cwd=root, env=full_env, capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
+    return output
+
+
+@dataclass(frozen=True)
+class ReproProject:
+    """The digits pipeline built by `dvc repro` in a fresh git repository (tiny settings)."""
+
+    root: Path
+    output: str  # what `dvc repro` printed
+    trace: Path  # ATTNPIPE_TRACE_DIR of its training stage
+
+
+@pytest.fixture(scope="session")
+def repro_project(tmp_path_factory: pytest.TempPathFactory) -> ReproProject:
+    """Built once and shared read-only: the e2e tests check the pipeline, the DDP tests its run.
+
+    Tests that change the project (an experiment, a push) work on a copy.
+    """
+    root = write_project(tmp_path_factory.mktemp("dvcproject"), TINY_OVERRIDES)
+    trace = root.parent / "trace"
+    (root / ".gitignore").write_text("wandb/\n")
+    run_in(root, "git", "init", "-q")
+    run_in(root, "dvc", "init", "-q")
+    run_in(root, "dvc", "config", "core.analytics", "false")
+    run_in(root, "git", "add", "-A")
+    run_in(root, "git", "commit", "-q", "-m", "pipeline")
+    secrets = {name: SECRET for name in ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "KAGGLE_KEY")}
+    output = run_in(root, "dvc", "repro", env={"ATTNPIPE_TRACE_DIR": str(trace), **secrets})
+    return ReproProject(root, output, trace)
 
 
 # --------------------------------------------------------------------------- S3 on loopback

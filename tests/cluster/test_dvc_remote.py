@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import S3Bucket
-from tests.e2e.test_dvc_pipeline import GIT_ID
+from tests.conftest import GIT_ID, S3Bucket
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]

@@ -6,60 +6,22 @@ Real DVC, real Ray (2 workers, gloo), W&B offline: nothing mocked. Tiny settings
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import shutil
 
 import pytest
 
-from tests.conftest import TINY_OVERRIDES, write_project
+from tests.conftest import TINY_OVERRIDES, ReproProject, run_in
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
-
-GIT_ID = {
-    "GIT_AUTHOR_NAME": "attnpipe tests",
-    "GIT_AUTHOR_EMAIL": "tests@attnpipe.invalid",
-    "GIT_COMMITTER_NAME": "attnpipe tests",
-    "GIT_COMMITTER_EMAIL": "tests@attnpipe.invalid",
-}
-
-
-def _run(root: Path, *command: str) -> str:
-    env = {
-        **os.environ,
-        **GIT_ID,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-        "WANDB_MODE": "offline",
-    }
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
-    return output
 
 
 def _stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-@pytest.fixture(scope="module")
-def built_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    root = write_project(tmp_path_factory.mktemp("dvcproject"), TINY_OVERRIDES)
-    (root / ".gitignore").write_text("wandb/\n")
-    _run(root, "git", "init", "-q")
-    _run(root, "dvc", "init", "-q")
-    _run(root, "dvc", "config", "core.analytics", "false")
-    _run(root, "git", "add", "-A")
-    _run(root, "git", "commit", "-q", "-m", "pipeline")
-    output = _run(root, "dvc", "repro")
-    return root, output
-
-
-def test_repro_runs_every_stage_and_writes_the_contract(built_project):
-    root, output = built_project
+def test_repro_runs_every_stage_and_writes_the_contract(repro_project: ReproProject):
+    root, output = repro_project.root, repro_project.output
     assert _stages_run(output) == {
         f"{stage}@digits" for stage in ("fetch", "prepare", "shard", "train", "evaluate", "export")
     }
@@ -86,26 +48,31 @@ def test_repro_runs_every_stage_and_writes_the_contract(built_project):
     assert len(history) == 1 + TINY_OVERRIDES["train"]["epochs"]
 
 
-def test_second_repro_is_up_to_date(built_project):
-    root, _ = built_project
-    output = _run(root, "dvc", "repro")
+def test_second_repro_is_up_to_date(repro_project: ReproProject):
+    root = repro_project.root
+    output = run_in(root, "dvc", "repro")
     assert not _stages_run(output), output
-    assert "Data and pipelines are up to date." in _run(root, "dvc", "status")
+    assert "Data and pipelines are up to date." in run_in(root, "dvc", "status")
 
 
-def test_metrics_and_plots_show(built_project):
-    root, _ = built_project
-    metrics = _run(root, "dvc", "metrics", "show")
+def test_metrics_and_plots_show(repro_project: ReproProject, tmp_path):
+    root = repro_project.root
+    metrics = run_in(root, "dvc", "metrics", "show")
     assert "reports/digits/metrics.json" in metrics and "test.accuracy" in metrics
     assert "reports/digits/data.json" in metrics
-    _run(root, "dvc", "plots", "show", "-o", "plots_out")
-    page = (root / "plots_out" / "index.html").read_text()
+    run_in(root, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots" / "index.html").read_text()
     assert "reports_digits_train_history_csv" in page and "reports_digits_confusion_csv" in page
 
 
-def test_exp_run_with_a_training_param_reruns_only_the_model_stages(built_project):
-    root, _ = built_project
-    _run(root, "git", "add", "-A")
-    _run(root, "git", "commit", "-q", "-m", "built")
-    output = _run(root, "dvc", "exp", "run", "-S", "pipelines/digits.yaml:train.optimizer.lr=0.002")
+def test_exp_run_with_a_training_param_reruns_only_the_model_stages(
+    repro_project: ReproProject, tmp_path
+):
+    root = tmp_path / "project"  # an experiment changes the workspace: not the shared one's
+    shutil.copytree(repro_project.root, root, symlinks=True)
+    run_in(root, "git", "add", "-A")
+    run_in(root, "git", "commit", "-q", "-m", "built")
+    output = run_in(root, "dvc", "exp", "run", "-S", "pipelines/digits.yaml:train.epochs=1")
     assert _stages_run(output) == {"train@digits", "evaluate@digits", "export@digits"}, output
+    history = (root / "reports/digits/train_history.csv").read_text().splitlines()
+    assert len(history) == 1 + 1  # the experiment's one epoch, applied to the workspace

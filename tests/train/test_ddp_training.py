@@ -1,48 +1,39 @@
-"""Two DDP workers on CPU (gloo) under a real Ray: disjoint data, exact gathered validation."""
+"""Two DDP workers on CPU (gloo) under a real Ray: disjoint data, exact gathered validation.
+
+The run checked is the training stage of the digits pipeline that `dvc repro` built (the
+session's `repro_project`), so these tests add no training of their own.
+"""
 
 from __future__ import annotations
 
 import csv
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from attnpipe.config import load_recipe
 from attnpipe.data.loaders import ShardStream, build_transform, split_info
 from attnpipe.metrics import classification_metrics, softmax
 from attnpipe.paths import PipelinePaths
-from attnpipe.train.launch import load_model_file, train
+from attnpipe.train.launch import load_model_file
 from attnpipe.train.loop import predict_stream
+from tests.conftest import SECRET, ReproProject
 from tests.wandb_offline import history_rows, read_records, run_config
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-# Planted in the environment of the training run: it must not appear in any file it writes.
-SECRET = "attnpipe-test-secret-7f3a9c"
-
 
 @pytest.fixture(scope="module")
-def trained(digits_project, tmp_path_factory, request):
-    recipe, built = digits_project
-    root = tmp_path_factory.mktemp("ddp")
-    shutil.copytree(built.root, root, dirs_exist_ok=True)
-    paths = PipelinePaths(root, "digits")
-    trace = root / "trace"
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("ATTNPIPE_TRACE_DIR", str(trace))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_API_KEY", SECRET)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("KAGGLE_KEY", SECRET)
-    request.addfinalizer(monkeypatch.undo)
-    result = train(recipe, paths)
-    return recipe, paths, result, trace
+def trained(repro_project: ReproProject):
+    """The training stage of the shared `dvc repro` build: 2 workers, traced, secrets planted."""
+    root = repro_project.root
+    return load_recipe("digits", root), PipelinePaths(root, "digits"), repro_project.trace
 
 
 def test_ranks_trained_on_disjoint_samples(trained):
-    recipe, _, _, trace = trained
+    recipe, _, trace = trained
     for epoch in range(1, recipe.train.epochs + 1):
         rank0 = (trace / f"epoch{epoch}-rank0.txt").read_text().split()
         rank1 = (trace / f"epoch{epoch}-rank1.txt").read_text().split()
@@ -57,7 +48,7 @@ def test_validation_metrics_equal_a_single_process_computation(trained):
     workers did, so the logits are bit-identical; the metrics are then computed once over all
     samples. Averaging per-rank metrics (the classic mistake) would not match.
     """
-    recipe, paths, result, _ = trained
+    recipe, paths, _ = trained
     model, payload = load_model_file(paths.model_file)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -87,14 +78,13 @@ def test_validation_metrics_equal_a_single_process_computation(trained):
     reported = payload["metrics"]  # what the ranks computed at the best epoch, full precision
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "loss"):
         assert reported[f"val_{key}"] == pytest.approx(single[key], abs=1e-6), key
-    assert result.best_metrics == reported
     with paths.train_history.open() as handle:  # the same numbers, to the CSV's 6 digits
         row = {int(r["epoch"]): r for r in csv.DictReader(handle)}[payload["epoch"]]
     assert float(row["val_macro_f1"]) == pytest.approx(single["macro_f1"], rel=1e-5)
 
 
 def test_model_file_loads_without_ray_and_names_its_classes(trained):
-    _, paths, _, _ = trained
+    _, paths, _ = trained
     payload = torch.load(paths.model_file, weights_only=True)
     assert payload["class_names"][0] == "zero" and payload["num_classes"] == 10
     assert payload["recipe"]["model"]["name"] == "attention56_cifar"
@@ -104,7 +94,7 @@ def test_model_file_loads_without_ray_and_names_its_classes(trained):
 
 
 def test_offline_wandb_run_matches_the_history_file(trained):
-    recipe, paths, _, _ = trained
+    recipe, paths, _ = trained
     runs = sorted((paths.root / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1  # two workers, one run (rank 0 only)
     records = read_records(runs[0])
@@ -124,7 +114,7 @@ def test_offline_wandb_run_matches_the_history_file(trained):
 
 
 def test_no_secret_reaches_config_logs_or_checkpoints(trained):
-    _, paths, _, _ = trained
+    _, paths, _ = trained
     for path in paths.root.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"

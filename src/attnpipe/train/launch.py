@@ -73,7 +73,9 @@ def connect_ray(address: str | None, cpus_needed: int = 1) -> bool:
         ray.init(address=address, log_to_driver=True)
     else:
         # "local": a private cluster, never one that happens to run on this machine already
-        # (`ray start`, a test's).
+        # (`ray start`, a test's). Its one node is never drained, so Ray Train's preemption
+        # watcher (an extra actor process per run) has nothing to watch.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(
             address="local",
             num_cpus=max(os.cpu_count() or 1, cpus_needed),
