@@ -26,6 +26,8 @@ from attnpipe.tracking import data_version, git_commit, write_history
 from attnpipe.train.stop import create_stop_request, run_stoppable
 
 MODEL_FORMAT_VERSION = 1
+# Set to 1 to start the Ray dashboard with a private local cluster.
+DASHBOARD_ENV = "ATTNPIPE_RAY_DASHBOARD"
 
 
 class TrainError(RuntimeError):
@@ -79,6 +81,9 @@ def connect_ray(address: str | None, cpus_needed: int = 1) -> bool:
         ray.init(
             address="local",
             num_cpus=max(os.cpu_count() or 1, cpus_needed),
+            # The dashboard's processes poll and report all the time: on a small machine they
+            # take CPU from the workers. Opt in with ATTNPIPE_RAY_DASHBOARD=1.
+            include_dashboard=os.environ.get(DASHBOARD_ENV, "0") == "1",
             log_to_driver=True,
             configure_logging=False,
         )
