@@ -83,8 +83,13 @@ GIT_ID = {
 SECRET = "attnpipe-test-secret-7f3a9c"
 
 
-def run_in(root: Path, *command: str, env: dict[str, str] | None = None) -> str:
-    """Run a command (dvc, git, attnpipe) in `root` with the venv first on PATH; its output."""
+def run_in(
+    root: Path, *command: str, env: dict[str, str] | None = None, unset: tuple[str, ...] = ()
+) -> str:
+    """Run a command (dvc, git, attnpipe) in `root` with the venv first on PATH; its output.
+
+    `env` adds variables, `unset` removes some of this process's.
+    """
     full_env = {
         **os.environ,
         **GIT_ID,
@@ -94,6 +99,8 @@ def run_in(root: Path, *command: str, env: dict[str, str] | None = None) -> str:
         "WANDB_MODE": "offline",
         **(env or {}),
     }
+    for name in unset:
+        full_env.pop(name, None)
     done = subprocess.run(command, cwd=root, env=full_env, capture_output=True, text=True)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"

@@ -7,33 +7,20 @@ credentials only through the environment, never through .dvc/config.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import GIT_ID, S3Bucket
+from tests.conftest import S3Bucket, run_in
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def _run(cwd: Path, bucket: S3Bucket, *command: str) -> str:
-    env = {
-        **os.environ,
-        **GIT_ID,
-        **bucket.env,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-    }
-    env.pop("AWS_ENDPOINT_URL")
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
-    return output
+    """With the bucket's credentials (set by its fixture); the endpoint only from .dvc/config."""
+    return run_in(cwd, *command, env=bucket.env, unset=("AWS_ENDPOINT_URL",))
 
 
 def test_dvc_push_then_pull_into_a_fresh_clone_round_trips_data_and_model(s3_bucket, tmp_path):

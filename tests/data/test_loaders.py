@@ -139,7 +139,7 @@ def test_loader_batches_equal_the_per_sample_transform(digits_project):
 
 
 def test_float_batches_are_reused_only_once_nothing_refers_to_them():
-    from attnpipe.data.loaders import FloatBatchPool, float_batch
+    from attnpipe.data.loaders import FloatBatchPool
 
     shape = (8, 3, 224, 224)  # 4.8 MB: huge-page mappings
     pool = FloatBatchPool(keep=2)
@@ -162,7 +162,8 @@ def test_float_batches_are_reused_only_once_nothing_refers_to_them():
     del storage
     assert pool.get(shape).data_ptr() == second_address
     assert held.data_ptr() == address
-    assert float_batch((2, 3, 4, 4)).shape == (2, 3, 4, 4)  # small: a plain tensor
+    small = pool.get((2, 3, 4, 4))  # below 4 MB: a plain tensor, not a mapping
+    assert small.shape == (2, 3, 4, 4) and small.data_ptr() not in (address, second_address)
 
 
 def test_tar_reader_agrees_with_webdataset_on_long_and_unicode_names(tmp_path):

@@ -80,6 +80,8 @@ def test_validation_metrics_equal_a_single_process_computation(trained):
         assert reported[f"val_{key}"] == pytest.approx(single[key], abs=1e-6), key
     with paths.train_history.open() as handle:  # the same numbers, to the CSV's 6 digits
         row = {int(r["epoch"]): r for r in csv.DictReader(handle)}[payload["epoch"]]
+    for key, value in reported.items():
+        assert float(row[key]) == pytest.approx(value, rel=1e-5), key
     assert float(row["val_macro_f1"]) == pytest.approx(single["macro_f1"], rel=1e-5)
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -14,7 +12,13 @@ import pytest
 
 from attnpipe.paths import PipelinePaths
 from attnpipe.train.launch import train
-from tests.train.trace import events, recorded_epoch, wait_for_epoch, wait_for_recorded_epoch
+from tests.train.trace import (
+    events,
+    recorded_epoch,
+    start_attnpipe,
+    wait_for_epoch,
+    wait_for_recorded_epoch,
+)
 from tests.wandb_offline import history_rows, read_records, run_ids
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
@@ -56,24 +60,11 @@ def test_worker_killed_in_epoch_2_restarts_from_epoch_1(digits_project, tmp_path
     assert paths.model_file.is_file()
 
 
-def _attnpipe(root: Path, trace: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "ATTNPIPE_TRACE_DIR": str(trace),
-        "WANDB_MODE": "offline",
-        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-    }
-    command = [sys.executable, "-m", "attnpipe.cli", "--root", str(root), "train", "digits"]
-    return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
 def test_killed_train_command_resumes_with_the_same_wandb_run(digits_project, tmp_path):
     """SIGTERM (what `kill`, schedulers and preemption send); Ctrl-C takes the same path."""
     paths = _copy_project(digits_project, tmp_path / "project")
     trace = tmp_path / "trace"
-    first = _attnpipe(paths.root, trace)
+    first = start_attnpipe(paths.root, "train", trace, WANDB_MODE="offline")
     try:
         wait_for_epoch(trace, rank=0, epoch=2)
         wait_for_recorded_epoch(paths.checkpoints, 1)
@@ -89,7 +80,7 @@ def test_killed_train_command_resumes_with_the_same_wandb_run(digits_project, tm
     kept = recorded_epoch(paths.checkpoints)  # the workers stop within a few steps: 1 or 2
     assert kept in (1, 2), output[-3000:]
 
-    second = _attnpipe(paths.root, tmp_path / "trace2")
+    second = start_attnpipe(paths.root, "train", tmp_path / "trace2", WANDB_MODE="offline")
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output[-3000:]
     assert f"resuming from the checkpoint of epoch {kept}" in output

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +13,7 @@ import pytest
 import yaml
 
 from attnpipe.paths import PipelinePaths
-from tests.train.trace import events
+from tests.train.trace import events, start_attnpipe
 
 # A short sweep: a few minutes on an idle 2-core machine, more when it is shared.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -49,14 +46,6 @@ def _read_trials(paths: PipelinePaths) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def _tune_command(root: Path, trace: Path) -> subprocess.Popen:
-    env = {**os.environ, "ATTNPIPE_TRACE_DIR": str(trace), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    command = [sys.executable, "-m", "attnpipe.cli", "--root", str(root), "tune", "digits"]
-    return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
 def _runs_started(trace: Path) -> Counter:
     return Counter(e["run"] for e in events(trace, 0) if e["event"] == "start")
 
@@ -73,7 +62,7 @@ def test_interrupted_sweep_resumes_then_asha_stops_bad_trials_and_reports_the_be
     """
     paths = _sweep_project(digits_project, tmp_path / "project", epochs=3, concurrent=1)
     trace = tmp_path / "trace"
-    first = _tune_command(paths.root, trace)
+    first = start_attnpipe(paths.root, "tune", trace)
     deadline = time.monotonic() + 600
     # One at a time: once a third trial has started, the first two have finished.
     while len(_runs_started(trace)) < 3:
@@ -88,7 +77,7 @@ def test_interrupted_sweep_resumes_then_asha_stops_bad_trials_and_reports_the_be
     assert "stopping the sweep" in output
     assert not (paths.reports / "tune_trials.csv").exists()  # no report of a partial sweep
 
-    second = _tune_command(paths.root, trace)
+    second = start_attnpipe(paths.root, "tune", trace)
     output, _ = second.communicate(timeout=900)
     assert second.returncode == 0, output[-3000:]
     assert "resuming sweep" in output

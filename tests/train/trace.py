@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+
+def start_attnpipe(root: Path, command: str, trace: Path, **env: str) -> subprocess.Popen:
+    """`attnpipe <command> digits` in a subprocess that writes its trace events to `trace`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "attnpipe.cli", "--root", str(root), command, "digits"],
+        env={
+            **os.environ,
+            "ATTNPIPE_TRACE_DIR": str(trace),
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            **env,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def events(folder: Path, rank: int) -> list[dict]:

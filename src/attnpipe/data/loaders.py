@@ -394,11 +394,6 @@ class FloatBatchPool:
                 return
 
 
-def float_batch(shape: Sequence[int], pin_memory: bool = False) -> torch.Tensor:
-    """An empty float32 batch tensor in huge-page memory (see `FloatBatchPool`), not pooled."""
-    return FloatBatchPool(keep=0).get(shape, pin_memory)
-
-
 class _NormalizingLoader(DataLoader):
     """A DataLoader whose workers send uint8 batches and whose batches come out normalised."""
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from attnpipe.config import Recipe, TrainConfig
+from attnpipe.config import Recipe
 from attnpipe.data.shard import ShardError, read_index, shard_location
 from attnpipe.paths import PipelinePaths
 from attnpipe.tracking import data_version, git_commit, write_history
-from attnpipe.train.stop import create_stop_request, run_stoppable
+from attnpipe.train.stop import create_stop_flag, run_stoppable
 
 MODEL_FORMAT_VERSION = 1
 # Set to 1 to start the Ray dashboard with a private local cluster.
@@ -135,7 +135,7 @@ def train(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from attnpipe.train.loop import CHECKPOINT_FILE, train_loop_per_worker
+    from attnpipe.train.loop import CHECKPOINT_FILE, TrainingState, train_loop_per_worker
 
     train_cfg = recipe.train
     loop_config = build_loop_config(recipe, paths)
@@ -149,7 +149,7 @@ def train(
     started_here = connect_ray(address, int(train_cfg.workers * train_cfg.cpus_per_worker))
     try:
         loop_config["stop_name"] = f"attnpipe-stop-{run_name}-{uuid.uuid4().hex[:8]}"
-        stop_flag = create_stop_request(loop_config["stop_name"])
+        stop_flag = create_stop_flag(loop_config["stop_name"])
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
@@ -183,7 +183,7 @@ def train(
             ray.shutdown()
 
     state = saved["state"]
-    if stop_requested and not _run_complete(state, train_cfg):
+    if stop_requested and not TrainingState.from_dict(state).finished(train_cfg):
         raise KeyboardInterrupt(f"run '{run_name}' stopped after epoch {state['epoch']}")
     classes = read_index(loop_config["shards"])["classes"]
     best_row = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
@@ -207,16 +207,6 @@ def train(
         best_metrics,
         len(state["history"]),
         list(state["resumed_from"]),
-    )
-
-
-def _run_complete(state: dict[str, Any], train_cfg: TrainConfig) -> bool:
-    """All epochs trained, or early stopping ended the run."""
-    from attnpipe.train.loop import TrainingState
-
-    progress = TrainingState.from_dict(state)
-    return progress.epoch >= train_cfg.epochs or progress.should_stop(
-        train_cfg.early_stopping_patience
     )
 
 

@@ -351,6 +351,10 @@ class TrainingState:
     def should_stop(self, patience: int | None) -> bool:
         return patience is not None and self.epoch - self.best_epoch >= patience
 
+    def finished(self, train_cfg: TrainConfig) -> bool:
+        """All epochs trained, or early stopping ended the run."""
+        return self.epoch >= train_cfg.epochs or self.should_stop(train_cfg.early_stopping_patience)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,

@@ -16,11 +16,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from attnpipe.train.stop import StopFlagReader
 
 
 class WorkerSession(Protocol):
@@ -54,8 +56,8 @@ class RaySession:
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.node_id = ray.get_runtime_context().get_node_id()
-        self._stop_name = stop_name
-        self._stop_cache: dict[str, Any] = {}
+        # Polled by rank 0 only: the loop shares its answer with the other ranks.
+        self._stop_flag = StopFlagReader(stop_name if self.rank == 0 else None)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
@@ -80,10 +82,7 @@ class RaySession:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     def stop_requested(self) -> bool:
-        from attnpipe.train.stop import stop_was_requested
-
-        # One poll per check, by rank 0 only: the loop shares its answer with the other ranks.
-        return self.rank == 0 and stop_was_requested(self._stop_name, self._stop_cache)
+        return self._stop_flag.requested()
 
 
 def _quiet_ray_train_reports() -> None:

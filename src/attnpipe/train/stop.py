@@ -13,16 +13,60 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 # Seconds the workers get to stop cleanly: spot instances get 30-120 s of notice.
 DEFAULT_GRACE_S = 60.0
+# How long rank 0 waits for the flag's answer before training on (it is normally a millisecond).
+POLL_TIMEOUT_S = 2.0
 
 
-class _StopRequest:
+# --------------------------------------------------------------------------- driver side
+@dataclass
+class StopSignal:
+    """When the first stop signal arrived (monotonic seconds), if one has."""
+
+    at: float | None = None
+
+    @property
+    def received(self) -> bool:
+        return self.at is not None
+
+
+@contextmanager
+def stop_signals(on_first: Callable[[], None]) -> Iterator[StopSignal]:
+    """Inside: the first Ctrl-C or SIGTERM calls `on_first`, a second raises KeyboardInterrupt.
+
+    The handlers that were installed before come back on exit. Outside the main thread, which
+    receives no signals, nothing is installed.
+    """
+    signalled = StopSignal()
+    if threading.current_thread() is not threading.main_thread():
+        yield signalled
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if signalled.received:
+            raise KeyboardInterrupt(f"signal {signum} (second)")
+        signalled.at = time.monotonic()
+        on_first()
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, handle)
+    try:
+        yield signalled
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _StopFlag:
     """A flag the driver sets and rank 0 polls (a tiny Ray actor: it reaches every node)."""
 
     def __init__(self) -> None:
@@ -35,31 +79,12 @@ class _StopRequest:
         return self._requested
 
 
-def create_stop_request(name: str) -> Any:
+def create_stop_flag(name: str) -> Any:
     """Start the named flag actor for one run; workers find it by `name`."""
     import ray
 
-    actor = ray.remote(num_cpus=0)(_StopRequest)
+    actor = ray.remote(num_cpus=0)(_StopFlag)
     return actor.options(name=name, get_if_exists=True).remote()
-
-
-def stop_was_requested(name: str | None, cache: dict[str, Any]) -> bool:
-    """Worker side: has the driver asked run `name` to stop? False when there is no flag."""
-    if not name:
-        return False
-    import ray
-
-    if "actor" not in cache:
-        try:
-            cache["actor"] = ray.get_actor(name)
-        except ValueError:  # launched without one (a Tune trial): never asked
-            cache["actor"] = None
-    if cache["actor"] is None:
-        return False
-    try:
-        return bool(ray.get(cache["actor"].requested.remote(), timeout=10))
-    except Exception:  # the driver is gone or slow: keep training, Ray ends us if it must
-        return False
 
 
 def run_stoppable(
@@ -83,31 +108,43 @@ def run_stoppable(
         except BaseException as error:  # re-raised in the caller's thread
             outcome["error"] = error
 
-    requested_at: list[float] = []
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if requested_at:
-            raise KeyboardInterrupt(f"signal {signum} (second)")
-        requested_at.append(time.monotonic())
+    def ask_the_workers() -> None:
         say(
             f"stopping at the next step (W&B run and checkpoints are kept; up to {grace_s:.0f} s)"
             "; press Ctrl-C again to stop at once"
         )
         request_stop()
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     worker = threading.Thread(target=target, name="attnpipe-fit", daemon=True)
-    for sig in previous:
-        signal.signal(sig, on_signal)
-    try:
+    with stop_signals(ask_the_workers) as signalled:
         worker.start()
         while worker.is_alive():
             worker.join(0.2)
-            if requested_at and time.monotonic() - requested_at[0] > grace_s:
+            if signalled.received and time.monotonic() - signalled.at > grace_s:
                 raise KeyboardInterrupt(f"the workers did not stop within {grace_s:.0f} s")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if "error" in outcome:
         raise outcome["error"]
-    return outcome["value"], bool(requested_at)
+    return outcome["value"], signalled.received
+
+
+# --------------------------------------------------------------------------- worker side
+class StopFlagReader:
+    """Rank 0's view of the driver's flag; never asked when the run was launched without one."""
+
+    def __init__(self, name: str | None) -> None:
+        self._actor = None
+        if name:
+            import ray
+
+            with suppress(ValueError):  # launched without one (a Tune trial): never asked
+                self._actor = ray.get_actor(name)
+
+    def requested(self) -> bool:
+        if self._actor is None:
+            return False
+        import ray
+
+        try:
+            return bool(ray.get(self._actor.requested.remote(), timeout=POLL_TIMEOUT_S))
+        except Exception:  # the driver is gone or slow: keep training, Ray ends us if it must
+            return False

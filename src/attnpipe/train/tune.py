@@ -17,7 +17,6 @@ import json
 import math
 import os
 import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from attnpipe.data.shard import shard_location
 from attnpipe.paths import PipelinePaths
 from attnpipe.storage import join
 from attnpipe.tracking import data_version
+from attnpipe.train.stop import StopSignal, stop_signals
 
 PARAMS_KEY = "params"
 
@@ -195,7 +195,7 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
     expected = sweep.num_samples * math.prod(
         len(dim.values or []) for dim in sweep.space.values() if dim.type == "grid"
     )
-    if interrupted.is_set() or grid.num_terminated + grid.num_errors < expected:
+    if interrupted.received or grid.num_terminated + grid.num_errors < expected:
         # Tune saved the experiment and returned (the running trials marked as errors, which a
         # resume restarts): pass the stop on rather than report a partial sweep.
         raise KeyboardInterrupt(f"sweep '{name}' stopped before all {expected} trials ended")
@@ -207,35 +207,26 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
 
 
 @contextmanager
-def _stop_signals_end_the_sweep_gracefully() -> Iterator[threading.Event]:
+def _stop_signals_end_the_sweep_gracefully() -> Iterator[StopSignal]:
     """Ctrl-C or SIGTERM: ask Tune to save the experiment and stop (SIGUSR1), and remember it.
 
     Tune's own Ctrl-C handler stops the sweep but leaves no trace of the interruption: the
     running trials come back as errors, indistinguishable from a sweep that ended. A second
     signal stops at once.
     """
-    interrupted = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupted
-        return
 
-    def stop(signum: int, frame: Any) -> None:
-        if interrupted.is_set() or signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
-            raise KeyboardInterrupt(f"signal {signum}")  # again, or before Tune is listening
-        interrupted.set()
+    def ask_tune() -> None:
+        if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+            raise KeyboardInterrupt("stopped before Tune was listening")
         print("stopping the sweep: saving its state (press Ctrl-C again to stop at once)")
         os.kill(os.getpid(), signal.SIGUSR1)
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     disable = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    for sig in previous:
-        signal.signal(sig, stop)
     try:
-        yield interrupted
+        with stop_signals(ask_tune) as signalled:
+            yield signalled
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if disable is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
