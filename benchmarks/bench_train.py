@@ -1,14 +1,18 @@
 """Training benchmark: the same loop, data and worker count under Ray Train and plain torchrun.
 
-    uv run python benchmarks/bench_train.py --epochs 6 --workers 2
+    uv run python benchmarks/bench_train.py --epochs 6 --workers 2 --rounds 3
 
 Builds the digits shards in a temporary project, then launches `attnpipe train` (Ray
 TorchTrainer, a fresh local cluster) and `torchrun -m attnpipe.train.torchrun` (no Ray) as
-subprocesses, alternating A-B-B-A. Each rank's trace events (ATTNPIPE_TRACE_DIR) give:
+subprocesses, in rounds of A-B-B-A. Each rank's trace events (ATTNPIPE_TRACE_DIR) give:
 - start-up: seconds from launching the command to rank 0 starting epoch 1;
 - steady-state epoch time: median time between consecutive epoch starts after the first
-  (training, validation, checkpoint and report included).
-The ratio Ray / torchrun of the steady-state epoch time is the overhead of Ray Train.
+  (training, validation, checkpoint and report included), and its phases;
+- CPU seconds per steady-state epoch (Linux /proc): of the training ranks, and of every other
+  process on the machine (Ray's daemons and helper actors; torchrun's agent).
+The ratio Ray / torchrun of the steady-state epoch time is the overhead of Ray Train; each
+round gives one ratio (A-B-B-A cancels a steady drift of the machine's speed), the median of
+the rounds is reported.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -40,30 +46,56 @@ def build_project(root: Path, epochs: int, workers: int) -> None:
     recipe["tracking"] = {"wandb": {"mode": "disabled"}}
     recipe_path.write_text(yaml.safe_dump(recipe))
     for stage in ("fetch", "prepare", "shard"):
-        run(
-            [
-                sys.executable,
-                "-m",
-                "attnpipe.cli",
-                "--root",
-                str(root),
-                stage,
-                "digits",
-                "--no-progress",
-            ],
-            {},
-        )
+        command = [sys.executable, "-m", "attnpipe.cli", "--root", str(root), stage, "digits"]
+        subprocess.run([*command, "--no-progress"], check=True, capture_output=True)
 
 
-def run(command: list[str], env: dict[str, str]) -> float:
-    started = time.time()
-    done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"{' '.join(command)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    return started
+def launch(command: list[str], env: dict[str, str], trace: Path, epochs: int) -> dict[str, Any]:
+    """Run `command`; CPU seconds of all processes at the 2nd and at the last epoch start."""
+    launched = time.time()
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # The output goes to a thread so that a chatty run never blocks on a full pipe.
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout or []), daemon=True)
+    reader.start()
+    snapshots: list[dict[int, float]] = []
+    snapshot_at = [2, epochs]  # epoch starts: the steady state is between them
+    while process.poll() is None:
+        if len(snapshots) < 2 and _count_epochs(trace) >= snapshot_at[len(snapshots)]:
+            snapshots.append(cpu_seconds_by_process())
+        time.sleep(0.1)
+    reader.join()
+    if process.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{''.join(output)[-3000:]}")
+    return {"launched": launched, "snapshots": snapshots}
 
 
-def measure(kind: str, root: Path, workers: int) -> dict[str, float]:
+def _count_epochs(trace: Path) -> int:
+    log = trace / "rank0.jsonl"
+    return log.read_text().count('"event": "epoch"') if log.exists() else 0
+
+
+def cpu_seconds_by_process() -> dict[int, float]:
+    """User + system CPU seconds of every process now (Linux /proc; empty elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    seconds = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
+def measure(kind: str, root: Path, workers: int, epochs: int) -> dict[str, float]:
     trace = Path(tempfile.mkdtemp(prefix=f"trace-{kind}-"))
     env = {"ATTNPIPE_TRACE_DIR": str(trace), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     if kind == "ray":
@@ -76,34 +108,100 @@ def measure(kind: str, root: Path, workers: int) -> dict[str, float]:
             "-m", "attnpipe.train.torchrun", "digits", "--root", str(root),
             "--storage", str(storage),
         ]  # fmt: skip
-    launched = run(command, env)
+    run = launch(command, env, trace, epochs)
     events = [json.loads(x) for x in (trace / "rank0.jsonl").read_text().splitlines()]
-    starts = [e["time"] for e in events if e["event"] == "epoch"]
-    gaps = [b - a for a, b in itertools.pairwise(starts)]
-    return {"startup_s": starts[0] - launched, "epoch_s": statistics.median(gaps[1:] or gaps)}
+    result = {"startup_s": _first("epoch", events) - run["launched"], **epoch_phases(events)}
+    if len(run["snapshots"]) == 2:
+        result |= steady_cpu(run["snapshots"], trace, steady_epochs=epochs - 2)
+    return result
+
+
+def steady_cpu(
+    snapshots: list[dict[int, float]], trace: Path, steady_epochs: int
+) -> dict[str, float]:
+    """CPU per steady-state epoch: of the training ranks, and of every other process."""
+    before, after = snapshots
+    ranks = {json.loads(x)["pid"] for log in trace.glob("rank*.jsonl") for x in log.open()}
+    used = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+    rank_cpu = sum(v for pid, v in used.items() if pid in ranks)
+    return {
+        "rank_cpu_s": rank_cpu / steady_epochs,
+        "other_cpu_s": (sum(used.values()) - rank_cpu) / steady_epochs,
+    }
+
+
+def _first(name: str, events: list[dict]) -> float:
+    return next(e["time"] for e in events if e["event"] == name)
+
+
+PHASES = ("epoch", "validate", "checkpoint")
+
+
+def epoch_phases(events: list[dict]) -> dict[str, float]:
+    """Median seconds of a steady-state epoch (the first is left out) and of its phases."""
+    times = {name: [e["time"] for e in events if e["event"] == name] for name in PHASES}
+    epochs = list(zip(*(times[name] for name in PHASES), strict=False))
+    # An epoch runs from its start to the next epoch's start.
+    whole = [b[0] - a[0] for a, b in itertools.pairwise(epochs)][1:]
+    phase = {
+        "train_s": [v - e for e, v, _ in epochs[1:-1]],
+        "validate_s": [c - v for _, v, c in epochs[1:-1]],
+        "checkpoint_report_s": [b[0] - a[2] for a, b in itertools.pairwise(epochs)][1:],
+    }
+    return {"epoch_s": statistics.median(whole)} | {
+        key: statistics.median(values) for key, values in phase.items()
+    }
+
+
+COLUMNS = {
+    "startup_s": "start-up (s)",
+    "epoch_s": "steady-state epoch (s)",
+    "train_s": "train (s)",
+    "validate_s": "validate (s)",
+    "checkpoint_report_s": "checkpoint + report (s)",
+    "rank_cpu_s": "ranks' CPU per epoch (s)",
+    "other_cpu_s": "other processes' CPU per epoch (s)",
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=6, help="per run (at least 4)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of Ray, torchrun, torchrun, Ray"
+    )
     args = parser.parse_args()
+    if args.epochs < 4:
+        parser.error("--epochs must be at least 4: the first epoch is warm-up")
+    results: dict[str, list[dict[str, float]]] = {"ray": [], "torchrun": []}
+    ratios = []
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         build_project(root, args.epochs, args.workers)
-        results: dict[str, list[dict[str, float]]] = {"ray": [], "torchrun": []}
-        for kind in ("ray", "torchrun", "torchrun", "ray"):
-            results[kind].append(measure(kind, root, args.workers))
-            print(kind, results[kind][-1], flush=True)
-    summary = {
-        kind: {key: statistics.mean(r[key] for r in runs) for key in ("startup_s", "epoch_s")}
-        for kind, runs in results.items()
-    }
-    ratio = summary["ray"]["epoch_s"] / summary["torchrun"]["epoch_s"]
-    print("\n| launcher | start-up (s) | steady-state epoch (s) |\n|---|---|---|")
-    for kind, values in summary.items():
-        print(f"| {kind} | {values['startup_s']:.1f} | {values['epoch_s']:.2f} |")
-    print(f"\nepoch time ratio Ray Train / torchrun: {ratio:.3f} (target <= 1.05)")
+        for round_number in range(1, args.rounds + 1):
+            for kind in ("ray", "torchrun", "torchrun", "ray"):
+                results[kind].append(measure(kind, root, args.workers, args.epochs))
+                shown = ", ".join(f"{k} {v:.2f}" for k, v in results[kind][-1].items())
+                print(f"round {round_number} {kind}: {shown}", flush=True)
+            # A-B-B-A: a drift of the machine's speed during the round cancels out.
+            ray_s, torchrun_s = (
+                statistics.mean(r["epoch_s"] for r in results[kind][-2:])
+                for kind in ("ray", "torchrun")
+            )
+            ratios.append(ray_s / torchrun_s)
+    print(f"\n| launcher | {' | '.join(COLUMNS.values())} |\n|---|{'---|' * len(COLUMNS)}")
+    for kind, runs in results.items():
+        cells = [
+            f"{statistics.median(r[key] for r in runs):.2f}" if key in runs[0] else "n/a"
+            for key in COLUMNS
+        ]
+        print(f"| {kind} | {' | '.join(cells)} |")
+    print(
+        f"\nepoch time ratio Ray Train / torchrun: {statistics.median(ratios):.3f} median of"
+        f" {len(ratios)} rounds (each round {', '.join(f'{r:.3f}' for r in ratios)});"
+        " target <= 1.05"
+    )
 
 
 if __name__ == "__main__":

@@ -130,7 +130,14 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
             group=config.get("wandb_group"),
         )
     trace_dir = os.environ.get(TRACE_ENV)
-    _trace(trace_dir, session, config["run_name"], event="start", epoch=state.epoch)
+    _trace(
+        trace_dir,
+        session,
+        config["run_name"],
+        event="start",
+        epoch=state.epoch,
+        threads=torch.get_num_threads(),
+    )
 
     started, first_epoch = time.perf_counter(), state.epoch
     stopped_in_epoch = None
@@ -177,6 +184,7 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
             trace.parent.mkdir(parents=True, exist_ok=True)
             trace.write_text("\n".join(seen_ids) + "\n")
 
+        _trace(trace_dir, session, config["run_name"], event="validate", epoch=epoch + 1)
         eval_model = ema.module if ema is not None else model
         _sync_buffers(eval_model, world)
         val = evaluate_split(eval_model, val_stream, recipe, device, memory_format, amp_dtype)
@@ -201,6 +209,7 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
         if rank == 0:
             per_epoch = (time.perf_counter() - started) / (state.epoch - first_epoch)
             say(_epoch_line(row, state, train_cfg, per_epoch * (train_cfg.epochs - state.epoch)))
+        _trace(trace_dir, session, config["run_name"], event="checkpoint", epoch=epoch + 1)
         with tempfile.TemporaryDirectory() as folder:
             checkpoint_dir = None
             if rank == 0:
