@@ -19,6 +19,8 @@ import yaml
 from attnpipe import storage
 from attnpipe.config import WandbConfig
 
+# Seconds between writes of an offline (and online) run's `.wandb` file.
+FLUSH_INTERVAL_S = 1.0
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
 
@@ -113,7 +115,14 @@ class WandbRun:
             mode=mode,
             resume="allow",
             config=redact(run_config),
-            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+            settings=wandb.Settings(
+                console="off",
+                x_disable_stats=True,
+                silent=True,
+                # Write the run's file every second, not every 15 s: a worker killed without
+                # warning keeps every row logged more than a second before.
+                x_transaction_log_flush_interval=FLUSH_INTERVAL_S,
+            ),
         )
         return cls(run)
 
@@ -121,19 +130,33 @@ class WandbRun:
     def directory(self) -> Path | None:
         return Path(self.run.dir).parent if self.run else None
 
-    def log(self, metrics: dict[str, Any], step: int) -> None:
+    def log(
+        self,
+        metrics: dict[str, Any],
+        step: int,
+        images: dict[str, list[tuple[Any, str]]] | None = None,
+    ) -> None:
+        """One history row, committed at once: W&B otherwise holds a row back until the next
+        step, and a worker killed meanwhile (a dead node, a restart) would lose it.
+
+        `images`: key -> (image, caption) pairs, logged in the same row (keys without pairs
+        are left out).
+        """
         if self.run:
-            self.run.log(metrics, step=step)
+            row = dict(metrics)
+            media = {key: pairs for key, pairs in (images or {}).items() if pairs}
+            if media:
+                import wandb
+
+                row |= {
+                    key: [wandb.Image(image, caption=caption) for image, caption in pairs]
+                    for key, pairs in media.items()
+                }
+            self.run.log(row, step=step, commit=True)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run:
             self.run.summary.update(values)
-
-    def log_images(self, key: str, images: list[tuple[Any, str]], step: int) -> None:
-        if self.run:
-            import wandb
-
-            self.run.log({key: [wandb.Image(img, caption=cap) for img, cap in images]}, step=step)
 
     def log_model(self, path: Path, name: str, metadata: dict) -> None:
         if self.run:

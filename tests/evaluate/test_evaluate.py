@@ -200,6 +200,10 @@ def test_attention_examples_for_wandb(trained_project):
         assert caption.startswith(f"true {DIGITS[label]}, predicted ")
         assert "stage1.0, stage2.0, stage3.0" in caption
     assert model.training is False
+    named = attention_examples(
+        model, images, labels, payload["class_names"], payload["mean"], payload["std"], ids="wxyz"
+    )
+    assert [caption.split(": true ")[0] for _, caption in named] == list("wxyz")
 
 
 def test_overlay_examples_are_right_and_wrong_ones_per_class(evaluated_project, trained_project):

@@ -6,11 +6,13 @@ import os
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from attnpipe.paths import PipelinePaths
+from attnpipe.tracking import FLUSH_INTERVAL_S
 from attnpipe.train.launch import train
 from tests.train.trace import (
     events,
@@ -36,12 +38,14 @@ def test_worker_killed_in_epoch_2_restarts_from_epoch_1(digits_project, tmp_path
     paths = _copy_project(digits_project, tmp_path / "project")
     trace = tmp_path / "trace"
     monkeypatch.setenv("ATTNPIPE_TRACE_DIR", str(trace))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_MODE", "offline")
     killed: dict = {}
 
     def kill_rank1_in_epoch_2() -> None:
         event = wait_for_epoch(trace, rank=1, epoch=2)
         wait_for_recorded_epoch(paths.checkpoints, 1)
+        # W&B writes its file every FLUSH_INTERVAL_S: a kill any later must not lose epoch 1.
+        time.sleep(1.5 * FLUSH_INTERVAL_S)
         assert recorded_epoch(paths.checkpoints) == 1  # still inside epoch 2
         os.kill(event["pid"], signal.SIGKILL)
         killed.update(event)
@@ -58,6 +62,16 @@ def test_worker_killed_in_epoch_2_restarts_from_epoch_1(digits_project, tmp_path
     assert [e["epoch"] for e in starts] == [0, 1]
     assert starts[1]["pid"] != killed["pid"]
     assert paths.model_file.is_file()
+
+    # W&B: the killed attempt's rank 0 died without finishing its run, yet its epoch is kept;
+    # the restarted attempt continues the same run with the other two.
+    runs = sorted((paths.root / "wandb").glob("offline-run-*/run-*.wandb"))
+    records = [read_records(run) for run in runs]
+    ids = [run_ids(r) for r in records]
+    assert len(ids) == 2 and ids[0] == ids[1] and len(ids[0]) == 1
+    logged = [[row["epoch"] for row in history_rows(r) if "epoch" in row] for r in records]
+    assert logged == [[1], [2, 3]]
+    assert any(key.startswith("attention_overlays/") for key in history_rows(records[1])[-1])
 
 
 def test_killed_train_command_resumes_with_the_same_wandb_run(digits_project, tmp_path):

@@ -3,7 +3,7 @@
 Everything draws on `matplotlib.figure.Figure` objects with the Agg canvas: no pyplot, no
 global backend switch, no display needed. The attention overlay is defined once here
 (`attention_overlays`); `overlay_strip` and `attention_examples` package it for W&B
-(`WandbRun.log_images`), `attention_figure` lays it out for the report.
+(the `images` of `WandbRun.log`), `attention_figure` lays it out for the report.
 
 Shapes: images are uint8 (H, W, 3); attention maps as the models return them, N x 1 x h x w
 (spatial maps: Residual Attention soft masks, grid / LTPA attention). Channel weights (N x C,
@@ -168,14 +168,14 @@ def attention_examples(
     mean: Sequence[float],
     std: Sequence[float],
     limit: int = 8,
+    ids: Sequence[str] | None = None,
 ) -> list[tuple[np.ndarray, str]]:
-    """(overlay strip, caption) for the first `limit` images: what `WandbRun.log_images` takes.
-
-    For the training loop: `tracker.log_images("attention", attention_examples(model, images,
-    labels, class_names, recipe.augment.mean, recipe.augment.std), step=epoch)` on rank 0.
+    """(overlay strip, caption) for the first `limit` images: what `WandbRun.log` takes as
+    `images`; captions start with the sample id when `ids` are given.
     """
     images = images[:limit].detach().cpu()
     labels = [int(v) for v in labels[:limit]]
+    ids = [str(i) for i in ids[:limit]] if ids is not None else [""] * len(labels)
     model_device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -189,13 +189,14 @@ def attention_examples(
         labels,
         predicted.tolist(),
         confidence.tolist(),
-        [str(i) for i in range(len(labels))],
+        ids,
         mean,
         std,
     )
     return [
         (
             overlay_strip(ex.image, ex.maps),
+            f"{ex.sample_id + ': ' if ex.sample_id else ''}"
             f"true {class_names[ex.label]}, predicted {class_names[ex.predicted]} "
             f"({ex.confidence:.0%}); maps: {', '.join(ex.maps) or 'none'}",
         )

@@ -8,6 +8,7 @@ worker group, or a re-launched run, continues from the latest checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -205,7 +206,13 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
             }
         stop = state.should_stop(train_cfg.early_stopping_patience)
 
-        tracker.log(row, step=state.epoch)
+        overlays = []
+        if tracker.run is not None and (stop or state.epoch == train_cfg.epochs):
+            # In the last epoch's row rather than after it: every row is committed when logged.
+            overlays = best_model_overlays(
+                eval_model, state.best_weights, val_stream, recipe, train_split.classes
+            )
+        tracker.log(row, step=state.epoch, images={"attention_overlays": overlays})
         if rank == 0:
             per_epoch = (time.perf_counter() - started) / (state.epoch - first_epoch)
             say(_epoch_line(row, state, train_cfg, per_epoch * (train_cfg.epochs - state.epoch)))
@@ -245,11 +252,6 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
     if rank == 0:
         tracker.summary({"best_epoch": state.best_epoch, f"best_{train_cfg.monitor}": state.best})
         if tracker.run is not None and state.best_weights is not None:
-            eval_model = ema.module if ema is not None else model
-            eval_model.load_state_dict(state.best_weights)
-            log_attention_overlays(
-                tracker, eval_model, val_stream, recipe, train_split.classes, device, state.epoch
-            )
             with tempfile.TemporaryDirectory() as folder:
                 weights = Path(folder) / "best_weights.pt"
                 torch.save(state.best_weights, weights)
@@ -302,37 +304,30 @@ def say(line: str) -> None:
 OVERLAY_IMAGES = 8
 
 
-@torch.no_grad()
-def log_attention_overlays(
-    tracker: WandbRun,
+def best_model_overlays(
     model: nn.Module,
+    best_weights: dict[str, torch.Tensor] | None,
     stream: ShardStream,
     recipe: Recipe,
     classes: list[str],
-    device: torch.device,
-    step: int,
-) -> None:
-    """A few validation images beside their attention maps, drawn as the report draws them."""
-    from attnpipe.evaluate.figures import overlay_strip, pick_maps, spatial_maps
-    from attnpipe.evaluate.inference import denormalize
+) -> list[tuple[np.ndarray, str]]:
+    """A few validation images beside the best model's attention maps (none without maps).
 
-    model.eval()
+    Drawn on a copy: `model` keeps training weights, the next checkpoint saves those.
+    """
+    from attnpipe.evaluate.figures import attention_examples, spatial_maps
+
+    best = copy.deepcopy(model).eval()
+    if best_weights is not None:
+        best.load_state_dict(best_weights)
     images, labels, ids = next(iter(make_loader(stream, OVERLAY_IMAGES, workers=0)))
-    maps = spatial_maps(model.attention_maps(images.to(device)))
-    if not maps:
-        return  # e.g. a baseline without attention
-    names = pick_maps(list(maps))
-    pixels = denormalize(images, recipe.augment.mean, recipe.augment.std)
-    predicted = model(images.to(device)).argmax(1).cpu()
-    strips = [
-        (
-            overlay_strip(pixels[i], {name: maps[name][i] for name in names}),
-            f"{ids[i]}: true {classes[labels[i]]}, predicted {classes[predicted[i]]}; "
-            f"maps: {', '.join(names)}",
-        )
-        for i in range(len(ids))
-    ]
-    tracker.log_images("attention_overlays", strips, step=step)
+    with torch.no_grad():
+        first = images[:1].to(next(best.parameters()).device)
+        if not spatial_maps(best.attention_maps(first)):
+            return []  # e.g. channel attention only: nothing to draw on the image
+    return attention_examples(
+        best, images, labels.tolist(), classes, recipe.augment.mean, recipe.augment.std, ids=ids
+    )
 
 
 class TrainingState:
