@@ -1,6 +1,7 @@
 """Training benchmark: the same loop, data and worker count under Ray Train and plain torchrun.
 
     uv run python benchmarks/bench_train.py --epochs 6 --workers 2 --rounds 3
+    uv run python benchmarks/bench_train.py --paired --epochs 6 --rounds 2
 
 Builds the digits shards in a temporary project, then launches `attnpipe train` (Ray
 TorchTrainer, a fresh local cluster) and `torchrun -m attnpipe.train.torchrun` (no Ray) as
@@ -50,30 +51,49 @@ def build_project(root: Path, epochs: int, workers: int) -> None:
         subprocess.run([*command, "--no-progress"], check=True, capture_output=True)
 
 
+class Launched:
+    """A benchmark subprocess, optionally pinned to one CPU, its output read by a thread (so
+    that a chatty run never blocks on a full pipe)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], cpu: int | None = None) -> None:
+        self.command = command
+        self.launched = time.time()
+        self.process = subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            # Ray's daemons and actors are children of the driver: they inherit the pinning.
+            preexec_fn=None if cpu is None else lambda: os.sched_setaffinity(0, {cpu}),
+        )
+        self.output: list[str] = []
+        self.reader = threading.Thread(
+            target=lambda: self.output.extend(self.process.stdout or []), daemon=True
+        )
+        self.reader.start()
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self) -> None:
+        self.process.wait()
+        self.reader.join()
+        if self.process.returncode:
+            sys.exit(f"{' '.join(self.command)} failed:\n{''.join(self.output)[-3000:]}")
+
+
 def launch(command: list[str], env: dict[str, str], trace: Path, epochs: int) -> dict[str, Any]:
     """Run `command`; CPU seconds of all processes at the 2nd and at the last epoch start."""
-    launched = time.time()
-    process = subprocess.Popen(
-        command,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    # The output goes to a thread so that a chatty run never blocks on a full pipe.
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(process.stdout or []), daemon=True)
-    reader.start()
+    run = Launched(command, env)
     snapshots: list[dict[int, float]] = []
     snapshot_at = [2, epochs]  # epoch starts: the steady state is between them
-    while process.poll() is None:
+    while run.running():
         if len(snapshots) < 2 and _count_epochs(trace) >= snapshot_at[len(snapshots)]:
             snapshots.append(cpu_seconds_by_process())
         time.sleep(0.1)
-    reader.join()
-    if process.returncode:
-        sys.exit(f"{' '.join(command)} failed:\n{''.join(output)[-3000:]}")
-    return {"launched": launched, "snapshots": snapshots}
+    run.wait()
+    return {"launched": run.launched, "snapshots": snapshots}
 
 
 def _count_epochs(trace: Path) -> int:
@@ -95,19 +115,26 @@ def cpu_seconds_by_process() -> dict[int, float]:
     return seconds
 
 
-def measure(kind: str, root: Path, workers: int, epochs: int) -> dict[str, float]:
-    trace = Path(tempfile.mkdtemp(prefix=f"trace-{kind}-"))
+def training_command(
+    kind: str, root: Path, workers: int, trace: Path, extra_epochs: int = 0
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of one training run, writing trace events to `trace`."""
     env = {"ATTNPIPE_TRACE_DIR": str(trace), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     if kind == "ray":
         shutil.rmtree(root / "models", ignore_errors=True)
-        command = [sys.executable, "-m", "attnpipe.cli", "--root", str(root), "train", "digits"]
-    else:
-        storage = Path(tempfile.mkdtemp(prefix="torchrun-"))
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers),
-            "-m", "attnpipe.train.torchrun", "digits", "--root", str(root),
-            "--storage", str(storage),
-        ]  # fmt: skip
+        return [sys.executable, "-m", "attnpipe.cli", "--root", str(root), "train", "digits"], env
+    storage = Path(tempfile.mkdtemp(prefix="torchrun-"))
+    epochs = yaml.safe_load((root / "pipelines" / "digits.yaml").read_text())["train"]["epochs"]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers),
+        "-m", "attnpipe.train.torchrun", "digits", "--root", str(root),
+        "--storage", str(storage), "--set", f"train.epochs={epochs + extra_epochs}",
+    ], env  # fmt: skip
+
+
+def measure(kind: str, root: Path, workers: int, epochs: int) -> dict[str, float]:
+    trace = Path(tempfile.mkdtemp(prefix=f"trace-{kind}-"))
+    command, env = training_command(kind, root, workers, trace)
     run = launch(command, env, trace, epochs)
     events = [json.loads(x) for x in (trace / "rank0.jsonl").read_text().splitlines()]
     result = {"startup_s": _first("epoch", events) - run["launched"], **epoch_phases(events)}
@@ -153,6 +180,49 @@ def epoch_phases(events: list[dict]) -> dict[str, float]:
     }
 
 
+def measure_paired(root: Path, ray_cpu: int, torchrun_cpu: int) -> dict[str, float]:
+    """Ray Train and torchrun, one worker each, at the same time, each pinned to its own CPU.
+
+    Whatever slows the machine down meanwhile slows both: the ratio of their epoch times is
+    free of the drift that sequential runs suffer. Ray's daemons share the Ray worker's CPU
+    (as they share the cores of a machine the ranks fill). torchrun starts once Ray's first
+    epoch has begun and trains two epochs more, so that its epochs span Ray's; the epochs of
+    each that lie wholly in the time both were past their first epoch are compared.
+    """
+    traces = {kind: Path(tempfile.mkdtemp(prefix=f"trace-paired-{kind}-")) for kind in PAIR}
+    ray = Launched(*training_command("ray", root, 1, traces["ray"]), cpu=ray_cpu)
+    while _count_epochs(traces["ray"]) < 1 and ray.running():
+        time.sleep(0.1)
+    torchrun_command, env = training_command("torchrun", root, 1, traces["torchrun"], 2)
+    torchrun = Launched(torchrun_command, env, cpu=torchrun_cpu)
+    ray.wait()
+    torchrun.wait()
+    epochs = {kind: epoch_spans(traces[kind]) for kind in PAIR}
+    window_start = max(spans[0][0] for spans in epochs.values())
+    window_end = min(spans[-1][1] for spans in epochs.values())
+    result = {}
+    for kind, spans in epochs.items():
+        inside = [
+            end - start for start, end in spans if window_start <= start and end <= window_end
+        ]
+        if len(inside) < 2:
+            sys.exit(f"only {len(inside)} {kind} epochs overlapped: use more --epochs")
+        result[f"{kind}_epoch_s"] = statistics.median(inside)
+        result[f"{kind}_epochs"] = len(inside)
+    result["ratio"] = result["ray_epoch_s"] / result["torchrun_epoch_s"]
+    return result
+
+
+PAIR = ("ray", "torchrun")
+
+
+def epoch_spans(trace: Path) -> list[tuple[float, float]]:
+    """(start, end) of every epoch after the first: from one epoch start to the next."""
+    events = [json.loads(x) for x in (trace / "rank0.jsonl").read_text().splitlines()]
+    starts = [e["time"] for e in events if e["event"] == "epoch"]
+    return list(itertools.pairwise(starts))[1:]
+
+
 COLUMNS = {
     "startup_s": "start-up (s)",
     "epoch_s": "steady-state epoch (s)",
@@ -171,9 +241,18 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="rounds of Ray, torchrun, torchrun, Ray"
     )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="one worker each, Ray and torchrun at the same time on their own CPUs, swapping"
+        " CPUs every round",
+    )
     args = parser.parse_args()
     if args.epochs < 4:
         parser.error("--epochs must be at least 4: the first epoch is warm-up")
+    if args.paired:
+        paired(args.epochs, args.rounds)
+        return
     results: dict[str, list[dict[str, float]]] = {"ray": [], "torchrun": []}
     ratios = []
     with tempfile.TemporaryDirectory() as folder:
@@ -201,6 +280,26 @@ def main() -> None:
         f"\nepoch time ratio Ray Train / torchrun: {statistics.median(ratios):.3f} median of"
         f" {len(ratios)} rounds (each round {', '.join(f'{r:.3f}' for r in ratios)});"
         " target <= 1.05"
+    )
+
+
+def paired(epochs: int, rounds: int) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        sys.exit("--paired needs two CPUs")
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        build_project(root, epochs, workers=1)
+        for round_number in range(1, rounds + 1):
+            cpus = (first, second) if round_number % 2 else (second, first)
+            results.append(measure_paired(root, *cpus))
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in results[-1].items())
+            print(f"round {round_number} (Ray on CPU {cpus[0]}): {shown}", flush=True)
+    ratios = [r["ratio"] for r in results]
+    print(
+        f"\nepoch time ratio Ray Train / torchrun, paired: {statistics.median(ratios):.3f}"
+        f" median of {len(ratios)} rounds (each round {', '.join(f'{r:.3f}' for r in ratios)})"
     )
 
 
