@@ -237,9 +237,14 @@ COLUMNS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=6, help="per run (at least 4)")
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
-        "--rounds", type=int, default=2, help="rounds of Ray, torchrun, torchrun, Ray"
+        "--workers", type=int, default=2, help="ranks per run (sequential rounds only)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds of Ray, torchrun, torchrun, Ray (with --paired: of both at once)",
     )
     parser.add_argument(
         "--paired",
