@@ -19,7 +19,6 @@ the rounds is reported.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shutil
@@ -124,19 +123,22 @@ def training_command(
         shutil.rmtree(root / "models", ignore_errors=True)
         return [sys.executable, "-m", "attnpipe.cli", "--root", str(root), "train", "digits"], env
     storage = Path(tempfile.mkdtemp(prefix="torchrun-"))
-    epochs = yaml.safe_load((root / "pipelines" / "digits.yaml").read_text())["train"]["epochs"]
-    return [
+    command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers),
         "-m", "attnpipe.train.torchrun", "digits", "--root", str(root),
-        "--storage", str(storage), "--set", f"train.epochs={epochs + extra_epochs}",
-    ], env  # fmt: skip
+        "--storage", str(storage),
+    ]  # fmt: skip
+    if extra_epochs:
+        recipe = yaml.safe_load((root / "pipelines" / "digits.yaml").read_text())
+        command += ["--set", f"train.epochs={recipe['train']['epochs'] + extra_epochs}"]
+    return command, env
 
 
 def measure(kind: str, root: Path, workers: int, epochs: int) -> dict[str, float]:
     trace = Path(tempfile.mkdtemp(prefix=f"trace-{kind}-"))
     command, env = training_command(kind, root, workers, trace)
     run = launch(command, env, trace, epochs)
-    events = [json.loads(x) for x in (trace / "rank0.jsonl").read_text().splitlines()]
+    events = rank0_events(trace)
     result = {"startup_s": _first("epoch", events) - run["launched"], **epoch_phases(events)}
     if len(run["snapshots"]) == 2:
         result |= steady_cpu(run["snapshots"], trace, steady_epochs=epochs - 2)
@@ -157,27 +159,37 @@ def steady_cpu(
     }
 
 
+def rank0_events(trace: Path) -> list[dict]:
+    return [json.loads(line) for line in (trace / "rank0.jsonl").read_text().splitlines()]
+
+
 def _first(name: str, events: list[dict]) -> float:
     return next(e["time"] for e in events if e["event"] == name)
 
 
-PHASES = ("epoch", "validate", "checkpoint")
+def steady_epochs(events: list[dict]) -> list[tuple[float, float, float, float]]:
+    """(start, validate mark, checkpoint mark, end) of every epoch after the first (warm-up);
+    an epoch ends where the next starts, so the last one, with no successor, is left out too.
+    """
+    starts, validates, checkpoints = (
+        [e["time"] for e in events if e["event"] == name]
+        for name in ("epoch", "validate", "checkpoint")
+    )
+    return [
+        (starts[i], validates[i], checkpoints[i], starts[i + 1]) for i in range(1, len(starts) - 1)
+    ]
 
 
 def epoch_phases(events: list[dict]) -> dict[str, float]:
-    """Median seconds of a steady-state epoch (the first is left out) and of its phases."""
-    times = {name: [e["time"] for e in events if e["event"] == name] for name in PHASES}
-    epochs = list(zip(*(times[name] for name in PHASES), strict=False))
-    # An epoch runs from its start to the next epoch's start.
-    whole = [b[0] - a[0] for a, b in itertools.pairwise(epochs)][1:]
-    phase = {
-        "train_s": [v - e for e, v, _ in epochs[1:-1]],
-        "validate_s": [c - v for _, v, c in epochs[1:-1]],
-        "checkpoint_report_s": [b[0] - a[2] for a, b in itertools.pairwise(epochs)][1:],
+    """Median seconds of a steady-state epoch and of its phases."""
+    epochs = steady_epochs(events)
+    phases = {
+        "epoch_s": [end - start for start, _, _, end in epochs],
+        "train_s": [validate - start for start, validate, _, _ in epochs],
+        "validate_s": [checkpoint - validate for _, validate, checkpoint, _ in epochs],
+        "checkpoint_report_s": [end - checkpoint for _, _, checkpoint, end in epochs],
     }
-    return {"epoch_s": statistics.median(whole)} | {
-        key: statistics.median(values) for key, values in phase.items()
-    }
+    return {key: statistics.median(values) for key, values in phases.items()}
 
 
 def measure_paired(root: Path, ray_cpu: int, torchrun_cpu: int) -> dict[str, float]:
@@ -197,7 +209,10 @@ def measure_paired(root: Path, ray_cpu: int, torchrun_cpu: int) -> dict[str, flo
     torchrun = Launched(torchrun_command, env, cpu=torchrun_cpu)
     ray.wait()
     torchrun.wait()
-    epochs = {kind: epoch_spans(traces[kind]) for kind in PAIR}
+    epochs = {
+        kind: [(start, end) for start, *_, end in steady_epochs(rank0_events(traces[kind]))]
+        for kind in PAIR
+    }
     window_start = max(spans[0][0] for spans in epochs.values())
     window_end = min(spans[-1][1] for spans in epochs.values())
     result = {}
@@ -214,13 +229,6 @@ def measure_paired(root: Path, ray_cpu: int, torchrun_cpu: int) -> dict[str, flo
 
 
 PAIR = ("ray", "torchrun")
-
-
-def epoch_spans(trace: Path) -> list[tuple[float, float]]:
-    """(start, end) of every epoch after the first: from one epoch start to the next."""
-    events = [json.loads(x) for x in (trace / "rank0.jsonl").read_text().splitlines()]
-    starts = [e["time"] for e in events if e["event"] == "epoch"]
-    return list(itertools.pairwise(starts))[1:]
 
 
 COLUMNS = {
@@ -257,15 +265,19 @@ def main() -> None:
         parser.error("--epochs must be at least 4: the first epoch is warm-up")
     if args.paired:
         paired(args.epochs, args.rounds)
-        return
+    else:
+        sequential(args.epochs, args.workers, args.rounds)
+
+
+def sequential(epochs: int, workers: int, rounds: int) -> None:
     results: dict[str, list[dict[str, float]]] = {"ray": [], "torchrun": []}
     ratios = []
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        build_project(root, args.epochs, args.workers)
-        for round_number in range(1, args.rounds + 1):
+        build_project(root, epochs, workers)
+        for round_number in range(1, rounds + 1):
             for kind in ("ray", "torchrun", "torchrun", "ray"):
-                results[kind].append(measure(kind, root, args.workers, args.epochs))
+                results[kind].append(measure(kind, root, workers, epochs))
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in results[kind][-1].items())
                 print(f"round {round_number} {kind}: {shown}", flush=True)
             # A-B-B-A: a drift of the machine's speed during the round cancels out.
@@ -281,11 +293,7 @@ def main() -> None:
             for key in COLUMNS
         ]
         print(f"| {kind} | {' | '.join(cells)} |")
-    print(
-        f"\nepoch time ratio Ray Train / torchrun: {statistics.median(ratios):.3f} median of"
-        f" {len(ratios)} rounds (each round {', '.join(f'{r:.3f}' for r in ratios)});"
-        " target <= 1.05"
-    )
+    print(ratio_line("", ratios))
 
 
 def paired(epochs: int, rounds: int) -> None:
@@ -301,10 +309,14 @@ def paired(epochs: int, rounds: int) -> None:
             results.append(measure_paired(root, *cpus))
             shown = ", ".join(f"{k} {v:.3f}" for k, v in results[-1].items())
             print(f"round {round_number} (Ray on CPU {cpus[0]}): {shown}", flush=True)
-    ratios = [r["ratio"] for r in results]
-    print(
-        f"\nepoch time ratio Ray Train / torchrun, paired: {statistics.median(ratios):.3f}"
-        f" median of {len(ratios)} rounds (each round {', '.join(f'{r:.3f}' for r in ratios)})"
+    print(ratio_line(", paired", [r["ratio"] for r in results]))
+
+
+def ratio_line(kind: str, ratios: list[float]) -> str:
+    each = ", ".join(f"{r:.3f}" for r in ratios)
+    return (
+        f"\nepoch time ratio Ray Train / torchrun{kind}: {statistics.median(ratios):.3f} median"
+        f" of {len(ratios)} rounds (each round {each}); target <= 1.05"
     )
 
 

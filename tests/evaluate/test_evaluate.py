@@ -23,6 +23,7 @@ from attnpipe.evaluate.figures import (
     spatial_maps,
 )
 from attnpipe.evaluate.run import EXAMPLES_PER_CLASS, run_split, split_images
+from attnpipe.models import create_model
 from attnpipe.train.launch import load_model_file
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -204,6 +205,17 @@ def test_attention_examples_for_wandb(trained_project):
         model, images, labels, payload["class_names"], payload["mean"], payload["std"], ids="wxyz"
     )
     assert [caption.split(": true ")[0] for _, caption in named] == list("wxyz")
+
+
+def test_attention_examples_are_empty_for_channel_attention_only():
+    """The streamlined ResNets weigh channels: no map to draw, so nothing to log to W&B."""
+    torch.manual_seed(0)
+    model = create_model("streamlined_resnet18", num_classes=3)
+    logged = attention_examples(
+        model, torch.randn(2, 3, 32, 32), [0, 2], ["a", "b", "c"], [0.5] * 3, [0.5] * 3
+    )
+    assert logged == []
+    assert model.eval().attention_maps(torch.randn(1, 3, 32, 32))  # channel weights, not maps
 
 
 def test_overlay_examples_are_right_and_wrong_ones_per_class(evaluated_project, trained_project):

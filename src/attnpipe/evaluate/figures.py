@@ -171,7 +171,8 @@ def attention_examples(
     ids: Sequence[str] | None = None,
 ) -> list[tuple[np.ndarray, str]]:
     """(overlay strip, caption) for the first `limit` images: what `WandbRun.log` takes as
-    `images`; captions start with the sample id when `ids` are given.
+    `images`; captions start with the sample id when `ids` are given. Empty for a model with
+    no spatial attention (channel weights only): there is nothing to draw on the image.
     """
     images = images[:limit].detach().cpu()
     labels = [int(v) for v in labels[:limit]]
@@ -193,6 +194,8 @@ def attention_examples(
         mean,
         std,
     )
+    if not any(ex.maps for ex in examples):
+        return []
     return [
         (
             overlay_strip(ex.image, ex.maps),

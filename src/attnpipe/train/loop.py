@@ -131,14 +131,7 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
             group=config.get("wandb_group"),
         )
     trace_dir = os.environ.get(TRACE_ENV)
-    _trace(
-        trace_dir,
-        session,
-        config["run_name"],
-        event="start",
-        epoch=state.epoch,
-        threads=torch.get_num_threads(),
-    )
+    _trace(trace_dir, session, config["run_name"], event="start", epoch=state.epoch)
 
     started, first_epoch = time.perf_counter(), state.epoch
     stopped_in_epoch = None
@@ -207,7 +200,7 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
         stop = state.should_stop(train_cfg.early_stopping_patience)
 
         overlays = []
-        if tracker.run is not None and (stop or state.epoch == train_cfg.epochs):
+        if tracker.run is not None and state.finished(train_cfg):
             # In the last epoch's row rather than after it: every row is committed when logged.
             overlays = best_model_overlays(
                 eval_model, state.best_weights, val_stream, recipe, train_split.classes
@@ -315,16 +308,12 @@ def best_model_overlays(
 
     Drawn on a copy: `model` keeps training weights, the next checkpoint saves those.
     """
-    from attnpipe.evaluate.figures import attention_examples, spatial_maps
+    from attnpipe.evaluate.figures import attention_examples
 
-    best = copy.deepcopy(model).eval()
+    best = copy.deepcopy(model)
     if best_weights is not None:
         best.load_state_dict(best_weights)
     images, labels, ids = next(iter(make_loader(stream, OVERLAY_IMAGES, workers=0)))
-    with torch.no_grad():
-        first = images[:1].to(next(best.parameters()).device)
-        if not spatial_maps(best.attention_maps(first)):
-            return []  # e.g. channel attention only: nothing to draw on the image
     return attention_examples(
         best, images, labels.tolist(), classes, recipe.augment.mean, recipe.augment.std, ids=ids
     )
