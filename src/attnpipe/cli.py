@@ -10,7 +10,8 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from attnpipe.config import ConfigError, Recipe, load_recipe
+from attnpipe.config import Recipe, apply_overrides, load_overrides, load_recipe, parse_assignments
+from attnpipe.errors import AttnpipeError
 from attnpipe.jobs import print_results
 from attnpipe.paths import PipelinePaths
 
@@ -107,9 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     except Exception as error:
-        if args.debug or not _is_user_error(error):
+        if args.debug or not is_expected(error):
             raise
-        print(f"attnpipe: error: {error}", file=sys.stderr)
+        # One line, whatever the message holds: the traceback is one --debug away.
+        print(f"attnpipe: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
 
 
@@ -117,31 +119,11 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _is_user_error(error: Exception) -> bool:
-    from attnpipe.data.layouts import LayoutError
-    from attnpipe.data.prepare import PrepareError
-    from attnpipe.data.shard import ShardError
-    from attnpipe.data.sources import FetchError
-    from attnpipe.evaluate.export import ExportError
-    from attnpipe.evaluate.predict import PredictError
-    from attnpipe.evaluate.run import EvaluateError
-    from attnpipe.jobs import JobError
-    from attnpipe.train.launch import TrainError
+def is_expected(error: BaseException) -> bool:
+    """A failure of the user's input or environment (printed as one line), not a bug."""
+    from attnpipe.models import ModelError
 
-    known = (
-        ConfigError,
-        FetchError,
-        LayoutError,
-        PrepareError,
-        ShardError,
-        TrainError,
-        JobError,
-        EvaluateError,
-        ExportError,
-        PredictError,
-        FileNotFoundError,
-    )
-    return isinstance(error, known)
+    return isinstance(error, AttnpipeError | ModelError | FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,14 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "path); default: the recipe's shard.publish_to. Training reads from the recipe's "
                 "shard.publish_to, so set it there for cluster runs",
             )
+        if name in ("train", "evaluate"):
+            _recipe_change_options(sub)
         if name == "train":
-            sub.add_argument(
-                "--overrides",
-                type=Path,
-                metavar="YAML",
-                help="recipe keys to change for this run, e.g. a sweep's "
-                "reports/<name>/best_params.yaml ({train.optimizer.lr: 0.01, ...})",
-            )
             sub.add_argument(
                 "--address",
                 help="Ray cluster to join, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, "
@@ -212,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("pipeline", help="pipeline name: pipelines/<pipeline>.yaml")
     tune.add_argument("--address", help="Ray cluster to run the trials on")
+    _recipe_change_options(tune)
     tune.set_defaults(handler=_tune)
     _add_predict(commands)
 
@@ -224,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline", help="pipeline name: pipelines/<pipeline>.yaml")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--address", help="Ray cluster to train on (see `attnpipe train --help`)")
+    _recipe_change_options(run)
     _export_options(run)
-    run.set_defaults(handler=_run_all)
+    run.set_defaults(handler=_run_all, publish=None)
 
     _add_cluster_commands(commands)
 
@@ -335,6 +314,24 @@ def _add_cluster_commands(commands: argparse._SubParsersAction) -> None:
     jobs.set_defaults(handler=lambda args: jobs.print_help() or 2)
 
 
+def _recipe_change_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one recipe key for this command, as `dvc exp run -S` does (repeatable; "
+        "values are YAML: --set train.epochs=3 --set train.storage_path=s3://bucket/ckpt)",
+    )
+    parser.add_argument(
+        "--overrides",
+        type=Path,
+        metavar="YAML",
+        help="recipe keys to change, from a file, e.g. a sweep's "
+        "reports/<name>/best_params.yaml ({train.optimizer.lr: 0.01, ...}); --set wins",
+    )
+
+
 def _export_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--opset", type=int, default=17, help="ONNX opset version, 17 or newer (default: 17)"
@@ -412,53 +409,68 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- handlers
 def _load(args: argparse.Namespace) -> tuple[Recipe, PipelinePaths]:
+    """The recipe with this command's --overrides and --set applied, and the project's paths."""
     root = args.root.resolve()
-    return load_recipe(args.pipeline, root), PipelinePaths(root, args.pipeline)
+    recipe = load_recipe(args.pipeline, root)
+    changes = {}
+    if getattr(args, "overrides", None):
+        changes.update(load_overrides(args.overrides))
+    changes.update(parse_assignments(getattr(args, "set", None) or []))
+    if changes:
+        recipe = apply_overrides(
+            recipe, changes, origin=f"pipelines/{args.pipeline}.yaml + changes"
+        )
+        print(f"recipe changes for this run: {changes}")
+    return recipe, PipelinePaths(root, args.pipeline)
 
 
 def _fetch(args: argparse.Namespace) -> None:
+    _fetch_stage(args, *_load(args))
+
+
+def _fetch_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths) -> None:
     from attnpipe.data.sources import fetch
 
-    recipe, paths = _load(args)
     out = fetch(recipe, paths.raw, progress=not args.no_progress, root=paths.root)
     print(f"fetched '{recipe.source.kind}' into {out}")
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    _prepare_stage(args, *_load(args))
+
+
+def _prepare_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths) -> None:
     from attnpipe.data.prepare import format_data_report, prepare
 
-    recipe, paths = _load(args)
     result = prepare(recipe, paths, progress=not args.no_progress)
     print(format_data_report(result.report))
     print(f"manifest: {paths.manifest}  rejected: {paths.rejected}")
 
 
 def _shard(args: argparse.Namespace) -> None:
-    from attnpipe.data.shard import shard
+    _shard_stage(args, *_load(args))
 
-    recipe, paths = _load(args)
+
+def _shard_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths) -> None:
+    from attnpipe.data.shard import publish_shards, shard
+
     index = shard(recipe, paths, progress=not args.no_progress)
     for split, block in index["splits"].items():
         print(f"{split}: {block['samples']} samples in {len(block['shards'])} shard(s)")
     target = args.publish or recipe.shard.publish_to
     if target:
-        from attnpipe.data.shard import publish_shards
-
         publish_shards(paths.shards, target)
         count = sum(len(block["shards"]) for block in index["splits"].values())
         print(f"published {count} shard(s) and index.json to {target}")
 
 
 def _train(args: argparse.Namespace) -> None:
-    from attnpipe.config import apply_overrides
-    from attnpipe.train.launch import train
-    from attnpipe.train.tune import load_overrides
+    _train_stage(args, *_load(args))
 
-    recipe, paths = _load(args)
-    if getattr(args, "overrides", None):
-        changes = load_overrides(args.overrides)
-        recipe = apply_overrides(recipe, changes, origin=str(args.overrides))
-        print(f"overrides from {args.overrides}: {changes}")
+
+def _train_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths) -> None:
+    from attnpipe.train.launch import train
+
     result = train(recipe, paths, address=args.address)
     metric = recipe.train.monitor
     best = result.best_metrics.get(metric, float("nan"))
@@ -479,9 +491,12 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    _evaluate_stage(args, *_load(args))
+
+
+def _evaluate_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths) -> None:
     from attnpipe.evaluate.run import evaluate
 
-    recipe, paths = _load(args)
     metrics = evaluate(recipe, paths)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     print(f"test ({metrics['test_samples']} samples): {shown}")
@@ -535,9 +550,12 @@ def _jobs_stop(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
+    _export_stage(args, *_load(args))
+
+
+def _export_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths) -> None:
     from attnpipe.evaluate.export import export, format_size
 
-    recipe, paths = _load(args)
     result = export(recipe, paths, opset=args.opset, samples=args.samples)
     print(
         f"exported {result.path} (opset {result.opset}, dynamic batch): "
@@ -609,8 +627,17 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _run_all(args: argparse.Namespace) -> None:
-    for step in (_fetch, _prepare, _shard, _train, _evaluate, _export):
-        step(args)
+    """Every stage in order, on one recipe (with this command's --set and --overrides)."""
+    recipe, paths = _load(args)
+    for stage in (
+        _fetch_stage,
+        _prepare_stage,
+        _shard_stage,
+        _train_stage,
+        _evaluate_stage,
+        _export_stage,
+    ):
+        stage(args, recipe, paths)
 
 
 def _models(args: argparse.Namespace) -> None:

@@ -15,8 +15,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from attnpipe.errors import AttnpipeError
 
-class ConfigError(ValueError):
+
+class ConfigError(AttnpipeError, ValueError):
     """A recipe or project setting is wrong; the message says which and how to fix it."""
 
 
@@ -406,6 +408,39 @@ def _check_model_name(recipe: Recipe, origin: str) -> None:
             f"{origin}: unknown model '{recipe.model.name}' in 'model.name'; "
             f"choose one of: {', '.join(list_models())}"
         )
+
+
+def parse_assignments(assignments: list[str], origin: str = "--set") -> dict[str, Any]:
+    """`KEY=VALUE` strings (dotted recipe keys) -> {key: value}, values read as YAML scalars.
+
+    As `dvc exp run -S`: `train.epochs=3` is an int, `train.compile=true` a bool,
+    `model.kwargs={width_multiplier: 0.5}` a mapping, `train.storage_path=s3://b/c` a string.
+    """
+    parsed: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(
+                f"{origin} {item!r}: expected KEY=VALUE with a dotted recipe key, "
+                "e.g. --set train.epochs=3"
+            )
+        try:
+            parsed[key] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as error:
+            reason = " ".join(str(error).split())
+            raise ConfigError(f"{origin} {item!r}: not a valid YAML value ({reason})") from None
+    return parsed
+
+
+def load_overrides(path: Path) -> dict[str, Any]:
+    """Read an overrides file such as a sweep's best_params.yaml (dotted recipe keys -> values)."""
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: run `attnpipe tune` first, or fix the path")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of recipe keys to values")
+    return data
 
 
 def apply_overrides(recipe: Recipe, overrides: dict[str, Any], origin: str) -> Recipe:

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 from attnpipe import storage
 from attnpipe.config import load_recipe
+from attnpipe.errors import AttnpipeError
 from attnpipe.tracking import SECRET_MARKERS
 
 SUBMIT_STAGES = ("train", "tune", "evaluate")
@@ -58,7 +59,7 @@ RESULT_MARKER = "attnpipe-result: "
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class JobError(RuntimeError):
+class JobError(AttnpipeError, RuntimeError):
     """A job could not be submitted or followed; the message says what to do."""
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from attnpipe.errors import AttnpipeError
+
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
-class BadImage(Exception):
+class BadImage(AttnpipeError):
     """A file that cannot become a training image; `reason` is short and human-readable."""
 
     def __init__(self, reason: str):

@@ -18,6 +18,7 @@ from attnpipe.config import (
     SklearnDigitsSource,
     TorchvisionSource,
 )
+from attnpipe.errors import AttnpipeError
 
 MELANOMA_IMAGES = "512x512-dataset-melanoma/512x512-dataset-melanoma"
 MELANOMA_CLASSES = {"0": "benign", "1": "melanoma"}
@@ -41,7 +42,7 @@ class RawIndex:
     label_values: list[str]  # index -> the raw label text used in the CSV
 
 
-class LayoutError(ValueError):
+class LayoutError(AttnpipeError, ValueError):
     """The raw folder does not look like the layout the recipe names."""
 
 

@@ -31,13 +31,14 @@ from torchvision.transforms import v2
 from attnpipe import storage
 from attnpipe.config import AugmentConfig
 from attnpipe.data.shard import read_index, shard_urls
+from attnpipe.errors import AttnpipeError
 
 IMAGE_KEYS = ("jpg", "png")
 _BLOCK = 512
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key, extensions (as webdataset)
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(AttnpipeError, ValueError):
     """A shard is not a readable tar file."""
 
 

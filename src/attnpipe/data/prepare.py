@@ -23,6 +23,7 @@ from tqdm import tqdm
 from attnpipe.config import PrepareConfig, Recipe
 from attnpipe.data.images import BadImage, ImageInfo, inspect
 from attnpipe.data.layouts import RawIndex, RawRecord, read_layout
+from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 
 SPLITS = ("train", "val", "test")
@@ -47,7 +48,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
-class PrepareError(ValueError):
+class PrepareError(AttnpipeError, ValueError):
     """The dataset cannot be prepared as the recipe asks; the message says what to fix."""
 
 

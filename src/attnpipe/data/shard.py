@@ -24,12 +24,13 @@ from attnpipe import storage
 from attnpipe.config import Recipe, ShardConfig
 from attnpipe.data.images import BadImage, load_rgb
 from attnpipe.data.prepare import SPLITS, read_manifest
+from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 
 INDEX_NAME = "index.json"
 
 
-class ShardError(RuntimeError):
+class ShardError(AttnpipeError, RuntimeError):
     pass
 
 

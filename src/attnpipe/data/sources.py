@@ -30,6 +30,7 @@ from attnpipe.config import (
     SklearnDigitsSource,
     TorchvisionSource,
 )
+from attnpipe.errors import AttnpipeError
 
 MARKER_NAME = ".attnpipe-fetch.json"
 DOWNLOAD_DIR_NAME = ".download"  # partial downloads, kept between attempts for resuming
@@ -41,7 +42,7 @@ DIGIT_NAMES = [
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-class FetchError(RuntimeError):
+class FetchError(AttnpipeError, RuntimeError):
     """The dataset cannot be fetched; the message says why and what to do (one line)."""
 
 

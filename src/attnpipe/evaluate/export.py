@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from attnpipe.config import Recipe
+from attnpipe.errors import AttnpipeError
 from attnpipe.evaluate.run import split_images
 from attnpipe.paths import PipelinePaths
 from attnpipe.train.launch import load_model_file
@@ -35,7 +36,7 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 ATOL = 1e-4
 
 
-class ExportError(RuntimeError):
+class ExportError(AttnpipeError, RuntimeError):
     pass
 
 

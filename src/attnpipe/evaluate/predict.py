@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from attnpipe.data.images import BadImage
+from attnpipe.errors import AttnpipeError
 from attnpipe.evaluate.inference import eval_transform, flip_tta_numpy, load_image_tensor
 
 ONNX_SUFFIXES = {".onnx"}
 
 
-class PredictError(ValueError):
+class PredictError(AttnpipeError, ValueError):
     pass
 
 

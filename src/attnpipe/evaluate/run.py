@@ -21,6 +21,7 @@ import torch
 from attnpipe.config import Recipe
 from attnpipe.data.loaders import ShardStream, build_transform, make_loader, split_info
 from attnpipe.data.shard import shard_location
+from attnpipe.errors import AttnpipeError
 from attnpipe.evaluate.figures import AttentionExample
 from attnpipe.evaluate.inference import class_probabilities, denormalize
 from attnpipe.metrics import (
@@ -38,7 +39,7 @@ EXAMPLES_PER_CLASS = 2
 MAX_EXAMPLE_CLASSES = 10
 
 
-class EvaluateError(RuntimeError):
+class EvaluateError(AttnpipeError, RuntimeError):
     pass
 
 

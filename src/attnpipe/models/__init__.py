@@ -7,6 +7,7 @@ Every model returned by :func:`create_model` provides ``forward(x) -> logits``,
 
 from ._common import AttentionAPI, AttentionMaps
 from .registry import (
+    ModelError,
     ModelInfo,
     UnknownModelArgumentError,
     count_macs,
@@ -22,6 +23,7 @@ from .registry import (
 __all__ = [
     "AttentionAPI",
     "AttentionMaps",
+    "ModelError",
     "ModelInfo",
     "UnknownModelArgumentError",
     "count_macs",

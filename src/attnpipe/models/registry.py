@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import attn_vgg, ltpa, residual_attention, resnet
 
 __all__ = [
+    "ModelError",
     "ModelInfo",
     "ModelSpec",
     "UnknownModelArgumentError",
@@ -28,7 +29,11 @@ __all__ = [
 ]
 
 
-class UnknownModelArgumentError(TypeError, ValueError):
+class ModelError(ValueError):
+    """A model that cannot be built as asked (unknown name or argument, unusable weights)."""
+
+
+class UnknownModelArgumentError(ModelError, TypeError):
     """A keyword argument the chosen model does not take.
 
     Both a TypeError (Python's convention for a bad keyword) and a ValueError (what config
@@ -68,7 +73,7 @@ def _spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(
+        raise ModelError(
             f"unknown model {name!r}; choose one of: {', '.join(list_models())}"
         ) from None
 

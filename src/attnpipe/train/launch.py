@@ -21,6 +21,7 @@ import torch
 
 from attnpipe.config import Recipe
 from attnpipe.data.shard import ShardError, read_index, shard_location
+from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 from attnpipe.tracking import data_version, git_commit, write_history
 from attnpipe.train.stop import create_stop_flag, run_stoppable
@@ -30,7 +31,7 @@ MODEL_FORMAT_VERSION = 1
 DASHBOARD_ENV = "ATTNPIPE_RAY_DASHBOARD"
 
 
-class TrainError(RuntimeError):
+class TrainError(AttnpipeError, RuntimeError):
     pass
 
 

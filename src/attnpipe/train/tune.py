@@ -281,16 +281,6 @@ def write_best_params(paths: PipelinePaths, best: dict[str, Any]) -> None:
     (paths.reports / "best_params.yaml").write_text(header + yaml.safe_dump(params))
 
 
-def load_overrides(path: Path) -> dict[str, Any]:
-    """Read a best_params.yaml (dotted recipe keys -> values)."""
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing: run `attnpipe tune` first, or fix the path")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of recipe keys to values")
-    return data
-
-
 def _plain(value: Any) -> Any:
     """numpy scalars -> Python values, so the YAML stays readable."""
     return json.loads(json.dumps(value, default=lambda v: v.item()))
