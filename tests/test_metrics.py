@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnpipe.evaluate.inference import class_probabilities, flip_tta_numpy
+from attnpipe.evaluate.inference import flip_tta_numpy
 from attnpipe.metrics import (
     calibration_bins,
     classification_metrics,
@@ -16,6 +16,7 @@ from attnpipe.metrics import (
     expected_calibration_error,
     per_class_report,
 )
+from attnpipe.predictions import class_log_probabilities
 
 
 def test_multiclass_by_hand():
@@ -175,10 +176,11 @@ def test_flip_tta_by_hand():
     image = torch.tensor([[[[1.0, 0.0]]]])  # N=1, C=1, 1 x 2: bright on the left
     model = _LeftMinusRight()
     e = math.e
-    once = class_probabilities(model, image)[0].tolist()
+    once = class_log_probabilities(model, image)[0].exp().tolist()
     assert once == pytest.approx([e / (1 + e), 1 / (1 + e)])
     # The mirror predicts the opposite, so the average is exactly undecided.
-    assert class_probabilities(model, image, flip_tta=True)[0].tolist() == pytest.approx([0.5, 0.5])
+    both = class_log_probabilities(model, image, flip_tta=True)[0].exp().tolist()
+    assert both == pytest.approx([0.5, 0.5])
     # The NumPy form (ONNX Runtime's) averages the same way.
     as_numpy = flip_tta_numpy(
         lambda b: model(torch.from_numpy(b)).softmax(1).numpy(), image.numpy(), flip_tta=True

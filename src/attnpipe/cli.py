@@ -140,7 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_stage_commands(commands)
+    _add_tune(commands)
+    _add_predict(commands)
+    _add_run(commands)
+    _add_cluster_commands(commands)
+    models = commands.add_parser(
+        "models",
+        help="list the registered networks",
+        description="Print every model name with its parameters (1000 classes), multiply-adds "
+        "at its default input size, default input size and the attention maps it exposes.",
+    )
+    models.set_defaults(handler=_models)
+    return parser
 
+
+def _add_stage_commands(commands: argparse._SubParsersAction) -> None:
     handlers: dict[str, Callable[[argparse.Namespace], int | None]] = {
         "fetch": _fetch,
         "prepare": _prepare,
@@ -175,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
             _export_options(sub)
         sub.set_defaults(handler=handlers[name])
 
+
+def _add_tune(commands: argparse._SubParsersAction) -> None:
     tune = commands.add_parser(
         "tune",
         help="sweep hyperparameters with Ray Tune (ASHA early stopping)",
@@ -191,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--address", help="Ray cluster to run the trials on")
     _recipe_change_options(tune)
     tune.set_defaults(handler=_tune)
-    _add_predict(commands)
 
+
+def _add_run(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
         "run",
         help="run every stage of a pipeline in order (no DVC needed)",
@@ -205,17 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_change_options(run)
     _export_options(run)
     run.set_defaults(handler=_run_all, publish=None)
-
-    _add_cluster_commands(commands)
-
-    models = commands.add_parser(
-        "models",
-        help="list the registered networks",
-        description="Print every model name with its parameters (1000 classes), multiply-adds "
-        "at its default input size, default input size and the attention maps it exposes.",
-    )
-    models.set_defaults(handler=_models)
-    return parser
 
 
 SUBMIT_HELP = """\

@@ -189,7 +189,14 @@ class AugmentConfig(Strict):
 
 class OptimizerConfig(Strict):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.1, gt=0, description="the rate at reference_batch (see scale_lr)")
+    scale_lr: Literal["none", "linear", "sqrt"] = Field(
+        "none",
+        description="how the rate follows the global batch (workers x batch_size x "
+        "accumulate_steps): none keeps lr; linear multiplies it by global/reference_batch; sqrt "
+        "by the square root of that. One recipe then trains alike on 2 or 16 GPUs",
+    )
+    reference_batch: int = Field(256, ge=1, description="the global batch that lr is given for")
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(1e-4, ge=0)
@@ -233,6 +240,11 @@ class TrainConfig(Strict):
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool = False
     compile: bool = False
+    sync_batchnorm: bool = Field(
+        False,
+        description="BatchNorm statistics over the global batch (SyncBatchNorm; GPUs only): "
+        "for small per-GPU batches",
+    )
     ema_decay: float | None = Field(None, gt=0, lt=1)
     early_stopping_patience: int | None = Field(None, ge=1)
     monitor: Monitor = "val_accuracy"

@@ -101,3 +101,37 @@ def delete_file(location: str | Path) -> None:
         return
     filesystem, path = _resolve(str(location))
     filesystem.delete_file(path)
+
+
+def download_file(location: str | Path, target: Path) -> int:
+    """Copy one file from a URL or path to a local `target` (atomically); returns its size."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    with open_input(location) as stream, tmp.open("wb") as out:
+        while chunk := stream.read(8 * 1024 * 1024):
+            out.write(chunk)
+    tmp.replace(target)
+    return target.stat().st_size
+
+
+def list_tree(location: str | Path) -> dict[str, int]:
+    """{relative path: size} of every file below a folder or URL prefix (empty if none)."""
+    if not is_url(location):
+        folder = local_path(location)
+        if not folder.is_dir():
+            return {}
+        return {
+            p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in folder.rglob("*")
+            if p.is_file()
+        }
+    from pyarrow import fs
+
+    filesystem, path = _resolve(str(location))
+    base = path.rstrip("/")
+    selector = fs.FileSelector(base, allow_not_found=True, recursive=True)
+    return {
+        info.path[len(base) + 1 :]: info.size
+        for info in filesystem.get_file_info(selector)
+        if info.type == fs.FileType.File
+    }

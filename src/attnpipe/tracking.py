@@ -18,6 +18,7 @@ import yaml
 
 from attnpipe import storage
 from attnpipe.config import WandbConfig
+from attnpipe.storage import join as storage_join
 
 # Seconds between writes of an offline (and online) run's `.wandb` file.
 FLUSH_INTERVAL_S = 1.0
@@ -95,7 +96,10 @@ class WandbRun:
         directory: Path,
         run_config: dict,
         group: str | None = None,
+        system_metrics: bool = False,
     ) -> WandbRun:
+        """`system_metrics`: W&B's CPU/GPU sampling (on for GPU runs, where utilisation and
+        memory are worth watching; off on CPU, where it only takes time from training)."""
         if config.mode == "disabled":
             return cls(None)
         mode = config.mode
@@ -117,7 +121,7 @@ class WandbRun:
             config=redact(run_config),
             settings=wandb.Settings(
                 console="off",
-                x_disable_stats=True,
+                x_disable_stats=not system_metrics,
                 silent=True,
                 # Write the run's file every second, not every 15 s: a worker killed without
                 # warning keeps every row logged more than a second before.
@@ -173,6 +177,33 @@ class WandbRun:
                 self.run.mark_preempting()
             self.run.finish(exit_code=130 if preempted else 0)
             self.run = None
+
+
+WANDB_EXPORT_FOLDER = "wandb"
+
+
+def export_wandb_run(run_dir: Path, storage: str) -> str:
+    """Copy a finished offline run folder to `<storage>/wandb/<folder name>/` (a URL or a
+    shared path); returns where it went."""
+    target = storage_join(storage, WANDB_EXPORT_FOLDER, run_dir.name)
+    for path in sorted(run_dir.rglob("*")):
+        if path.is_file():
+            storage.upload_file(path, storage_join(target, *path.relative_to(run_dir).parts))
+    return target
+
+
+def import_wandb_runs(storage_location: str, wandb_parent: Path) -> list[Path]:
+    """Copy the offline runs kept under `<storage>/wandb/` into `<wandb_parent>/wandb/` (the
+    driver's project), skipping files already there with the same size."""
+    source = storage_join(storage_location, WANDB_EXPORT_FOLDER)
+    copied = []
+    for relative, size in storage.list_tree(source).items():
+        target = wandb_parent / "wandb" / relative
+        if target.is_file() and target.stat().st_size == size:
+            continue
+        storage.download_file(storage_join(source, relative), target)
+        copied.append(target)
+    return copied
 
 
 def _netrc_has_wandb() -> bool:

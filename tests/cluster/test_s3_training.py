@@ -14,8 +14,9 @@ import pytest
 
 from attnpipe.config import apply_overrides
 from attnpipe.data.shard import publish_shards
+from attnpipe.modelfile import load_model_file
 from attnpipe.paths import PipelinePaths
-from attnpipe.train.launch import build_loop_config, load_model_file, train
+from attnpipe.train.launch import build_loop_config, train
 from tests.train.trace import events
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
@@ -55,7 +56,7 @@ def test_two_workers_train_from_s3_shards_checkpoint_to_s3_and_a_relaunch_resume
         },
         origin="test",
     )
-    run_name = build_loop_config(recipe, paths)["run_name"]
+    run_name = build_loop_config(recipe, paths).run_name
     monkeypatch.setenv("WANDB_MODE", "disabled")
     trace = tmp_path / "trace"
     monkeypatch.setenv("ATTNPIPE_TRACE_DIR", str(trace))

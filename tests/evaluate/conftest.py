@@ -101,8 +101,8 @@ def trained_project(
 ) -> tuple[Recipe, PipelinePaths]:
     """The shared digits shards (linked, read-only) plus models/digits/model.pt and
     reports/digits/train_history.csv of a briefly trained model; evaluate not run yet."""
+    from attnpipe.modelfile import Provenance, write_model_file
     from attnpipe.tracking import write_history
-    from attnpipe.train.launch import write_model_file
 
     _, shared = digits_project
     root = write_project(tmp_path_factory.mktemp("trained"), TINY_OVERRIDES)
@@ -119,11 +119,13 @@ def trained_project(
         recipe=recipe,
         state_dict=model.state_dict(),
         class_names=split_info(paths.shards, "test").classes,
-        epoch=EPOCHS,
-        metrics={k: v for k, v in history[-1].items() if k.startswith("val_")},
-        git="0123456789abcdef0123456789abcdef01234567",
-        data_ver="index:test",
-        run_name="digits-test",
+        provenance=Provenance(
+            epoch=EPOCHS,
+            metrics={k: v for k, v in history[-1].items() if k.startswith("val_")},
+            git_commit="0123456789abcdef0123456789abcdef01234567",
+            data_version="index:test",
+            run_name="digits-test",
+        ),
     )
     write_history(paths.train_history, history)
     return recipe, paths

@@ -16,15 +16,15 @@ from matplotlib import colormaps
 from PIL import Image
 
 from attnpipe.config import parse_recipe
-from attnpipe.evaluate.figures import (
+from attnpipe.evaluate.run import EXAMPLES_PER_CLASS, run_split, split_images
+from attnpipe.modelfile import load_model_file
+from attnpipe.models import create_model
+from attnpipe.overlays import (
     attention_examples,
     attention_overlays,
     overlay_strip,
     spatial_maps,
 )
-from attnpipe.evaluate.run import EXAMPLES_PER_CLASS, run_split, split_images
-from attnpipe.models import create_model
-from attnpipe.train.launch import load_model_file
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -114,7 +114,7 @@ def test_report_page_is_self_contained_with_numbers_and_provenance(evaluated_pro
 def test_report_shows_binary_metrics_at_the_threshold(tmp_path):
     """A binary task's page: ROC-AUC, PR-AUC, sensitivity and specificity at the threshold."""
     from attnpipe.evaluate.report import render_report
-    from attnpipe.evaluate.run import Predictions
+    from attnpipe.evaluate.run import SplitResult
     from attnpipe.metrics import classification_metrics, per_class_report
 
     labels = np.array([0, 0, 0, 0, 1, 1, 1])
@@ -125,7 +125,7 @@ def test_report_shows_binary_metrics_at_the_threshold(tmp_path):
         pipeline="melanoma",
         metrics=metrics,
         per_class=per_class_report(labels, probs, ["benign", "malignant"], 0.3),
-        predictions=Predictions([f"img{i}" for i in range(7)], labels, probs, ["b", "m"]),
+        predictions=SplitResult([f"img{i}" for i in range(7)], labels, probs, ["b", "m"]),
         payload={
             "model_name": "attnvgg16",
             "input_size": 224,

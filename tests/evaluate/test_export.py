@@ -21,8 +21,8 @@ from attnpipe.evaluate.export import (
     read_onnx_metadata,
 )
 from attnpipe.evaluate.run import split_images
+from attnpipe.modelfile import load_model_file
 from attnpipe.models import create_model, default_input_size, list_models
-from attnpipe.train.launch import load_model_file
 from tests.evaluate.conftest import copy_project
 
 

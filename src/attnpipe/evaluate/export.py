@@ -25,8 +25,8 @@ import torch
 from attnpipe.config import Recipe
 from attnpipe.errors import AttnpipeError
 from attnpipe.evaluate.run import split_images
+from attnpipe.modelfile import load_model_file
 from attnpipe.paths import PipelinePaths
-from attnpipe.train.launch import load_model_file
 
 DEFAULT_OPSET = 17
 METADATA_KEY = "attnpipe"
@@ -51,7 +51,8 @@ class ExportResult:
     opset: int
 
 
-def onnx_metadata(payload: dict[str, Any], flip_tta: bool) -> dict[str, Any]:
+def onnx_metadata(payload: dict[str, Any], flip_tta: bool, threshold: float) -> dict[str, Any]:
+    """What `predict` needs to use the ONNX file alone, with evaluate's decision rule."""
     return {
         "model_name": payload["model_name"],
         "model_kwargs": payload.get("model_kwargs", {}),
@@ -60,6 +61,7 @@ def onnx_metadata(payload: dict[str, Any], flip_tta: bool) -> dict[str, Any]:
         "mean": list(payload["mean"]),
         "std": list(payload["std"]),
         "flip_tta": bool(flip_tta),
+        "threshold": float(threshold),
         "epoch": payload.get("epoch"),
         "git_commit": payload.get("git_commit"),
         "data_version": payload.get("data_version"),
@@ -167,7 +169,10 @@ def export(
     model, payload = load_model_file(paths.model_file)
     size = int(payload["input_size"])
     data = export_onnx(
-        model, size, opset=opset, metadata=onnx_metadata(payload, recipe.evaluate.flip_tta)
+        model,
+        size,
+        opset=opset,
+        metadata=onnx_metadata(payload, recipe.evaluate.flip_tta, recipe.evaluate.threshold),
     )
     images = split_images(recipe, paths, size, samples)
     if not len(images):

@@ -1,4 +1,4 @@
-"""Inference shared by `evaluate`, `export` and `predict`: probabilities, TTA, image loading."""
+"""Reading image files like evaluation does (for `predict`), and flip TTA on numpy models."""
 
 from __future__ import annotations
 
@@ -14,16 +14,6 @@ from attnpipe.data.loaders import build_transform
 
 # The decompression-bomb guard for files given to `predict` (prepare's default).
 PREDICT_MAX_PIXELS = 90_000_000
-
-
-def class_probabilities(
-    model: torch.nn.Module, images: torch.Tensor, flip_tta: bool = False
-) -> torch.Tensor:
-    """Softmax probabilities (N, C); with `flip_tta`, the mean over the image and its mirror."""
-    probs = model(images).float().softmax(dim=1)
-    if flip_tta:
-        probs = (probs + model(images.flip(-1)).float().softmax(dim=1)) / 2
-    return probs
 
 
 def flip_tta_numpy(
@@ -50,11 +40,3 @@ def load_image_tensor(path: Path, transform: Callable) -> torch.Tensor:
     image = load_rgb(path, PREDICT_MAX_PIXELS)
     array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     return transform(array)
-
-
-def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Normalised (N, 3, H, W) tensors back to displayable uint8 (N, H, W, 3)."""
-    m = torch.tensor(mean, dtype=images.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=images.dtype).view(1, 3, 1, 1)
-    pixels = (images.detach().cpu() * s + m).clamp(0, 1) * 255
-    return pixels.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

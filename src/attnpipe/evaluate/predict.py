@@ -19,6 +19,9 @@ import torch
 from attnpipe.data.images import BadImage
 from attnpipe.errors import AttnpipeError
 from attnpipe.evaluate.inference import eval_transform, flip_tta_numpy, load_image_tensor
+from attnpipe.metrics import predict_classes
+from attnpipe.modelfile import decision_threshold
+from attnpipe.predictions import class_log_probabilities
 
 ONNX_SUFFIXES = {".onnx"}
 
@@ -41,7 +44,8 @@ class Prediction:
 
 
 class Predictor:
-    """A model file with what it needs to read images: classes, input size, mean/std, TTA."""
+    """A model file with what it needs to read images and decide: classes, input size,
+    mean/std, flip TTA and the binary decision threshold (the ones evaluate used)."""
 
     source: Path
     class_names: list[str]
@@ -49,6 +53,7 @@ class Predictor:
     mean: list[float]
     std: list[float]
     flip_tta: bool
+    threshold: float
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -60,7 +65,7 @@ class Predictor:
 
 class TorchPredictor(Predictor):
     def __init__(self, path: Path):
-        from attnpipe.train.launch import load_model_file
+        from attnpipe.modelfile import load_model_file
 
         self.source = path
         self.model, payload = load_model_file(path)
@@ -69,10 +74,13 @@ class TorchPredictor(Predictor):
         self.mean, self.std = list(payload["mean"]), list(payload["std"])
         recipe = payload.get("recipe") or {}
         self.flip_tta = bool(recipe.get("evaluate", {}).get("flip_tta", False))
+        self.threshold = decision_threshold(payload)
 
-    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        # The same function evaluate and validation use (flip TTA included).
         with torch.inference_mode():
-            return self.model(torch.from_numpy(batch)).float().softmax(1).numpy()
+            log_probs = class_log_probabilities(self.model, torch.from_numpy(batch), self.flip_tta)
+        return np.exp(log_probs.numpy().astype(np.float64))
 
 
 class OnnxPredictor(Predictor):
@@ -87,6 +95,7 @@ class OnnxPredictor(Predictor):
         self.input_size = int(meta["input_size"])
         self.mean, self.std = list(meta["mean"]), list(meta["std"])
         self.flip_tta = bool(meta.get("flip_tta", False))
+        self.threshold = float(meta.get("threshold", 0.5))
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
         logits = self.session.run(None, {self.input_name: batch.astype(np.float32)})[0]
@@ -147,7 +156,7 @@ def predict_files(
             if isinstance(item, Prediction):
                 results.append(item)
                 continue
-            index = int(np.argmax(probs[item]))
+            index = int(predict_classes(probs[item : item + 1], predictor.threshold)[0])
             results.append(
                 Prediction(
                     path,

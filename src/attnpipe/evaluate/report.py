@@ -21,7 +21,7 @@ import yaml
 from attnpipe.metrics import predict_classes
 
 if TYPE_CHECKING:
-    from attnpipe.evaluate.run import FigureFile, Predictions
+    from attnpipe.evaluate.run import FigureFile, SplitResult
 
 # (metrics.json key, label, kind, hint); kind "pct" shows a share as a percentage.
 METRIC_CARDS = [
@@ -139,7 +139,7 @@ def write_report(
     pipeline: str,
     metrics: dict[str, Any],
     per_class: list[dict],
-    predictions: Predictions,
+    predictions: SplitResult,
     payload: dict[str, Any],
     figures: Sequence[FigureFile],
     threshold: float,
@@ -166,7 +166,7 @@ def render_report(
     pipeline: str,
     metrics: dict[str, Any],
     per_class: list[dict],
-    predictions: Predictions,
+    predictions: SplitResult,
     payload: dict[str, Any],
     figures: Sequence[FigureFile],
     threshold: float,
@@ -349,7 +349,7 @@ def _confusion_and_classes(
 
 
 def _calibration_and_mistakes(
-    figure: FigureFile | None, predictions: Predictions, threshold: float
+    figure: FigureFile | None, predictions: SplitResult, threshold: float
 ) -> str:
     left = (
         f'<div id="calibration"><h2>{escape(figure.title)}</h2>'
@@ -361,7 +361,7 @@ def _calibration_and_mistakes(
     return f'<section class="panel grid2">{left}{_mistakes(predictions, threshold)}</section>'
 
 
-def _mistakes(predictions: Predictions, threshold: float) -> str:
+def _mistakes(predictions: SplitResult, threshold: float) -> str:
     predicted = predict_classes(predictions.probs, threshold)
     wrong = np.flatnonzero(predicted != predictions.labels)
     names = predictions.class_names

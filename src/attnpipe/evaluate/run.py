@@ -22,16 +22,16 @@ from attnpipe.config import Recipe
 from attnpipe.data.loaders import ShardStream, build_transform, make_loader, split_info
 from attnpipe.data.shard import shard_location
 from attnpipe.errors import AttnpipeError
-from attnpipe.evaluate.figures import AttentionExample
-from attnpipe.evaluate.inference import class_probabilities, denormalize
 from attnpipe.metrics import (
     classification_metrics,
     confusion,
     per_class_report,
     predict_classes,
 )
+from attnpipe.modelfile import load_model_file
+from attnpipe.overlays import AttentionExample, compute_attention_examples, denormalize
 from attnpipe.paths import PipelinePaths
-from attnpipe.train.launch import load_model_file
+from attnpipe.predictions import Predictions, iter_predictions
 
 # Attention overlays: up to this many correct and this many wrong test images per class...
 EXAMPLES_PER_CLASS = 2
@@ -53,18 +53,20 @@ class Candidate:
 
 
 @dataclass(frozen=True)
-class Predictions:
+class SplitResult:
+    """A split scored by the model: every sample once, in shard order."""
+
     ids: list[str]
     labels: np.ndarray  # N
-    probs: np.ndarray  # N x C
+    probs: np.ndarray  # N x C, float64
     class_names: list[str]
     candidates: list[Candidate] = field(default_factory=list)
 
 
-def predict_split(recipe: Recipe, paths: PipelinePaths, split: str = "test") -> Predictions:
-    """Run `model.pt` over every sample of `split` in this process, in shard order."""
-    model, payload = load_model_file(paths.model_file)
-    return run_split(model, payload, recipe, paths, split)
+def _eval_stream(recipe: Recipe, paths: PipelinePaths, split: str, input_size: int):
+    info = split_info(shard_location(recipe, paths), split)
+    transform = build_transform(recipe.augment, input_size, train=False)
+    return info, ShardStream(info.urls, rank=0, world_size=1, transform=transform, train=False)
 
 
 def run_split(
@@ -74,83 +76,70 @@ def run_split(
     paths: PipelinePaths,
     split: str = "test",
     examples_per_class: int = 0,
-) -> Predictions:
+) -> SplitResult:
     """Probabilities for every sample of `split` exactly once (checked against the shard index).
 
     With `examples_per_class`, also keeps that many correct and wrong inputs per class (as
     uint8 pixels) for the attention overlays.
     """
-    info = split_info(shard_location(recipe, paths), split)
-    stream = ShardStream(
-        urls=info.urls,
-        rank=0,
-        world_size=1,
-        transform=build_transform(recipe.augment, payload["input_size"], train=False),
-        train=False,
-    )
+    info, stream = _eval_stream(recipe, paths, split, payload["input_size"])
     loader = make_loader(stream, recipe.evaluate.batch_size, workers=0)
-    threshold = recipe.evaluate.threshold
-    num_classes = len(payload["class_names"])
-    kept = {(c, ok): 0 for c in range(num_classes) for ok in (True, False)}
-    candidates: list[Candidate] = []
-    ids: list[str] = []
-    labels, probs = [], []
-    with torch.inference_mode():
-        for images, batch_labels, batch_ids in loader:
-            batch_probs = class_probabilities(model, images, recipe.evaluate.flip_tta)
-            probs.append(batch_probs)
-            labels.append(batch_labels)
-            ids.extend(batch_ids)
-            if not examples_per_class:
-                continue
-            predicted = predict_classes(batch_probs.numpy(), threshold)
-            chosen = []
-            for i, (label, guess) in enumerate(zip(batch_labels.tolist(), predicted, strict=True)):
-                key = (label, bool(label == guess))
-                if kept[key] < examples_per_class:
-                    kept[key] += 1
-                    chosen.append(i)
-            if chosen:
-                pixels = denormalize(images[chosen], recipe.augment.mean, recipe.augment.std)
-                for row, i in enumerate(chosen):
-                    guess = int(predicted[i])
-                    candidates.append(
-                        Candidate(
-                            sample_id=batch_ids[i],
-                            pixels=pixels[row],
-                            label=int(batch_labels[i]),
-                            predicted=guess,
-                            confidence=float(batch_probs[i, guess]),
-                        )
-                    )
-    if not ids:
+    keeper = CandidateKeeper(len(payload["class_names"]), examples_per_class, recipe)
+    parts = []
+    for (images, labels, ids), log_probs in iter_predictions(
+        model, loader, flip_tta=recipe.evaluate.flip_tta
+    ):
+        parts.append(Predictions(list(ids), labels.numpy(), log_probs.numpy()))
+        keeper.offer(images, parts[-1])
+    scored = Predictions.concatenate(parts)
+    if not scored.ids:
         raise EvaluateError(f"the {split} split is empty: give prepare.splits.{split} a share")
-    if len(ids) != info.samples or len(set(ids)) != len(ids):
+    if len(scored.ids) != info.samples or len(set(scored.ids)) != len(scored.ids):
         raise EvaluateError(
             f"the {split} split should give each of its {info.samples} samples once; got "
-            f"{len(ids)} predictions for {len(set(ids))} distinct ids"
+            f"{len(scored.ids)} predictions for {len(set(scored.ids))} distinct ids"
         )
-    return Predictions(
-        ids=ids,
-        labels=torch.cat(labels).numpy(),
-        probs=torch.cat(probs).numpy().astype(np.float64),
-        class_names=list(payload["class_names"]),
-        candidates=candidates,
+    return SplitResult(
+        scored.ids, scored.labels, scored.probs, list(payload["class_names"]), keeper.kept
     )
+
+
+class CandidateKeeper:
+    """Keeps up to `per_class` correct and `per_class` wrong inputs of each true class."""
+
+    def __init__(self, num_classes: int, per_class: int, recipe: Recipe) -> None:
+        self.per_class = per_class
+        self.count = {(c, ok): 0 for c in range(num_classes) for ok in (True, False)}
+        self.threshold = recipe.evaluate.threshold
+        self.mean, self.std = recipe.augment.mean, recipe.augment.std
+        self.kept: list[Candidate] = []
+
+    def offer(self, images: torch.Tensor, batch: Predictions) -> None:
+        if not self.per_class:
+            return
+        probs = batch.probs
+        predicted = predict_classes(probs, self.threshold)
+        chosen = []
+        for i, (label, guess) in enumerate(zip(batch.labels.tolist(), predicted, strict=True)):
+            key = (label, bool(label == guess))
+            if self.count[key] < self.per_class:
+                self.count[key] += 1
+                chosen.append(i)
+        if not chosen:
+            return
+        pixels = denormalize(images[chosen], self.mean, self.std)
+        for row, i in enumerate(chosen):
+            guess = int(predicted[i])
+            self.kept.append(
+                Candidate(batch.ids[i], pixels[row], int(batch.labels[i]), guess, probs[i, guess])
+            )
 
 
 def split_images(
     recipe: Recipe, paths: PipelinePaths, input_size: int, count: int, split: str = "test"
 ) -> torch.Tensor:
     """The first `count` images of `split` in shard order, transformed as evaluation does."""
-    info = split_info(shard_location(recipe, paths), split)
-    stream = ShardStream(
-        urls=info.urls,
-        rank=0,
-        world_size=1,
-        transform=build_transform(recipe.augment, input_size, train=False),
-        train=False,
-    )
+    _, stream = _eval_stream(recipe, paths, split, input_size)
     images: list[torch.Tensor] = []
     for batch, _, _ in make_loader(stream, count, workers=0):
         images.append(batch)
@@ -230,7 +219,7 @@ def write_figures(
     payload: dict[str, Any],
     recipe: Recipe,
     paths: PipelinePaths,
-    predictions: Predictions,
+    predictions: SplitResult,
     metrics: dict[str, Any],
 ) -> list[FigureFile]:
     """Every PNG of the report into `reports/<name>/figures/` (replacing what was there)."""
@@ -306,8 +295,6 @@ def write_figures(
 def _attention_examples(
     model: torch.nn.Module, recipe: Recipe, chosen: list[Candidate]
 ) -> list[AttentionExample]:
-    from attnpipe.evaluate.figures import compute_attention_examples
-
     mean, std = recipe.augment.mean, recipe.augment.std
     pixels = torch.from_numpy(np.stack([c.pixels for c in chosen])).permute(0, 3, 1, 2)
     images = (pixels.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
@@ -329,7 +316,7 @@ def _attention_examples(
     return examples
 
 
-def write_confusion_rows(path: Path, predictions: Predictions, threshold: float) -> None:
+def write_confusion_rows(path: Path, predictions: SplitResult, threshold: float) -> None:
     """One row per sample, the shape DVC's confusion template reads (actual vs predicted)."""
     predicted = predict_classes(predictions.probs, threshold)
     names = predictions.class_names

@@ -1,34 +1,31 @@
 """`train`: launch the per-worker loop under Ray Train and turn its last checkpoint into outputs.
 
 A run is named after the pipeline and a fingerprint of everything that shapes the weights
-(model, augmentation, training settings, data version). Launching the same run again, after a
-crash, a Ctrl-C or a preempted node, continues from its latest checkpoint; changing any of
-those settings starts a new run beside it.
+(model, augmentation, training settings, data version, and the version of the code that
+trains). Launching the same run again, after a crash, a Ctrl-C or a preempted node, continues
+from its latest checkpoint; changing any of those starts a new run beside it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from attnpipe.codeversion import code_version
 from attnpipe.config import Recipe
 from attnpipe.data.shard import ShardError, read_index, shard_location
 from attnpipe.errors import AttnpipeError
+from attnpipe.modelfile import Provenance, write_model_file
 from attnpipe.paths import PipelinePaths
-from attnpipe.tracking import data_version, git_commit, write_history
+from attnpipe.tracking import data_version, git_commit, import_wandb_runs, write_history
+from attnpipe.train.checkpoint import TrainingState, read_checkpoint
+from attnpipe.train.cluster import configure_ray_environment, connect_ray, decide_devices
+from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.stop import create_stop_flag, run_stoppable
-
-MODEL_FORMAT_VERSION = 1
-# Set to 1 to start the Ray dashboard with a private local cluster.
-DASHBOARD_ENV = "ATTNPIPE_RAY_DASHBOARD"
 
 
 class TrainError(AttnpipeError, RuntimeError):
@@ -45,216 +42,171 @@ class TrainResult:
     resumed_from: list[int]
 
 
-def run_identity(recipe: Recipe, data_ver: str) -> tuple[str, str]:
-    """(Ray run name, W&B run id): stable for a given recipe and data, so resumes find them."""
+def run_identity(recipe: Recipe, data_ver: str, code_ver: str) -> tuple[str, str]:
+    """(Ray run name, W&B run id): stable for a given recipe, data and code, so resumes find
+    them; a change to any of them is a new run (nothing stale is resumed)."""
     fingerprint = recipe.fingerprint("model", "augment", "train")
-    short = hashlib.sha256(f"{fingerprint}{data_ver}".encode()).hexdigest()[:10]
+    short = hashlib.sha256(f"{fingerprint}{data_ver}{code_ver}".encode()).hexdigest()[:10]
     return f"{recipe.name}-{short}", f"{recipe.name}-{short}"
 
 
-def configure_ray_environment() -> None:
-    """Settings Ray reads from the environment, defaulted before it is imported."""
-    # Under `uv run`, Ray would otherwise package the working directory (data/ included) and
-    # start every worker through `uv run`; the workers share this environment already.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    # Ray's 60 s is too short for GPU nodes that autoscale in, or for a loaded machine.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-
-
-def connect_ray(address: str | None, cpus_needed: int = 1) -> bool:
-    """Join `address` (or RAY_ADDRESS), else start a private local cluster.
-
-    Returns whether a connection was made here (and so must be shut down here).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    sigterm = signal.getsignal(signal.SIGTERM)
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # "local": a private cluster, never one that happens to run on this machine already
-        # (`ray start`, a test's). Its one node is never drained, so Ray Train's preemption
-        # watcher (an extra actor process per run) has nothing to watch.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, cpus_needed),
-            # The dashboard's processes poll and report all the time: on a small machine they
-            # take CPU from the workers. Opt in with ATTNPIPE_RAY_DASHBOARD=1.
-            include_dashboard=os.environ.get(DASHBOARD_ENV, "0") == "1",
-            log_to_driver=True,
-            configure_logging=False,
-        )
-    # Ray's core installs a fatal-signal handler that aborts on SIGTERM; put ours back so a
-    # `kill` unwinds (shutting Ray down, keeping checkpoints) like Ctrl-C does.
-    if callable(sigterm) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, sigterm)
-    return True
-
-
-def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> dict[str, Any]:
-    """Everything a worker needs, as plain JSON-able values (it crosses process boundaries)."""
+def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> LoopConfig:
+    """Everything a worker needs; devices and stop flag are added once Ray is connected."""
     shards = shard_location(recipe, paths)
     try:
         read_index(shards)
     except ShardError as missing:
         raise TrainError(f"{missing}; run `attnpipe shard {recipe.name}`") from None
     data_ver = data_version(paths.root, recipe.name, shards)
-    run_name, wandb_id = run_identity(recipe, data_ver)
-    return {
-        "recipe": recipe.model_dump(mode="json"),
-        "shards": shards,
-        "run_name": run_name,
-        "wandb_run_id": wandb_id,
-        "wandb_parent": str(paths.wandb_parent.resolve()),
-        "run_config": {
+    code_ver = code_version("train")
+    run_name, wandb_id = run_identity(recipe, data_ver, code_ver)
+    return LoopConfig(
+        recipe=recipe,
+        shards=shards,
+        run_name=run_name,
+        wandb_run_id=wandb_id,
+        wandb_parent=str(paths.wandb_parent.resolve()),
+        run_config={
             **recipe.model_dump(mode="json"),
             "git_commit": git_commit(paths.root),
+            "code_version": code_ver,
             "data_version": data_ver,
             "run_name": run_name,
         },
-    }
+        # Explicit storage may be on other machines than this one: keep the W&B run there.
+        wandb_export=recipe.train.storage_path,
+    )
 
 
-def resolve_use_gpu(setting: Any) -> bool:
-    if setting == "auto":
-        return torch.cuda.is_available()
-    return bool(setting)
-
-
-def train(
-    recipe: Recipe,
-    paths: PipelinePaths,
-    address: str | None = None,
-) -> TrainResult:
-    """Train `recipe` on its shards with Ray Train; write `model.pt` and the history CSV."""
-    configure_ray_environment()
-    import ray
+def build_trainer(
+    loop: LoopConfig,
+    storage: str,
+    checkpoints_to_keep: int,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """The one place a `TorchTrainer` is built, for `train` and for every `tune` trial."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from attnpipe.train.loop import CHECKPOINT_FILE, TrainingState, train_loop_per_worker
+    from attnpipe.train.cluster import worker_resources
+    from attnpipe.train.loop import train_loop_per_worker
+
+    train_cfg = loop.recipe.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"loop": loop},
+        scaling_config=ScalingConfig(
+            num_workers=train_cfg.workers,
+            use_gpu=loop.use_gpu,
+            resources_per_worker=worker_resources(train_cfg, loop.use_gpu),
+        ),
+        run_config=RunConfig(
+            name=loop.run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+            callbacks=list(callbacks),
+            # INFO echoes every report and checkpoint; our epoch line says it once.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> TrainResult:
+    """Train `recipe` on its shards with Ray Train; write `model.pt` and the history CSV."""
+    configure_ray_environment()
+    import ray
 
     train_cfg = recipe.train
-    loop_config = build_loop_config(recipe, paths)
-    run_name = loop_config["run_name"]
+    loop = build_loop_config(recipe, paths)
     storage = train_cfg.storage_path or str(paths.checkpoints.resolve())
-    use_gpu = resolve_use_gpu(train_cfg.use_gpu)
-    resources = {"CPU": train_cfg.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = train_cfg.gpus_per_worker
-
     started_here = connect_ray(address, int(train_cfg.workers * train_cfg.cpus_per_worker))
     try:
-        loop_config["stop_name"] = f"attnpipe-stop-{run_name}-{uuid.uuid4().hex[:8]}"
-        stop_flag = create_stop_flag(loop_config["stop_name"])
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_config,
-            scaling_config=ScalingConfig(
-                num_workers=train_cfg.workers, use_gpu=use_gpu, resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                name=run_name,
-                storage_path=storage,
-                failure_config=FailureConfig(max_failures=train_cfg.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
-                # INFO echoes every report and checkpoint; our epoch line says it once.
-                logging_config=LoggingConfig(log_level="WARNING"),
-            ),
-        )
+        use_gpu = decide_devices(train_cfg, train_cfg.workers, address)
+        stop_name = f"attnpipe-stop-{loop.run_name}-{uuid.uuid4().hex[:8]}"
+        loop = loop.with_changes(use_gpu=use_gpu, stop_name=stop_name)
+        stop_flag = create_stop_flag(stop_name)
+        trainer = build_trainer(loop, storage, train_cfg.checkpoints_to_keep)
         print(
-            f"training run '{run_name}' ({train_cfg.workers} worker(s), "
-            f"{'GPU' if use_gpu else 'CPU'}); checkpoints in {storage}/{run_name}"
+            f"training run '{loop.run_name}' ({train_cfg.workers} worker(s), "
+            f"{'GPU' if use_gpu else 'CPU'}); checkpoints in {storage}/{loop.run_name}"
         )
         result, stop_requested = run_stoppable(
-            trainer.fit, request_stop=lambda: stop_flag.request.remote()
+            lambda: fit_or_explain(trainer), request_stop=lambda: stop_flag.request.remote()
         )
         if result.checkpoint is None:
-            raise TrainError(f"run '{run_name}' finished without a checkpoint")
+            raise TrainError(f"run '{loop.run_name}' finished without a checkpoint")
         with result.checkpoint.as_directory() as folder:
-            saved = torch.load(
-                Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True
-            )
+            saved = read_checkpoint(Path(folder))
     finally:
         if started_here:
             ray.shutdown()
+    if loop.wandb_export:
+        import_wandb_runs(loop.wandb_export, paths.wandb_parent)
+    state = TrainingState.from_dict(saved["state"])
+    if stop_requested and not state.finished(train_cfg):
+        raise KeyboardInterrupt(f"run '{loop.run_name}' stopped after epoch {state.epoch}")
+    return write_outputs(recipe, paths, loop, state)
 
-    state = saved["state"]
-    if stop_requested and not TrainingState.from_dict(state).finished(train_cfg):
-        raise KeyboardInterrupt(f"run '{run_name}' stopped after epoch {state['epoch']}")
-    classes = read_index(loop_config["shards"])["classes"]
-    best_row = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
+
+def fit_or_explain(trainer: Any) -> Any:
+    """`trainer.fit()`; a worker's expected failure (e.g. a GPU it cannot use, an empty split)
+    becomes one TrainError line instead of Ray's wrapped traceback."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as failed:
+        cause = expected_cause(failed)
+        if cause is None:
+            raise
+        raise TrainError(f"training failed: {' '.join(str(cause).split())}") from failed
+
+
+def expected_cause(error: BaseException) -> AttnpipeError | None:
+    """The AttnpipeError behind a Ray Train failure, if that is what it was."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, AttnpipeError):
+            return current
+        pending.extend(getattr(current, "worker_failures", {}).values())
+        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
+        pending.append(getattr(current, "controller_failure", None))
+    return None
+
+
+def write_outputs(
+    recipe: Recipe, paths: PipelinePaths, loop: LoopConfig, state: TrainingState
+) -> TrainResult:
+    """`model.pt` from the best epoch's weights, and the history CSV."""
+    classes = read_index(loop.shards)["classes"]
+    best_row = next(r for r in state.history if r["epoch"] == state.best_epoch)
     best_metrics = {k: v for k, v in best_row.items() if k.startswith("val_")}
     write_model_file(
         paths.model_file,
         recipe=recipe,
-        state_dict=state["best_weights"],
+        state_dict=state.best_weights,
         class_names=classes,
-        epoch=state["best_epoch"],
-        metrics=best_metrics,
-        git=loop_config["run_config"]["git_commit"],
-        data_ver=loop_config["run_config"]["data_version"],
-        run_name=run_name,
+        provenance=Provenance(
+            epoch=state.best_epoch,
+            metrics=best_metrics,
+            git_commit=loop.run_config["git_commit"],
+            code_version=loop.run_config["code_version"],
+            data_version=loop.run_config["data_version"],
+            run_name=loop.run_name,
+        ),
     )
-    write_history(paths.train_history, state["history"])
+    write_history(paths.train_history, state.history)
     return TrainResult(
-        run_name,
+        loop.run_name,
         paths.model_file,
-        state["best_epoch"],
+        state.best_epoch,
         best_metrics,
-        len(state["history"]),
-        list(state["resumed_from"]),
+        len(state.history),
+        list(state.resumed_from),
     )
-
-
-def write_model_file(
-    path: Path,
-    recipe: Recipe,
-    state_dict: dict[str, torch.Tensor],
-    class_names: list[str],
-    epoch: int,
-    metrics: dict[str, float],
-    git: str,
-    data_ver: str,
-    run_name: str,
-) -> None:
-    """The deployable artefact: plain tensors and values, loadable with weights_only=True."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format_version": MODEL_FORMAT_VERSION,
-        "model_name": recipe.model.name,
-        "model_kwargs": dict(recipe.model.kwargs),
-        "num_classes": len(class_names),
-        "input_size": recipe.model.input_size,
-        "class_names": list(class_names),
-        "mean": list(recipe.augment.mean),
-        "std": list(recipe.augment.std),
-        "state_dict": state_dict,
-        "recipe": recipe.model_dump(mode="json"),
-        "epoch": epoch,
-        "metrics": metrics,
-        "git_commit": git,
-        "data_version": data_ver,
-        "run_name": run_name,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # never leave a half-written model.pt behind
-
-
-def load_model_file(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the network of a `model.pt` without Ray; returns (model in eval mode, payload)."""
-    from attnpipe.models import create_model
-
-    if not path.is_file():
-        raise TrainError(f"{path} is missing: run `attnpipe train` first")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = create_model(
-        payload["model_name"], num_classes=payload["num_classes"], **payload["model_kwargs"]
-    )
-    model.load_state_dict(payload["state_dict"])
-    return model.eval(), payload

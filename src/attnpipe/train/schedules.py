@@ -1,17 +1,22 @@
-"""Learning-rate schedules as a per-step factor, so resuming needs only the step count."""
+"""Learning-rate schedules in optimizer steps, with the base rate scaled to the global batch.
+
+The schedule's only state is its step count, and a run resumes at an epoch boundary: the
+position is set from the epochs done (`set_position`), in the step units of the *current*
+world size. A run resumed on a different number of GPUs (so a different number of steps per
+epoch) thus continues at the same point of the schedule, by samples seen.
+"""
 
 from __future__ import annotations
 
 import math
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
 
-from attnpipe.config import ScheduleConfig
+from attnpipe.config import OptimizerConfig, ScheduleConfig
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, config: ScheduleConfig) -> float:
-    """Multiplier of the base learning rate after `step` optimiser steps."""
+    """Multiplier of the base learning rate during optimizer step `step` (0-based)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -23,9 +28,53 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, config: ScheduleCo
     return 1.0
 
 
-def build_schedule(
-    optimizer: Optimizer, config: ScheduleConfig, steps_per_epoch: int, epochs: int
-) -> LambdaLR:
-    total = steps_per_epoch * epochs
-    warmup = round(config.warmup_epochs * steps_per_epoch)
-    return LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, config))
+def scaled_lr(config: OptimizerConfig, global_batch: int) -> float:
+    """`optimizer.lr` is the rate at `reference_batch`; scale it to this run's global batch."""
+    ratio = global_batch / config.reference_batch
+    if config.scale_lr == "linear":
+        return config.lr * ratio
+    if config.scale_lr == "sqrt":
+        return config.lr * math.sqrt(ratio)
+    return config.lr
+
+
+class LrSchedule:
+    """Sets every parameter group's rate to `base_lr x lr_factor(step)` before each step."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        config: ScheduleConfig,
+        base_lr: float,
+        steps_per_epoch: int,
+        epochs: int,
+    ) -> None:
+        self.optimizer = optimizer
+        self.config = config
+        self.base_lr = base_lr
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * epochs
+        self.warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+        self.step_count = 0
+        self._apply()
+
+    def step(self) -> None:
+        """After an optimizer step: the rate of the next one."""
+        self.step_count += 1
+        self._apply()
+
+    def set_position(self, epochs_done: int) -> None:
+        """Continue after `epochs_done` whole epochs (a resumed run)."""
+        self.step_count = epochs_done * self.steps_per_epoch
+        self._apply()
+
+    def factor(self) -> float:
+        return lr_factor(self.step_count, self.total_steps, self.warmup_steps, self.config)
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _apply(self) -> None:
+        rate = self.base_lr * self.factor()
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate

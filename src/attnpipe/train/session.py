@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from attnpipe.devices import require_cuda
 from attnpipe.train.stop import StopFlagReader
 
 
@@ -45,7 +46,7 @@ class WorkerSession(Protocol):
 
 
 class RaySession:
-    def __init__(self, stop_name: str | None = None) -> None:
+    def __init__(self, stop_name: str | None = None, use_gpu: bool = False) -> None:
         import ray
         import ray.train
         import ray.train.torch
@@ -54,6 +55,9 @@ class RaySession:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
+        if use_gpu:
+            # Ray gave this worker a GPU: train on it or fail saying why, never on the CPU.
+            require_cuda(f"training worker {self.rank} was given a GPU")
         self.device = ray.train.torch.get_device()
         self.node_id = ray.get_runtime_context().get_node_id()
         # Polled by rank 0 only: the loop shares its answer with the other ranks.
@@ -100,13 +104,18 @@ def _quiet_ray_train_reports() -> None:
 
 
 class TorchrunSession:
-    """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; checkpoints are copied to `storage`."""
+    """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; checkpoints are copied to `storage`.
 
-    def __init__(self, storage: Path) -> None:
+    `use_gpu`: the recipe's `train.use_gpu`; "auto" trains on this process's GPU when CUDA
+    works, True fails (saying why) when it does not.
+    """
+
+    def __init__(self, storage: Path, use_gpu: bool | str = "auto") -> None:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
+        if use_gpu is True or (use_gpu == "auto" and torch.cuda.is_available()):
+            require_cuda(f"torchrun rank {self.rank}")
             torch.cuda.set_device(local_rank)
             self.device = torch.device("cuda", local_rank)
         else:

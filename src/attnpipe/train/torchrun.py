@@ -4,18 +4,43 @@
 
 The training benchmark compares this against Ray Train; it is also handy for debugging the
 loop. It writes checkpoints to `--storage` (and resumes from them) but not `model.pt`.
+
+Across several nodes every rank must see the same checkpoints, or the ranks resume from
+different epochs and hang: a multi-node launch refuses a local `--storage` unless
+`--shared-storage` says that the path is a shared filesystem (NFS, Lustre, ...) mounted at the
+same place on every node.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from attnpipe.config import apply_overrides, load_recipe
+from attnpipe.config import apply_overrides, load_recipe, parse_assignments
+from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 from attnpipe.train.launch import build_loop_config
 from attnpipe.train.loop import run_training
 from attnpipe.train.session import TorchrunSession
+
+
+class TorchrunError(AttnpipeError, ValueError):
+    pass
+
+
+def check_storage(storage: Path, shared: bool, environ: dict[str, str] | None = None) -> None:
+    """Refuse node-local checkpoints when torchrun spans several nodes."""
+    environ = os.environ if environ is None else environ
+    world = int(environ.get("WORLD_SIZE", 1))
+    local = int(environ.get("LOCAL_WORLD_SIZE", world))
+    if world > local and not shared:
+        raise TorchrunError(
+            f"torchrun spans {world // max(local, 1)} or more nodes ({world} ranks, {local} per "
+            f"node) but --storage {storage} is a local path: put it on a filesystem every node "
+            "mounts at the same place and add --shared-storage, or train with `attnpipe train "
+            "--address` and train.storage_path (s3://...)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,20 +49,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=Path("."))
     parser.add_argument("--storage", type=Path, required=True, help="checkpoint folder")
     parser.add_argument(
+        "--shared-storage",
+        action="store_true",
+        help="--storage is on a filesystem shared by every node (needed across nodes)",
+    )
+    parser.add_argument(
         "--set",
-        nargs="*",
+        action="append",
         default=[],
-        metavar="KEY=YAML",
-        help="recipe overrides, e.g. train.epochs=3",
+        metavar="KEY=VALUE",
+        help="recipe changes, e.g. --set train.epochs=3 (repeatable)",
     )
     args = parser.parse_args(argv)
-    import yaml
-
+    check_storage(args.storage, args.shared_storage)
     recipe = load_recipe(args.pipeline, args.root.resolve())
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = parse_assignments(args.set)
     recipe = apply_overrides(recipe, overrides, origin="--set") if overrides else recipe
     config = build_loop_config(recipe, PipelinePaths(args.root.resolve(), args.pipeline))
-    run_training(config, TorchrunSession(args.storage))
+    run_training(config, TorchrunSession(args.storage, use_gpu=recipe.train.use_gpu))
 
 
 if __name__ == "__main__":

@@ -25,14 +25,21 @@ from typing import Any
 
 import yaml
 
+from attnpipe.codeversion import code_version
 from attnpipe.config import ConfigError, Recipe, SearchDimension, apply_overrides
 from attnpipe.data.shard import shard_location
+from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 from attnpipe.storage import join
 from attnpipe.tracking import data_version
+from attnpipe.train.cluster import configure_ray_environment, connect_ray, decide_devices
 from attnpipe.train.stop import StopSignal, stop_signals
 
 PARAMS_KEY = "params"
+
+
+class TuneError(AttnpipeError, RuntimeError):
+    """The sweep ended without a usable result; the message says where to look."""
 
 
 @dataclass(frozen=True)
@@ -58,11 +65,10 @@ def search_space(space: dict[str, SearchDimension]) -> dict[str, Any]:
     return {PARAMS_KEY: samplers}
 
 
-def experiment_name(recipe: Recipe, data_ver: str) -> str:
+def experiment_name(recipe: Recipe, data_ver: str, code_ver: str) -> str:
     fingerprint = recipe.fingerprint("model", "augment", "train", "tune")
-    return (
-        f"tune-{recipe.name}-{hashlib.sha256((fingerprint + data_ver).encode()).hexdigest()[:10]}"
-    )
+    digest = hashlib.sha256((fingerprint + data_ver + code_ver).encode()).hexdigest()[:10]
+    return f"tune-{recipe.name}-{digest}"
 
 
 def trial_recipe(recipe: Recipe, params: dict[str, Any]) -> Recipe:
@@ -80,45 +86,30 @@ def trial_recipe(recipe: Recipe, params: dict[str, Any]) -> Recipe:
     return apply_overrides(recipe, overrides, origin="tune trial")
 
 
-def run_trial(config: dict[str, Any], base: dict[str, Any], paths: dict[str, str]) -> None:
-    """One trial (runs as a Tune trainable): fit a TorchTrainer, reporting each epoch to Tune."""
+def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """One trial (runs as a Tune trainable): fit a TorchTrainer, reporting each epoch to Tune.
+
+    `sweep` carries what the driver decided once for every trial: the project root, the
+    experiment name, where trials keep checkpoints and whether they use GPUs.
+    """
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from attnpipe.train.launch import build_loop_config, resolve_use_gpu
-    from attnpipe.train.loop import train_loop_per_worker
+    from attnpipe.train.launch import build_loop_config, build_trainer
 
     recipe = trial_recipe(Recipe.model_validate(base), config[PARAMS_KEY])
-    project = PipelinePaths(Path(paths["root"]), recipe.name)
-    context = tune.get_context()
-    loop_config = build_loop_config(recipe, project)
-    trial = context.get_trial_id()
+    trial = tune.get_context().get_trial_id()
+    name = f"{sweep['experiment']}-{trial}"
     # One W&B run per trial, grouped under the sweep.
-    loop_config.update(
-        run_name=f"{paths['experiment']}-{trial}",
-        wandb_run_id=f"{paths['experiment']}-{trial}",
-        wandb_group=paths["experiment"],
+    loop = build_loop_config(recipe, PipelinePaths(Path(sweep["root"]), recipe.name))
+    loop = loop.with_changes(
+        run_name=name,
+        wandb_run_id=name,
+        wandb_group=sweep["experiment"],
+        use_gpu=sweep["use_gpu"],
     )
-    use_gpu = resolve_use_gpu(recipe.train.use_gpu)
-    resources = {"CPU": recipe.train.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = recipe.train.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=recipe.train.workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=f"{paths['experiment']}-{trial}",
-            storage_path=paths["storage"],
-            failure_config=FailureConfig(max_failures=recipe.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            callbacks=[TuneReportCallback()],
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
+    trainer = build_trainer(
+        loop, sweep["storage"], checkpoints_to_keep=1, callbacks=[TuneReportCallback()]
     )
     trainer.fit()
 
@@ -130,62 +121,25 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
             f"pipelines/{recipe.name}.yaml has no tune.space: add the keys to search, e.g. "
             "tune: {space: {train.optimizer.lr: {type: loguniform, low: 0.001, high: 0.1}}}"
         )
-    from attnpipe.train.launch import configure_ray_environment, connect_ray
-
     configure_ray_environment()
     import ray
-    from ray import tune as ray_tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     sweep = recipe.tune
     data_ver = data_version(paths.root, recipe.name, shard_location(recipe, paths))
-    name = experiment_name(recipe, data_ver)
+    name = experiment_name(recipe, data_ver, code_version("tune"))
     # A folder or a URL (s3://...): kept a string, since Path would mangle "s3://".
     storage = recipe.train.storage_path or str(paths.tune_storage.resolve())
-    trial_paths = {
-        "root": str(paths.root.resolve()),
-        "experiment": name,
-        "storage": join(storage, "trials"),
-    }
-    trainable = ray_tune.with_parameters(
-        run_trial, base=recipe.model_dump(mode="json"), paths=trial_paths
-    )
-    # The trial's own process only waits on its TorchTrainer: the workers hold the CPUs
-    # (Tune refuses a request of zero, hence a token share).
-    trainable = ray_tune.with_resources(trainable, {"cpu": 0.01})
-    max_epochs = sweep.epochs or recipe.train.epochs
-
     started_here = connect_ray(address)
     try:
-        experiment_path = join(storage, name)
-        if ray_tune.Tuner.can_restore(experiment_path):
-            print(f"resuming sweep '{name}': finished trials are not run again")
-            tuner = ray_tune.Tuner.restore(
-                experiment_path, trainable=trainable, resume_unfinished=True, restart_errored=True
-            )
-        else:
-            tuner = ray_tune.Tuner(
-                trainable,
-                param_space=search_space(sweep.space),
-                tune_config=ray_tune.TuneConfig(
-                    metric=sweep.metric,
-                    mode=sweep.mode,
-                    num_samples=sweep.num_samples,
-                    # The limit goes to the generator: Tune ignores TuneConfig's
-                    # max_concurrent_trials when a BasicVariantGenerator is passed in.
-                    search_alg=BasicVariantGenerator(
-                        random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials or 0
-                    ),
-                    scheduler=ASHAScheduler(
-                        time_attr="epoch",
-                        max_t=max_epochs,
-                        grace_period=sweep.grace_period,
-                        reduction_factor=sweep.reduction_factor,
-                    ),
-                ),
-                run_config=ray_tune.RunConfig(name=name, storage_path=storage),
-            )
+        # Decided once, from the cluster: every trial trains where `train` would.
+        use_gpu = decide_devices(trial_recipe(recipe, {}).train, sweep.workers_per_trial, address)
+        trial_settings = {
+            "root": str(paths.root.resolve()),
+            "experiment": name,
+            "storage": join(storage, "trials"),
+            "use_gpu": use_gpu,
+        }
+        tuner = build_tuner(recipe, name, storage, trial_settings)
         with _stop_signals_end_the_sweep_gracefully() as interrupted:
             grid = tuner.fit()
     finally:
@@ -199,11 +153,53 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
         # Tune saved the experiment and returned (the running trials marked as errors, which a
         # resume restarts): pass the stop on rather than report a partial sweep.
         raise KeyboardInterrupt(f"sweep '{name}' stopped before all {expected} trials ended")
-    trials = summarise(grid, sweep.metric, sweep.mode, max_epochs)
+    trials = summarise(grid, sweep.metric, sweep.mode, sweep.epochs or recipe.train.epochs)
     write_trials(paths, trials)  # first: it holds each trial's error if none succeeded
     best = pick_best(trials, sweep.mode)
     write_best_params(paths, best)
     return SweepResult(name, trials, best)
+
+
+def build_tuner(recipe: Recipe, name: str, storage: str, trial_settings: dict[str, Any]) -> Any:
+    """A new Tuner for the sweep, or the saved one restored (finished trials are kept)."""
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    sweep = recipe.tune
+    trainable = ray_tune.with_parameters(
+        run_trial, base=recipe.model_dump(mode="json"), sweep=trial_settings
+    )
+    # The trial's own process only waits on its TorchTrainer: the workers hold the CPUs
+    # (Tune refuses a request of zero, hence a token share).
+    trainable = ray_tune.with_resources(trainable, {"cpu": 0.01})
+    experiment_path = join(storage, name)
+    if ray_tune.Tuner.can_restore(experiment_path):
+        print(f"resuming sweep '{name}': finished trials are not run again")
+        return ray_tune.Tuner.restore(
+            experiment_path, trainable=trainable, resume_unfinished=True, restart_errored=True
+        )
+    return ray_tune.Tuner(
+        trainable,
+        param_space=search_space(sweep.space),
+        tune_config=ray_tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            num_samples=sweep.num_samples,
+            # The limit goes to the generator: Tune ignores TuneConfig's
+            # max_concurrent_trials when a BasicVariantGenerator is passed in.
+            search_alg=BasicVariantGenerator(
+                random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials or 0
+            ),
+            scheduler=ASHAScheduler(
+                time_attr="epoch",
+                max_t=sweep.epochs or recipe.train.epochs,
+                grace_period=sweep.grace_period,
+                reduction_factor=sweep.reduction_factor,
+            ),
+        ),
+        run_config=ray_tune.RunConfig(name=name, storage_path=storage),
+    )
 
 
 @contextmanager
@@ -260,7 +256,7 @@ def pick_best(trials: list[dict[str, Any]], mode: str) -> dict[str, Any]:
     metric_key = next(k for k in trials[0] if k.startswith("best_"))
     finished = [t for t in trials if t["status"] == "finished" and t[metric_key] == t[metric_key]]
     if not finished:
-        raise RuntimeError(f"no trial reported {metric_key[5:]}: see tune_trials.csv for errors")
+        raise TuneError(f"no trial reported {metric_key[5:]}: see tune_trials.csv for errors")
     return (max if mode == "max" else min)(finished, key=lambda t: t[metric_key])
 
 

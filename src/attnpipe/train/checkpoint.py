@@ -1,0 +1,102 @@
+"""What a training checkpoint holds, and the run's memory across restarts (`TrainingState`).
+
+One file per checkpoint (`checkpoint.pt`), written by rank 0 at the end of every epoch: the
+weights, optimizer, EMA, gradient scaler, every rank's random number generators (CPU and, on
+GPUs, CUDA) and the `TrainingState` (epoch, history, best epoch and its weights). Plain tensors
+and values: it loads with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnpipe.config import TrainConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class TrainingState:
+    """Epoch counter, history and best-so-far: everything a resumed run must not forget."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.resumed_from: list[int] = []  # epochs a restarted or re-launched run went on from
+        self.samples_seen = 0  # training samples of the finished epochs, over all ranks
+
+    def record(self, row: dict[str, Any], monitor: str) -> bool:
+        """Append an epoch's row; whether it is the best so far on `monitor`."""
+        self.history.append(row)
+        value = row[monitor]
+        lower_is_better = monitor.endswith("loss")
+        if value != value:  # NaN never improves
+            return False
+        better = self.best is None or (value < self.best if lower_is_better else value > self.best)
+        if better:
+            self.best, self.best_epoch = float(value), self.epoch
+        return better
+
+    def should_stop(self, patience: int | None) -> bool:
+        return patience is not None and self.epoch - self.best_epoch >= patience
+
+    def finished(self, train_cfg: TrainConfig) -> bool:
+        """All epochs trained, or early stopping ended the run."""
+        return self.epoch >= train_cfg.epochs or self.should_stop(train_cfg.early_stopping_patience)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "history": self.history,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "best_weights": self.best_weights,
+            "resumed_from": self.resumed_from,
+            "samples_seen": self.samples_seen,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingState:
+        state = cls()
+        state.epoch = data["epoch"]
+        state.history = list(data["history"])
+        state.best = data["best"]
+        state.best_epoch = data["best_epoch"]
+        state.best_weights = data["best_weights"]
+        state.resumed_from = list(data.get("resumed_from", []))
+        state.samples_seen = int(data.get("samples_seen", 0))
+        return state
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
+    """This process's generators: the CPU one, and the CUDA one of `device` when on a GPU."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_rng(states: list[Any], rank: int, device: torch.device) -> None:
+    """Put back rank `rank`'s generators (a resumed run on more ranks reuses them cyclically).
+
+    Checkpoints of earlier versions hold a bare CPU state per rank.
+    """
+    state = states[rank % len(states)]
+    if isinstance(state, torch.Tensor):
+        state = {"cpu": state, "cuda": None}
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def write_checkpoint(folder: Path, payload: dict[str, Any]) -> Path:
+    path = folder / CHECKPOINT_FILE
+    torch.save(payload, path)
+    return path
+
+
+def read_checkpoint(folder: Path) -> dict[str, Any]:
+    return torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)

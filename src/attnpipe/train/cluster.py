@@ -1,0 +1,205 @@
+"""The driver's view of the Ray cluster: joining it, and deciding where training runs.
+
+Devices are decided by the cluster, not by the machine the driver happens to run on: a job's
+driver usually runs on a CPU-only head while the GPUs sit on worker nodes (or on node types the
+autoscaler has not started yet). `train.use_gpu: auto` therefore asks Ray what the cluster has
+or can add, and a run that will use GPUs first proves, with one small task placed like a
+worker, that CUDA starts there: a driver too old for the locked torch fails the run at once
+with what to do, instead of after minutes or, worse, as a silent CPU run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from attnpipe.config import TrainConfig
+from attnpipe.devices import CudaStatus, cuda_status
+from attnpipe.errors import AttnpipeError
+
+# Set to 0 to start a private local cluster without the Ray dashboard.
+DASHBOARD_ENV = "ATTNPIPE_RAY_DASHBOARD"
+REACH_TIMEOUT_S = 5.0
+
+
+class ClusterError(AttnpipeError, RuntimeError):
+    """The cluster cannot run this training as configured; the message says what to change."""
+
+
+def configure_ray_environment() -> None:
+    """Settings Ray reads from the environment, defaulted before it is imported."""
+    # Under `uv run`, Ray would otherwise package the working directory (data/ included) and
+    # start every worker through `uv run`; the workers share this environment already.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Ray's 60 s is too short for GPU nodes that autoscale in, or for a loaded machine.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+
+
+def check_reachable(address: str) -> None:
+    """A TCP connect to `host:port` (or a ray:// / http:// URL), failing in seconds, not minutes."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(
+            f"Ray address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379 or ray://head:10001)"
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address} ({reason}): start it (`ray start --head`) "
+            "or fix --address / RAY_ADDRESS"
+        ) from None
+
+
+def connect_ray(address: str | None, cpus_needed: int = 1) -> bool:
+    """Join `address` (or RAY_ADDRESS), else start a private local cluster.
+
+    Returns whether a connection was made here (and so must be shut down here).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    sigterm = signal.getsignal(signal.SIGTERM)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local": a private cluster, never one that happens to run on this machine already
+        # (`ray start`, a test's). Its one node is never drained, so Ray Train's preemption
+        # watcher (an extra actor process per run) has nothing to watch.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, cpus_needed),
+            # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner
+            # polls every second; without it each poll fails with a warning.
+            include_dashboard=os.environ.get(DASHBOARD_ENV, "1") != "0",
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    # Ray's core installs a fatal-signal handler that aborts on SIGTERM; put ours back so a
+    # `kill` unwinds (shutting Ray down, keeping checkpoints) like Ctrl-C does.
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
+    return True
+
+
+@dataclass(frozen=True)
+class ClusterCapacity:
+    """Resources of the alive nodes, and the most the autoscaler's node types can add."""
+
+    alive: dict[str, float]
+    autoscaler: dict[str, float] | None  # None: no autoscaler (a fixed cluster)
+
+    def most(self, resource: str) -> float:
+        alive = self.alive.get(resource, 0.0)
+        if self.autoscaler is None:
+            return alive
+        return max(alive, float(self.autoscaler.get(resource, 0)))
+
+    def describe(self, resource: str) -> str:
+        scaled = (
+            "no autoscaler"
+            if self.autoscaler is None
+            else f"up to {self.autoscaler.get(resource, 0):g} with the autoscaler's node types"
+        )
+        return f"{self.alive.get(resource, 0.0):g} on alive nodes, {scaled}"
+
+
+def cluster_capacity() -> ClusterCapacity:
+    """What the connected cluster has now and could grow to (Ray Train asks the same)."""
+    import ray
+    from ray._private.state import state
+
+    alive = {key: float(value) for key, value in ray.cluster_resources().items()}
+    try:
+        scaled = state.get_max_resources_from_cluster_config()
+    except Exception:  # an older GCS without the autoscaler's config: treat as fixed
+        scaled = None
+    return ClusterCapacity(alive, {k: float(v) for k, v in scaled.items()} if scaled else None)
+
+
+def resolve_use_gpu(train: TrainConfig, capacity: ClusterCapacity, where: str) -> bool:
+    """`train.use_gpu` decided against the cluster: auto = GPUs exist or can be added."""
+    gpus = capacity.most("GPU")
+    if train.use_gpu == "auto":
+        return gpus > 0
+    if train.use_gpu and gpus <= 0:
+        raise ClusterError(
+            f"train.use_gpu is true but the Ray cluster {where} has no GPUs "
+            f"({capacity.describe('GPU')}): add GPU nodes, or set train.use_gpu: auto or false"
+        )
+    return bool(train.use_gpu)
+
+
+def worker_resources(train: TrainConfig, use_gpu: bool) -> dict[str, float]:
+    resources = {"CPU": float(train.cpus_per_worker)}
+    if use_gpu:
+        resources["GPU"] = float(train.gpus_per_worker)
+    return resources
+
+
+def check_capacity(
+    train: TrainConfig, workers: int, use_gpu: bool, capacity: ClusterCapacity, where: str
+) -> None:
+    """Fail now, not after Ray's start timeout, when the workers can never all be placed."""
+    for resource, each in worker_resources(train, use_gpu).items():
+        needed, most = each * workers, capacity.most(resource)
+        if needed > most + 1e-9:
+            raise ClusterError(
+                f"{workers} worker(s) need {needed:g} {resource} but the Ray cluster {where} "
+                f"has {capacity.describe(resource)}: lower train.workers or "
+                f"train.{resource.lower()}s_per_worker, or add nodes"
+            )
+
+
+def _probe() -> dict[str, Any]:
+    status = cuda_status()
+    return {**status.__dict__, "node": socket.gethostname()}
+
+
+def probe_gpu_worker(train: TrainConfig) -> CudaStatus:
+    """Run one task with a training worker's resources; raise if CUDA cannot start there."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    resources = worker_resources(train, use_gpu=True)
+    task = ray.remote(_probe).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
+    wait_s = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"))
+    pending = task.remote()
+    try:
+        found = ray.get(pending, timeout=wait_s)
+    except GetTimeoutError:
+        ray.cancel(pending, force=True)
+        raise ClusterError(
+            f"no node with {resources['GPU']:g} GPU and {resources['CPU']:g} CPU became "
+            f"available within {wait_s:.0f} s: check the autoscaler (`ray status`, quotas)"
+        ) from None
+    node = found.pop("node")
+    status = CudaStatus(**found)
+    if not status.usable:
+        raise ClusterError(f"a GPU worker on node {node} cannot use its GPU: {status.problem}")
+    return status
+
+
+def decide_devices(train: TrainConfig, workers: int, address: str | None) -> bool:
+    """Whether the workers use GPUs, decided from the connected cluster; checks that they fit
+    and, for GPUs, that CUDA starts where they will run. Call after `connect_ray`."""
+    where = f"at {address}" if address else "(local)"
+    capacity = cluster_capacity()
+    use_gpu = resolve_use_gpu(train, capacity, where)
+    check_capacity(train, workers, use_gpu, capacity, where)
+    if use_gpu:
+        probe_gpu_worker(train)
+    return use_gpu
