@@ -144,7 +144,7 @@ def check_pretrained(name: str, pretrained: Pretrained) -> None:
             f"got {pretrained!r}"
         )
     if spec.imagenet_weights is None:
-        what = "ImageNet weights" if pretrained == IMAGENET else "a pretrained backbone"
+        what = "ImageNet weights" if pretrained == IMAGENET else "pretrained backbone"
         raise PretrainedWeightsError(
             f"model {name!r} has no {what} (pretrained={str(pretrained)!r}); models with "
             f"ImageNet backbones: {', '.join(imagenet_models())}"
@@ -183,10 +183,10 @@ def create_model(
     valid = model_kwargs(name)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
-        choices = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
+        choices = ", ".join([*(f"{k}={v!r}" for k, v in valid.items()), "pretrained=None"])
         raise UnknownModelArgumentError(
             f"model {name!r} got unexpected argument(s) {', '.join(unknown)}; "
-            f"valid arguments: {choices}, pretrained"
+            f"valid arguments: {choices}"
         )
     check_pretrained(name, pretrained)
     # Fetch before building: a missing file fails fast, without a model's construction time.
@@ -275,7 +275,8 @@ def _compact(names: tuple[str, ...], limit: int = 4) -> str:
         return "-"
     if len(names) <= limit:
         return ", ".join(names)
-    return f"{', '.join(names[:limit])}, ... ({len(names)} maps)"
+    # The last name stays visible: it is the deepest map (the CAM of the ResNets).
+    return f"{', '.join(names[: limit - 1])}, ..., {names[-1]} ({len(names)} maps)"
 
 
 def format_model_table(rows: Sequence[ModelInfo] | None = None) -> str:

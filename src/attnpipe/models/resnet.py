@@ -58,10 +58,12 @@ class StreamlinedAttention(nn.Module):
     reduction, ReLU or sigmoid: the weights are unbounded and may be negative.
 
     Initialisation is PyTorch's ``nn.Linear`` default, as in the author's code (which never
-    re-initialises the layer): U(-1/sqrt(C), 1/sqrt(C)), so each weight starts as a random
-    signed sum of the C channel means with standard deviation |mean| / sqrt(3). Because the
-    block's features come straight out of BatchNorm, these scales start of order 0.1-1 (shrinking
-    the residual branch rather than blowing it up); docs/models.md gives the measurements.
+    re-initialises the layer): U(-1/sqrt(C), 1/sqrt(C)), so each channel's scale starts as a
+    random signed combination of the C channel means, with standard deviation rms(mean) /
+    sqrt(3). The features come straight out of BatchNorm, whose per-image channel means are
+    small, so the scales start small (mean |scale| 0.02-0.11 per block at a fresh init): each
+    block starts close to its skip path instead of being blown up. The ungated product is
+    less tolerant of large learning rates than a gated one; docs/models.md has the numbers.
     """
 
     def __init__(self, channels: int) -> None:
