@@ -1,8 +1,8 @@
 """Attention overlays: an image with its attention maps blended over it, for W&B and the report.
 
 Defined once here and imported by both the training loop (W&B images of the best model) and
-the report (`attnpipe.evaluate.figures.attention_figure` lays the overlays out). Maps come from
-the models (`attnpipe.models.attention`); this module only turns them into pictures.
+the report (`attnpipe.evaluate.figures.attention_figure` lays the overlays out). The maps come
+from the models (`attnpipe.models.attention.spatial_attention`); this module only draws.
 
 Shapes: images are uint8 (H, W, 3); attention maps as the models return them, N x 1 x h x w
 (spatial maps: Residual Attention soft masks, grid / LTPA attention, class activation maps).
@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 
+from attnpipe.models.attention import spatial_attention
+
 ATTENTION_CMAP = "turbo"
 OVERLAY_ALPHA = 0.55
 # Overlays of small inputs (32 x 32) are upscaled so the blended map reads as a smooth field.
@@ -32,17 +34,6 @@ def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     pixels = (images.detach().float().cpu() * s + m).clamp(0, 1) * 255
     return pixels.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def spatial_maps(maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The maps with a spatial layout (N x 1 x h x w or N x h x w), as N x h x w float."""
-    kept = {}
-    for name, value in maps.items():
-        if value.ndim == 4 and value.shape[1] == 1:
-            value = value[:, 0]
-        if value.ndim == 3 and min(value.shape[-2:]) > 1:
-            kept[name] = value.detach().float().cpu()
-    return kept
 
 
 def pick_maps(names: Sequence[str], limit: int = MAX_MAPS_SHOWN) -> list[str]:
@@ -132,11 +123,7 @@ def compute_attention_examples(
     max_maps: int = MAX_MAPS_SHOWN,
 ) -> list[AttentionExample]:
     """Attention maps of normalised `images` (N, 3, H, W) in one no-grad pass."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        maps = spatial_maps(model.attention_maps(images))
-    model.train(was_training)
+    maps = spatial_attention(model, images)
     names = pick_maps(list(maps), max_maps)
     pixels = denormalize(images, mean, std)
     return [

@@ -18,13 +18,8 @@ from PIL import Image
 from attnpipe.config import parse_recipe
 from attnpipe.evaluate.run import EXAMPLES_PER_CLASS, run_split, split_images
 from attnpipe.modelfile import load_model_file
-from attnpipe.models import create_model
-from attnpipe.overlays import (
-    attention_examples,
-    attention_overlays,
-    overlay_strip,
-    spatial_maps,
-)
+from attnpipe.models import create_model, spatial_maps
+from attnpipe.overlays import attention_examples, attention_overlays, overlay_strip
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -207,15 +202,43 @@ def test_attention_examples_for_wandb(trained_project):
     assert [caption.split(": true ")[0] for _, caption in named] == list("wxyz")
 
 
-def test_attention_examples_are_empty_for_channel_attention_only():
-    """The streamlined ResNets weigh channels: no map to draw, so nothing to log to W&B."""
+def test_resnet_family_models_are_drawn_through_class_activation_maps():
+    """No attention module with a layout, so the CAM is what W&B shows; at 32 px the last
+    feature map is a single cell, which has nothing to draw."""
     torch.manual_seed(0)
     model = create_model("streamlined_resnet18", num_classes=3)
     logged = attention_examples(
+        model, torch.randn(2, 3, 64, 64), [0, 2], ["a", "b", "c"], [0.5] * 3, [0.5] * 3
+    )
+    assert len(logged) == 2 and all(caption.endswith("maps: cam") for _, caption in logged)
+    tiny = attention_examples(
         model, torch.randn(2, 3, 32, 32), [0, 2], ["a", "b", "c"], [0.5] * 3, [0.5] * 3
     )
-    assert logged == []
-    assert model.eval().attention_maps(torch.randn(1, 3, 32, 32))  # channel weights, not maps
+    assert tiny == []
+
+
+def test_report_of_a_resnet_family_model_has_attention_overlays(trained_project, tmp_path):
+    """Every registry model gets overlays in its report: here an SE-ResNet-18 at 64 px."""
+    from attnpipe.config import apply_overrides
+    from attnpipe.evaluate.run import evaluate
+    from attnpipe.modelfile import Provenance, write_model_file
+    from tests.evaluate.conftest import copy_project, one_thread
+
+    recipe, source = trained_project
+    paths = copy_project(source, tmp_path)
+    recipe = apply_overrides(
+        recipe, {"model": {"name": "se_resnet18", "input_size": 64, "kwargs": {}}}, "test"
+    )
+    torch.manual_seed(0)
+    model = create_model("se_resnet18", num_classes=10)
+    write_model_file(
+        paths.model_file, recipe, model.state_dict(), DIGITS, Provenance(1, {}, "x", "y", "z")
+    )
+    with one_thread():
+        evaluate(recipe, paths)
+    drawn = {p.stem for p in paths.figures.glob("attention_*.png")}
+    assert drawn, sorted(p.name for p in paths.figures.iterdir())
+    assert "Attention:" in paths.report_html.read_text()
 
 
 def test_overlay_examples_are_right_and_wrong_ones_per_class(evaluated_project, trained_project):

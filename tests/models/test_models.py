@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -21,13 +20,16 @@ from attnpipe.models import (
     format_model_table,
     list_models,
     model_kwargs,
+    spatial_maps,
 )
 from attnpipe.models.attn_vgg import GridAttention
 from attnpipe.models.ltpa import LTPAttention
 from attnpipe.models.residual_attention import AttentionModule, PreActBottleneck
+from attnpipe.models.resnet import AttendedBasicBlock, AttendedBottleneck
 
-IMAGENET = ["attention56", "attention92", "attnvgg16", "streamlined_resnet18",
-            "streamlined_resnet50", "resnet50"]  # fmt: skip
+RESNETS = ["resnet50", "se_resnet18", "se_resnet50", "streamlined_resnet18",
+           "streamlined_resnet50"]  # fmt: skip
+IMAGENET = ["attention56", "attention92", "attnvgg16", *RESNETS]
 CIFAR = ["attention56_cifar", "attention92_cifar", "ltpa_vgg_cifar"]
 # Small variants where the model allows it, so structural tests stay fast.
 FAST_KWARGS = {
@@ -70,21 +72,27 @@ def test_registry_lists_every_model() -> None:
     ("name", "num_classes", "expected"),
     [
         ("attention56", 1000, 31_810_728),
-        ("streamlined_resnet50", 1000, 28_088_024),
+        ("se_resnet50", 1000, 28_088_024),
+        ("streamlined_resnet50", 1000, 45_676_584),
         ("resnet50", 1000, 25_557_032),
         ("attnvgg16", 2, 15_182_402 + 1_281 * 2),
         ("attnvgg16", 10, 15_182_402 + 1_281 * 10),
         ("attention92_cifar", 10, 2_396_410),  # "roughly 2.4-2.5M" for a faithful transfer
+        ("attention56_cifar", 10, 1_147_386),
     ],
 )
 def test_parameter_counts(name: str, num_classes: int, expected: int) -> None:
     assert count_parameters(create_model(name, num_classes)) == expected
 
 
-def test_streamlined_reduction_changes_only_attention() -> None:
-    base = count_parameters(create_model("streamlined_resnet50", 1000))
-    r8 = count_parameters(create_model("streamlined_resnet50", 1000, reduction=8))
-    assert r8 > base  # wider attention FCs, same backbone
+def test_se_reduction_changes_only_attention() -> None:
+    base = create_model("se_resnet50", 1000)
+    r8 = create_model("se_resnet50", 1000, reduction=8)
+    assert count_parameters(r8) > count_parameters(base)  # wider attention FCs
+    attn = {k: v.shape for k, v in r8.state_dict().items() if ".attn." in k}
+    assert attn["layer1.0.attn.fc1.weight"] == (256 // 8, 256)
+    backbone = {k: v.shape for k, v in base.state_dict().items() if ".attn." not in k}
+    assert backbone == {k: v.shape for k, v in r8.state_dict().items() if ".attn." not in k}
 
 
 @pytest.mark.parametrize(
@@ -147,11 +155,13 @@ def test_every_parameter_gets_a_gradient(name: str) -> None:
 # --- 3. shapes and attention maps ----------------------------------------------------------
 
 
-# attention92 differs from attention56 only in module counts: one size is enough for it.
+# attention92 differs from attention56 only in module counts: one size is enough for it. The
+# ResNets run at the small sizes their recipes use (64 for CIFAR-style runs, 112) and at 224.
 @pytest.mark.parametrize(
     ("name", "size"),
-    [(n, s) for n in IMAGENET if n != "attention92" for s in (224, 256, 320)]
-    + [("attention92", 224)],
+    [(n, s) for n in ("attention56", "attnvgg16") for s in (224, 256, 320)]
+    + [("attention92", 224)]
+    + [(n, s) for n in RESNETS for s in (64, 112, 224)],
 )
 def test_imagenet_layout_shapes(name: str, size: int) -> None:
     model = create_model(name, 7).eval()
@@ -159,6 +169,19 @@ def test_imagenet_layout_shapes(name: str, size: int) -> None:
         logits, maps = model.forward_with_attention(torch.randn(1, 3, size, size))
     assert logits.shape == (1, 7)
     check_maps(name, maps, size)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3, 1000])
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("se_resnet18", {}), ("streamlined_resnet18", {}), ("streamlined_resnet18", {"head": "mlp"})],
+)
+def test_resnets_any_class_count(name: str, kwargs: dict, num_classes: int) -> None:
+    model = create_model(name, num_classes, **kwargs).eval()
+    with torch.no_grad():
+        logits, maps = model.forward_with_attention(torch.randn(2, 3, 96, 96))
+    assert logits.shape == (2, num_classes)
+    assert maps["cam"].shape == (2, 1, 3, 3)
 
 
 @pytest.mark.parametrize("size", [64, 96, 200])
@@ -202,15 +225,25 @@ def check_maps(name: str, maps: dict[str, torch.Tensor], size: int, batch: int =
         for i, a in enumerate(maps.values()):
             spatial(a, size // 2**i)
             torch.testing.assert_close(a.sum(dim=(2, 3)), torch.ones(batch, 1))
-    elif name.startswith("streamlined"):
+    else:  # the ResNets: per-block channel weights, then the class activation map
+        side = -(-size // 32)
+        assert list(maps)[-1] == "cam"
+        spatial(maps["cam"], side)
+        assert torch.isfinite(maps["cam"]).all()
+        if name == "resnet50":
+            assert list(maps) == ["cam"]
+            return
         blocks = [3, 4, 6, 3] if name.endswith("50") else [2, 2, 2, 2]
-        assert list(maps) == [f"layer{k}.{i}" for k, n in enumerate(blocks, 1) for i in range(n)]
+        keys = [f"layer{k}.{i}" for k, n in enumerate(blocks, 1) for i in range(n)]
+        assert list(maps) == [*keys, "cam"]
         expansion = 4 if name.endswith("50") else 1
-        for key, w in maps.items():
+        for key in keys:
+            w = maps[key]
             assert w.shape == (batch, 64 * 2 ** (int(key[5]) - 1) * expansion)
-            assert w.min() >= 0 and w.max() <= 1
-    else:
-        assert maps == {}
+            if name.startswith("se_"):
+                assert w.min() >= 0 and w.max() <= 1  # sigmoid-gated
+            else:
+                assert torch.isfinite(w).all() and w.min() < 0  # ungated: signed, unbounded
 
 
 def test_attnvgg_softmax_maps_sum_to_one() -> None:
@@ -324,11 +357,9 @@ def test_unknown_kwarg_names_model_and_valid_kwargs() -> None:
     assert "\n" not in message
     assert "attention56_cifar" in message and "width_multiplier" in message
     assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
-    assert model_kwargs("attnvgg16") == {
-        "normalize": "sigmoid",
-        "dropout": 0.0,
-        "pretrained_backbone": None,
-    }
+    assert model_kwargs("attnvgg16") == {"normalize": "sigmoid", "dropout": 0.0}
+    assert model_kwargs("streamlined_resnet50") == {"head": "linear"}
+    assert model_kwargs("se_resnet50") == {"reduction": 16}
 
 
 @pytest.mark.parametrize(
@@ -337,7 +368,9 @@ def test_unknown_kwarg_names_model_and_valid_kwargs() -> None:
         ("attnvgg16", {"normalize": "tanh"}),
         ("ltpa_vgg_cifar", {"compatibility": "cosine"}),
         ("attention56_cifar", {"width_multiplier": 0}),
-        ("streamlined_resnet18", {"reduction": 0}),
+        ("se_resnet18", {"reduction": 0}),
+        ("streamlined_resnet18", {"head": "conv"}),
+        ("attention92_cifar", {"mask_bottom": "deep"}),
     ],
 )
 def test_invalid_values_raise_value_error(name: str, kwargs: dict) -> None:
@@ -347,60 +380,202 @@ def test_invalid_values_raise_value_error(name: str, kwargs: dict) -> None:
         create_model(name, 0)
 
 
-# --- pretrained backbones from local files ----------------------------------------------------
-
-
-def test_attnvgg_loads_torchvision_vgg16_bn(tmp_path) -> None:
-    source = torchvision.models.vgg16_bn()  # random init: nothing is downloaded
-    path = tmp_path / "vgg16_bn.pt"
-    torch.save(source.state_dict(), path)
-    model = create_model("attnvgg16", 2, pretrained_backbone=str(path))
-    for key, value in source.features.state_dict().items():
-        torch.testing.assert_close(model.features.state_dict()[key], value, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("name", ["resnet50", "streamlined_resnet50"])
-def test_resnets_load_torchvision_resnet50(tmp_path, name: str) -> None:
-    source = torchvision.models.resnet50()
-    path = tmp_path / "resnet50.pt"
-    torch.save({"state_dict": source.state_dict()}, path)  # wrapped checkpoints are accepted
-    model = create_model(name, 3, pretrained_backbone=str(path))
-    own = model.state_dict()
-    for key, value in source.state_dict().items():
-        if not key.startswith("fc."):
-            torch.testing.assert_close(own[key], value, rtol=0, atol=0)
-    assert own["fc.weight"].shape == (3, 2048)
-
-
-def test_missing_backbone_file(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="pretrained backbone file not found") as info:
-        create_model("resnet50", 3, pretrained_backbone=str(tmp_path / "nope.pt"))
-    assert "\n" not in str(info.value)
-
-
-def test_mismatched_backbone_names_keys(tmp_path) -> None:
-    path = tmp_path / "resnet18.pt"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(ValueError, match=r"missing \d+ key\(s\): layer1\.0\.bn3"):
-        create_model("streamlined_resnet50", 3, pretrained_backbone=str(path))
-
-    state = torchvision.models.resnet18().state_dict()
-    state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
-    torch.save(state, path)
-    with pytest.raises(ValueError, match=r"shape mismatches.*layer1\.0\.conv1\.weight"):
-        create_model("streamlined_resnet18", 3, pretrained_backbone=str(path))
-
-
 # --- summary table ---------------------------------------------------------------------------
 
 
 def test_describe_and_format_table() -> None:
-    rows = describe_models(["attention56_cifar", "resnet50"])
-    assert [r.name for r in rows] == ["attention56_cifar", "resnet50"]
-    cifar, r50 = rows
-    assert (r50.params, r50.input_size, r50.attention_maps) == (25_557_032, 224, ())
+    rows = describe_models(["attention56_cifar", "resnet50", "se_resnet18"])
+    assert [r.name for r in rows] == ["attention56_cifar", "resnet50", "se_resnet18"]
+    cifar, r50, se18 = rows
+    assert (r50.params, r50.input_size, r50.attention_maps) == (25_557_032, 224, ("cam",))
     assert cifar.input_size == 32 and cifar.attention_maps == ("stage1.0", "stage2.0", "stage3.0")
+    assert se18.attention_maps[0] == "layer1.0" and se18.attention_maps[-1] == "cam"
     assert r50.macs / 1e9 == pytest.approx(4.09, rel=0.01)
     table = format_model_table(rows)
     assert "attention56_cifar" in table and "25,557,032" in table
-    assert len(table.splitlines()) == 4
+    assert "layer1.0, layer1.1, layer2.0, ..., cam (9 maps)" in table  # the CAM stays visible
+    assert len(table.splitlines()) == 5
+
+
+# --- the streamlined module, the SE ResNets and the MLP head ----------------------------------
+
+
+def test_streamlined_attention_parameters() -> None:
+    model = create_model("streamlined_resnet50", 1000)
+    attn = {k: v for k, v in model.state_dict().items() if ".attn." in k}
+    # One C x C weight per block and nothing else: no bias, no reduction, no second layer.
+    assert all(k.endswith(".attn.fc.weight") for k in attn)
+    assert all(v.shape[0] == v.shape[1] for v in attn.values())
+    assert sum(v.numel() for v in attn.values()) == 20_119_552
+    assert count_parameters(model) - 20_119_552 == 25_557_032  # the rest is torchvision's
+
+
+@pytest.mark.parametrize("name", ["streamlined_resnet50", "streamlined_resnet18"])
+def test_streamlined_block_scales_branch_ungated(name: str) -> None:
+    """Block output = relu(f * (W . GAP(f)) + identity), f the branch's BN output."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    model = calibrated(create_model(name, 10), x)
+    block = model.layer2[0]  # has a downsample: exercises the projected skip as well
+    captured: dict[str, torch.Tensor] = {}
+    last_bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+    last_bn.register_forward_hook(lambda m, a, out: captured.__setitem__("f", out.clone()))
+    block.register_forward_hook(lambda m, a, out: captured.update(x=a[0], out=out))
+    with torch.no_grad():
+        maps = model.attention_maps(x)
+        f = captured["f"]
+        w = f.mean(dim=(2, 3)) @ block.attn.fc.weight.T  # N x C, no bias, no sigmoid
+        expected = torch.relu(f * w[:, :, None, None] + block.downsample(captured["x"]))
+    torch.testing.assert_close(maps["layer2.0"], w)
+    torch.testing.assert_close(captured["out"], expected)
+
+
+@pytest.mark.parametrize("name", ["streamlined_resnet50", "streamlined_resnet18"])
+def test_streamlined_init_is_torch_default_and_damps_branches(name: str) -> None:
+    """The author's code keeps nn.Linear's default init, U(-1/sqrt(C), 1/sqrt(C)). Applied to
+    BatchNorm outputs it starts every residual branch scaled well below 1 (not blown up)."""
+    torch.manual_seed(0)
+    model = create_model(name, 10).train()
+    for m in model.modules():
+        if isinstance(m, AttendedBasicBlock | AttendedBottleneck):
+            weight = m.attn.fc.weight
+            bound = 1 / weight.shape[1] ** 0.5
+            assert weight.abs().max() <= bound
+            assert weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+    with torch.no_grad():
+        maps = model.attention_maps(torch.randn(8, 3, 64, 64))
+    scales = [w.abs().mean().item() for k, w in maps.items() if k != "cam"]
+    assert max(scales) < 0.5 and min(scales) > 0  # damped, but not dead
+
+
+def test_streamlined_trains_with_the_source_recipe() -> None:
+    """Adam lr 1e-4, as the author trains it: the loss of a fixed batch falls and stays finite.
+
+    (The ungated product is less forgiving of large steps than a gated one: see docs/models.md.)
+    """
+    torch.manual_seed(0)
+    model = create_model("streamlined_resnet18", 4).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    losses = []
+    for _ in range(6):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_streamlined_mlp_head_is_the_authors() -> None:
+    model = create_model("streamlined_resnet50", 7, head="mlp")
+    layers = list(model.fc)
+    assert [type(m) for m in layers] == [nn.Linear, nn.Dropout, nn.Linear, nn.Dropout, nn.Linear]
+    assert [(m.in_features, m.out_features) for m in layers[::2]] == [
+        (2048, 1024),
+        (1024, 512),
+        (512, 7),
+    ]
+    assert [m.p for m in layers[1::2]] == [0.5, 0.5]
+    assert count_parameters(create_model("streamlined_resnet50", 1000, head="mlp")) == 46_763_560
+
+
+# --- class activation maps --------------------------------------------------------------------
+
+
+def test_resnet50_cam_is_classifier_row_times_features() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 96, 96)
+    model = calibrated(create_model("resnet50", 5), x)
+    calls = {"conv1": 0, "layer4": 0, "fc": 0}
+    for key in calls:
+        getattr(model, key).register_forward_hook(
+            lambda *_, key=key: calls.__setitem__(key, calls[key] + 1)
+        )
+    with torch.no_grad():
+        logits, maps = model.forward_with_attention(x)
+        assert calls == {"conv1": 1, "layer4": 1, "fc": 1}  # one pass, CAM included
+        feats = model.forward_features(x)  # N x 2048 x 3 x 3
+    pred = logits.argmax(dim=1)
+    expected = torch.stack(
+        [
+            torch.einsum("c,chw->hw", model.fc.weight[k], f) + model.fc.bias[k]
+            for f, k in zip(feats, pred.tolist(), strict=True)
+        ]
+    )[:, None]
+    torch.testing.assert_close(maps["cam"], expected)
+    # Average-pooling the map gives back the predicted class's logit.
+    torch.testing.assert_close(maps["cam"].mean(dim=(1, 2, 3)), logits.max(dim=1).values)
+
+
+def test_cam_of_mlp_head_applies_head_per_position() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    model = calibrated(create_model("streamlined_resnet18", 6, head="mlp"), x)
+    with torch.no_grad():
+        logits, maps = model.forward_with_attention(x)
+        feats = model.forward_features(x)  # N x 512 x 2 x 2
+        pred = logits.argmax(dim=1)
+        for n in range(2):
+            for i in range(2):
+                for j in range(2):
+                    score = model.fc(feats[n, :, i, j])[pred[n]]
+                    torch.testing.assert_close(maps["cam"][n, 0, i, j], score)
+    # In eval mode the author's MLP is affine, so the pooled map is the logit again.
+    torch.testing.assert_close(maps["cam"].mean(dim=(1, 2, 3)), logits.max(dim=1).values)
+
+
+@pytest.mark.parametrize("name", IMAGENET + CIFAR)
+def test_every_model_returns_a_spatial_map(name: str) -> None:
+    model = create_model(name, 3, **FAST_KWARGS.get(name, {})).eval()
+    x = small_input(name, batch=2)
+    with torch.no_grad():
+        maps = spatial_maps(model.attention_maps(x))
+    assert maps, name
+    for value in maps.values():
+        assert value.ndim == 3 and value.shape[0] == 2 and min(value.shape[1:]) > 1
+
+
+# --- AttnVGG initialisation ---------------------------------------------------------------------
+
+
+def test_attnvgg_init_as_attnmel() -> None:
+    torch.manual_seed(0)
+    model = create_model("attnvgg16", 1000)
+    assert model.classifier.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    assert model.classifier.weight.mean().abs().item() < 1e-3
+    assert torch.count_nonzero(model.classifier.bias) == 0
+    for attn in (model.attn1, model.attn2):
+        for conv in (attn.w_l, attn.w_g, attn.phi):
+            fan_in = conv.weight[0].numel()
+            expected = (2 / fan_in) ** 0.5  # He-normal, fan-in, ReLU gain
+            rel = 0.05 if conv.weight.numel() > 10_000 else 0.15  # phi has only 256 weights
+            assert conv.weight.std().item() == pytest.approx(expected, rel=rel)
+        assert torch.count_nonzero(attn.phi.bias) == 0
+
+
+# --- CIFAR Residual Attention mask depth ---------------------------------------------------------
+
+
+def test_cifar_masks_pool_to_the_last_stage_by_default_and_to_the_tail_on_request() -> None:
+    default = create_model("attention92_cifar", 10)
+    assert [s.blocks[0].mask.num_pools for s in default.stages] == [2, 1, 0]
+    tail = create_model("attention92_cifar", 10, mask_bottom="tail")
+    assert [s.blocks[0].mask.num_pools for s in tail.stages] == [3, 2, 1]
+    assert count_parameters(tail) == 2_516_794
+    x = torch.randn(1, 3, 32, 32)
+    bottoms: list[int] = []
+    for stage in tail.stages:
+        stage.blocks[0].mask.bottom.register_forward_hook(
+            lambda m, a, out: bottoms.append(out.shape[-1])
+        )
+    with torch.no_grad():
+        maps = tail.attention_maps(x)
+    assert bottoms == [4, 4, 4]  # every mask reaches the tail's 4 x 4
+    assert [m.shape[-1] for m in maps.values()] == [32, 16, 16, 8, 8, 8]
+
+
+def test_demo_model_is_unchanged() -> None:
+    """attention56_cifar at width 0.25 (the demo's model) keeps its size: 74,934 parameters."""
+    assert count_parameters(create_model("attention56_cifar", 10, width_multiplier=0.25)) == 74_934

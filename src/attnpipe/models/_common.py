@@ -1,15 +1,18 @@
-"""Pieces shared by every model family: the uniform attention API and backbone loading."""
+"""Pieces shared by every model family: the uniform attention API, CAMs and initialisation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 AttentionMaps = dict[str, Tensor]
+
+
+class ModelError(ValueError):
+    """A model that cannot be built as asked (unknown name or argument, unusable weights)."""
 
 
 class AttentionAPI:
@@ -38,8 +41,13 @@ class AttentionAPI:
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, AttentionMaps]:
         """Logits and the named attention maps from one pass (no second forward for overlays)."""
         maps: AttentionMaps = {}
-        logits = self.forward_head(self._features(x, maps))
+        feats = self._features(x, maps)
+        logits = self.forward_head(feats)
+        self._head_maps(feats, logits, maps)
         return logits, maps
+
+    def _head_maps(self, feats: Tensor, logits: Tensor, maps: AttentionMaps) -> None:
+        """Add maps that need the pass's logits (e.g. a class activation map); none by default."""
 
     def attention_maps(self, x: Tensor) -> AttentionMaps:
         """Named attention maps for input ``x``; the model's docstring gives keys and shapes.
@@ -84,59 +92,22 @@ def init_conv_bn(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained backbone file not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    # Accept training checkpoints that wrap the weights, and DDP's "module." prefix.
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+def class_activation_map(head: nn.Module, feats: Tensor, classes: Tensor) -> Tensor:
+    """Score of class ``classes[n]`` at every position of ``feats``: N x 1 x h x w.
 
-
-def _preview(keys: Iterable[str], limit: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def load_backbone(
-    model: nn.Module,
-    path: str | Path,
-    *,
-    backbone: Callable[[str], bool],
-    ignore: Callable[[str], bool] = lambda k: False,
-) -> None:
-    """Copy the backbone tensors of a local state_dict file into ``model``.
-
-    ``backbone(key)`` says which of the model's keys must come from the file (the rest, e.g.
-    attention branches and the classifier, keep their fresh init); file keys for which
-    ``ignore(key)`` holds (e.g. the source network's classifier) are skipped. Any other
-    disagreement raises ValueError naming the keys, so a wrong file never loads half-way.
+    ``head`` maps pooled N x C features to logits. An ``nn.Linear`` head gives exactly
+    ``W[k] . feats[n, :, i, j] + b[k]`` (only the needed class rows are computed); any other
+    head is applied to each position's C-vector (for a head that is affine in eval mode, such
+    as the streamlined MLP, that is the same map). For an affine head the map's spatial mean is
+    the logit of the average-pooled features.
     """
-    source = {k: v for k, v in _read_state_dict(path).items() if not ignore(k)}
-    target = {k: v for k, v in model.state_dict().items() if backbone(k)}
-    missing = target.keys() - source.keys()
-    unexpected = source.keys() - target.keys()
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {_preview(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {_preview(unexpected)}")
-        raise ValueError(f"pretrained backbone {path} does not match: " + "; ".join(parts))
-    bad_shapes = [
-        f"{k} {tuple(source[k].shape)} vs {tuple(v.shape)}"
-        for k, v in target.items()
-        if source[k].shape != v.shape
-    ]
-    if bad_shapes:
-        raise ValueError(
-            f"pretrained backbone {path} has shape mismatches (file vs model): "
-            + _preview(bad_shapes)
-        )
-    model.load_state_dict(source, strict=False)
+    n, c, h, w = feats.shape
+    if isinstance(head, nn.Linear):
+        cam = torch.einsum("nc,nchw->nhw", head.weight[classes], feats)
+        if head.bias is not None:
+            cam = cam + head.bias[classes][:, None, None]
+        return cam[:, None]
+    per_position = feats.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    scores = head(per_position).view(n, h * w, -1)  # N x hw x K
+    picked = scores.gather(2, classes.view(n, 1, 1).expand(n, h * w, 1))
+    return picked.view(n, 1, h, w)

@@ -5,6 +5,7 @@ pool-5. Shapes in comments are for 224 x 224 input.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from ._common import AttentionAPI, AttentionMaps, init_conv_bn, load_backbone, upsample_bilinear
+from ._common import AttentionAPI, AttentionMaps, init_conv_bn, upsample_bilinear
+from .pretrained import load_backbone
 
 __all__ = ["AttnVGG", "GridAttention", "attnvgg16"]
 
@@ -60,6 +62,13 @@ class AttnVGG(AttentionAPI, nn.Module):
     (N x 1 x H/16 x W/16); in [0, 1] for ``sigmoid``, summing to 1 over positions for ``softmax``.
     ``forward_features`` returns the 1280-d descriptor (GAP(pool5) 512 | attended pool-3 256 |
     attended pool-4 512); ``forward_head`` is dropout + linear.
+
+    Initialisation as the original (SaoYan/IPMI2019-AttnMel, ``networks.AttnVGG``, its
+    ``reset_parameters`` applied to ``attn1``, ``attn2`` and ``cls``): every attention conv
+    (``w_l``, ``w_g``, ``phi``) He-normal with fan-in (std sqrt(2 / fan_in)), the one conv bias
+    (``phi``) zero; the classifier N(0, 0.01) with zero bias. The VGG features, which the
+    original always takes ImageNet-pretrained, get torchvision's VGG init (He-normal, fan-out)
+    when trained from scratch.
     """
 
     def __init__(
@@ -76,6 +85,16 @@ class AttnVGG(AttentionAPI, nn.Module):
         self.num_features = 512 + 256 + 512
         self.classifier = nn.Linear(self.num_features, num_classes)
         init_conv_bn(self.features)
+        self._init_like_original()
+
+    def _init_like_original(self) -> None:
+        for m in (*self.attn1.modules(), *self.attn2.modules()):
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier.weight, 0.0, 0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     def _features(self, x: Tensor, maps: AttentionMaps | None) -> Tensor:
         taps: list[Tensor] = []
@@ -95,27 +114,21 @@ class AttnVGG(AttentionAPI, nn.Module):
     def forward_head(self, feats: Tensor) -> Tensor:
         return self.classifier(self.dropout(feats))
 
-    def load_backbone(self, path: str | Path) -> None:
+    def load_backbone(
+        self, source: str | Path | Mapping[str, Tensor], origin: str | None = None
+    ) -> None:
         """Load a torchvision ``vgg16_bn`` state_dict (its classifier is ignored)."""
         load_backbone(
             self,
-            path,
+            source,
+            origin=origin,
             backbone=lambda k: k.startswith("features."),
             ignore=lambda k: k.startswith("classifier."),
         )
 
 
 def attnvgg16(
-    num_classes: int = 2,
-    normalize: Normalize = "sigmoid",
-    dropout: float = 0.0,
-    pretrained_backbone: str | None = None,
+    num_classes: int = 2, normalize: Normalize = "sigmoid", dropout: float = 0.0
 ) -> AttnVGG:
-    """AttnVGG-16 (15,182,402 + 1,281 x num_classes parameters).
-
-    ``pretrained_backbone``: local path of a torchvision vgg16_bn state_dict; never downloads.
-    """
-    model = AttnVGG(num_classes, normalize=normalize, dropout=dropout)
-    if pretrained_backbone is not None:
-        model.load_backbone(pretrained_backbone)
-    return model
+    """AttnVGG-16 (15,182,402 + 1,281 x num_classes parameters)."""
+    return AttnVGG(num_classes, normalize=normalize, dropout=dropout)

@@ -3,34 +3,55 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models import (
+    ResNet18_Weights,
+    ResNet50_Weights,
+    VGG16_BN_Weights,
+    WeightsEnum,
+)
 
 from . import attn_vgg, ltpa, residual_attention, resnet
+from ._common import ModelError
+from .pretrained import (
+    PretrainedWeightsError,
+    ensure_imagenet_file,
+    load_imagenet_state_dict,
+    read_state_dict,
+)
 
 __all__ = [
+    "IMAGENET",
     "ModelError",
     "ModelInfo",
     "ModelSpec",
+    "Pretrained",
     "UnknownModelArgumentError",
+    "check_pretrained",
     "count_macs",
     "count_parameters",
     "create_model",
     "default_input_size",
     "describe_models",
+    "fetch_imagenet_weights",
     "format_model_table",
+    "imagenet_models",
     "list_models",
     "model_kwargs",
+    "supports_imagenet",
 ]
 
-
-class ModelError(ValueError):
-    """A model that cannot be built as asked (unknown name or argument, unusable weights)."""
+IMAGENET = "imagenet"
+# None (fresh init), "imagenet" (torchvision's weights) or the path of a local state_dict file.
+Pretrained = str | os.PathLike[str] | None
 
 
 class UnknownModelArgumentError(ModelError, TypeError):
@@ -47,18 +68,28 @@ class ModelSpec:
     factory: Callable[..., nn.Module]
     input_size: int
     summary_classes: int  # classes used for the parameter/MAC summary (1000 unless CIFAR)
+    # torchvision ImageNet weights of the backbone (None: no pretrained backbone). A model with
+    # them implements ``load_backbone(state_dict_or_path)``.
+    imagenet_weights: WeightsEnum | None = None
 
+
+# ResNet-50 V1 (76.13% top-1) is the file the streamlined author's code loads (resnet50-19c8e357,
+# re-saved by torchvision under the V1 name, pytorch/vision#2068); V2 is a 2021 recipe.
+_R18, _R50 = ResNet18_Weights.IMAGENET1K_V1, ResNet50_Weights.IMAGENET1K_V1
+_VGG = VGG16_BN_Weights.IMAGENET1K_V1  # the only vgg16_bn weights, what AttnMel loads
 
 _SPECS = (
     ModelSpec("attention56", residual_attention.attention56, 224, 1000),
     ModelSpec("attention92", residual_attention.attention92, 224, 1000),
     ModelSpec("attention56_cifar", residual_attention.attention56_cifar, 32, 10),
     ModelSpec("attention92_cifar", residual_attention.attention92_cifar, 32, 10),
-    ModelSpec("attnvgg16", attn_vgg.attnvgg16, 224, 1000),
+    ModelSpec("attnvgg16", attn_vgg.attnvgg16, 224, 1000, _VGG),
     ModelSpec("ltpa_vgg_cifar", ltpa.ltpa_vgg_cifar, 32, 100),
-    ModelSpec("streamlined_resnet18", resnet.streamlined_resnet18, 224, 1000),
-    ModelSpec("streamlined_resnet50", resnet.streamlined_resnet50, 224, 1000),
-    ModelSpec("resnet50", resnet.resnet50, 224, 1000),
+    ModelSpec("resnet50", resnet.resnet50, 224, 1000, _R50),
+    ModelSpec("se_resnet18", resnet.se_resnet18, 224, 1000, _R18),
+    ModelSpec("se_resnet50", resnet.se_resnet50, 224, 1000, _R50),
+    ModelSpec("streamlined_resnet18", resnet.streamlined_resnet18, 224, 1000, _R18),
+    ModelSpec("streamlined_resnet50", resnet.streamlined_resnet50, 224, 1000, _R50),
 )
 # Read-only view: the registry is fixed at import time, nothing registers at runtime.
 _REGISTRY = MappingProxyType({spec.name: spec for spec in _SPECS})
@@ -89,11 +120,64 @@ def default_input_size(name: str) -> int:
     return _spec(name).input_size
 
 
-def create_model(name: str, num_classes: int, **kwargs: object) -> nn.Module:
+def imagenet_models() -> list[str]:
+    """Names of the models that accept ``pretrained="imagenet"`` (or a local backbone file)."""
+    return [name for name in list_models() if _REGISTRY[name].imagenet_weights is not None]
+
+
+def supports_imagenet(name: str) -> bool:
+    """Whether model ``name`` has a torchvision ImageNet backbone (ValueError if unknown)."""
+    return _spec(name).imagenet_weights is not None
+
+
+def check_pretrained(name: str, pretrained: Pretrained) -> None:
+    """Validate a ``pretrained`` choice for model ``name`` without loading anything.
+
+    None always works; "imagenet" and local backbone files only for ``imagenet_models()``.
+    Raises PretrainedWeightsError (a ValueError) with a one-line message otherwise; whether a
+    file exists is checked when the model is built.
+    """
+    spec = _spec(name)
+    if pretrained is None:
+        return
+    if not isinstance(pretrained, str | os.PathLike) or str(pretrained) == "":
+        raise PretrainedWeightsError(
+            f"pretrained must be None, {IMAGENET!r} or the path of a state_dict file, "
+            f"got {pretrained!r}"
+        )
+    if spec.imagenet_weights is None:
+        what = "ImageNet weights" if pretrained == IMAGENET else "pretrained backbone"
+        raise PretrainedWeightsError(
+            f"model {name!r} has no {what} (pretrained={str(pretrained)!r}); models with "
+            f"ImageNet backbones: {', '.join(imagenet_models())}"
+        )
+
+
+def fetch_imagenet_weights(name: str) -> Path:
+    """Make sure the ImageNet weights of model ``name`` are in torch's hub cache; their path.
+
+    Downloads unless ``ATTNPIPE_OFFLINE=1`` (then a missing file is an error). Call it once
+    before starting workers that all build the model, so they do not download concurrently.
+    """
+    check_pretrained(name, IMAGENET)
+    weights = _spec(name).imagenet_weights
+    assert weights is not None  # guaranteed by check_pretrained
+    return ensure_imagenet_file(weights, name)
+
+
+def create_model(
+    name: str, num_classes: int, pretrained: Pretrained = None, **kwargs: object
+) -> nn.Module:
     """Build registry model ``name`` with ``num_classes`` outputs.
 
-    Raises ValueError for an unknown name and UnknownModelArgumentError (a TypeError and a
-    ValueError) for a keyword the model does not take; both messages list the valid choices.
+    ``pretrained``: None (fresh init), "imagenet" (torchvision's ImageNet weights from torch's
+    hub cache, downloaded unless ``ATTNPIPE_OFFLINE=1``; see ``attnpipe.models.pretrained``)
+    or the path of a local state_dict of the same torchvision backbone. Only backbone tensors
+    load; attention branches and the classifier keep their fresh init.
+
+    Raises ValueError for an unknown name, UnknownModelArgumentError (a TypeError and a
+    ValueError) for a keyword the model does not take, and PretrainedWeightsError (a
+    ValueError) for unusable pretrained weights; all messages are one line.
     """
     spec = _spec(name)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -101,12 +185,31 @@ def create_model(name: str, num_classes: int, **kwargs: object) -> nn.Module:
     valid = model_kwargs(name)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
-        choices = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
+        choices = ", ".join([*(f"{k}={v!r}" for k, v in valid.items()), "pretrained=None"])
         raise UnknownModelArgumentError(
             f"model {name!r} got unexpected argument(s) {', '.join(unknown)}; "
             f"valid arguments: {choices}"
         )
-    return spec.factory(num_classes=num_classes, **kwargs)
+    check_pretrained(name, pretrained)
+    # Fetch before building: a missing file fails fast, without a model's construction time.
+    source = _pretrained_state(spec, pretrained)
+    model = spec.factory(num_classes=num_classes, **kwargs)
+    if source is not None:
+        state, origin = source
+        model.load_backbone(state, origin=origin)
+    return model
+
+
+def _pretrained_state(
+    spec: ModelSpec, pretrained: Pretrained
+) -> tuple[dict[str, torch.Tensor], str] | None:
+    if pretrained is None:
+        return None
+    if pretrained == IMAGENET:
+        assert spec.imagenet_weights is not None  # guaranteed by check_pretrained
+        weights = spec.imagenet_weights
+        return load_imagenet_state_dict(weights, spec.name), f"{weights} ({weights.url})"
+    return read_state_dict(pretrained), str(pretrained)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -174,7 +277,8 @@ def _compact(names: tuple[str, ...], limit: int = 4) -> str:
         return "-"
     if len(names) <= limit:
         return ", ".join(names)
-    return f"{', '.join(names[:limit])}, ... ({len(names)} maps)"
+    # The last name stays visible: it is the deepest map (the CAM of the ResNets).
+    return f"{', '.join(names[: limit - 1])}, ..., {names[-1]} ({len(names)} maps)"
 
 
 def format_model_table(rows: Sequence[ModelInfo] | None = None) -> str:
