@@ -26,6 +26,8 @@ IP_CANDIDATES = ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip")
 PREFIX = "attnpipe-t"  # namespace names: attnpipe-t<pid>-<tag>-<host index>
 INTERFACE = "attn0"  # the one interface name every host has
 COMMAND_TIMEOUT_S = 30
+NETNS_DIR = Path("/run/netns")  # where `ip netns add` names a namespace
+STALE_AFTER_S = 2 * 3600  # longer than any test run (their timeout is 20 minutes)
 
 
 class NetnsUnavailable(RuntimeError):
@@ -162,14 +164,24 @@ def create_hosts(count: int = 2) -> Network:
 
 
 def remove_stale_namespaces() -> None:
-    """Delete test namespaces whose creating process is gone (a run killed before cleanup)."""
+    """Delete test namespaces left by a run killed before its cleanup.
+
+    Stale: its creating process is gone and it is older than any test run lasts (a run in
+    another pid namespace, whose pid this one cannot see, is left alone while it may live).
+    """
     try:
         listing = _ip("netns", "list")
     except NetnsUnavailable:
         return
     for line in listing.splitlines():
         match = re.match(rf"({re.escape(PREFIX)}(\d+)-\w+-\d+)", line)
-        if match and not Path(f"/proc/{match.group(2)}").exists():
+        if not match or Path(f"/proc/{match.group(2)}").exists():
+            continue
+        try:
+            age = time.time() - (NETNS_DIR / match.group(1)).stat().st_mtime
+        except OSError:
+            continue
+        if age > STALE_AFTER_S:
             stale = Host(match.group(1), "")
             stale.kill_all()
             subprocess.run([ip_binary(), "netns", "delete", stale.namespace], capture_output=True)
