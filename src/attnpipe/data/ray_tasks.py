@@ -54,7 +54,7 @@ def check_reachable(address: str) -> None:
             "port); fix --address or RAY_ADDRESS"
         )
     try:
-        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__
