@@ -170,6 +170,14 @@ def _add_stage_commands(commands: argparse._SubParsersAction) -> None:
         )
         sub.add_argument("pipeline", help="pipeline name: pipelines/<pipeline>.yaml")
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        if name in ("prepare", "shard"):
+            work = "validate the images" if name == "prepare" else "write the shards"
+            sub.add_argument(
+                "--address",
+                help=f"Ray cluster (HEAD:6379) to {work} on, as Ray tasks; each task gets its "
+                "images' bytes through Ray, so the nodes need no access to data/; the output "
+                "is byte-identical to a local run (default: RAY_ADDRESS, else local processes)",
+            )
         if name == "shard":
             sub.add_argument(
                 "--publish",
@@ -448,8 +456,10 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _prepare_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths) -> None:
     from attnpipe.data.prepare import format_data_report, prepare
+    from attnpipe.data.ray_tasks import cluster_address
 
-    result = prepare(recipe, paths, progress=not args.no_progress)
+    address = cluster_address(getattr(args, "address", None))
+    result = prepare(recipe, paths, progress=not args.no_progress, address=address)
     print(format_data_report(result.report))
     print(f"manifest: {paths.manifest}  rejected: {paths.rejected}")
 
@@ -459,9 +469,11 @@ def _shard(args: argparse.Namespace) -> None:
 
 
 def _shard_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths) -> None:
+    from attnpipe.data.ray_tasks import cluster_address
     from attnpipe.data.shard import publish_shards, shard
 
-    index = shard(recipe, paths, progress=not args.no_progress)
+    address = cluster_address(getattr(args, "address", None))
+    index = shard(recipe, paths, progress=not args.no_progress, address=address)
     for split, block in index["splits"].items():
         print(f"{split}: {block['samples']} samples in {len(block['shards'])} shard(s)")
     target = args.publish or recipe.shard.publish_to

@@ -9,11 +9,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +23,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from attnpipe.config import PrepareConfig, Recipe
+from attnpipe.data import ray_tasks
 from attnpipe.data.images import BadImage, ImageInfo, inspect
 from attnpipe.data.layouts import RawIndex, RawRecord, read_layout
 from attnpipe.errors import AttnpipeError
@@ -28,6 +31,7 @@ from attnpipe.paths import PipelinePaths
 
 SPLITS = ("train", "val", "test")
 SEQUENTIAL_BELOW = 64  # fewer images than this are scanned in-process: a pool costs more
+SCAN_TASK_IMAGES = 64  # images per Ray task: enough to outweigh its scheduling cost
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -74,14 +78,19 @@ class PrepareResult:
     report: dict
 
 
-def prepare(recipe: Recipe, paths: PipelinePaths, progress: bool = True) -> PrepareResult:
-    """Run the whole stage for one pipeline and write its outputs."""
+def prepare(
+    recipe: Recipe, paths: PipelinePaths, progress: bool = True, address: str | None = None
+) -> PrepareResult:
+    """Run the whole stage for one pipeline and write its outputs.
+
+    With `address`, the images are validated by Ray tasks on that cluster (see `ray_tasks`);
+    the files written are the same, byte for byte.
+    """
     config = recipe.prepare
     index = read_layout(recipe, paths.raw)
     labelled = _resolve_labels(index, origin=str(paths.raw))
-    infos = scan_images(
-        [record.path for record, _ in labelled], config.max_pixels, config.workers, progress
-    )
+    images = [record.path for record, _ in labelled]
+    infos = scan_images(images, config.max_pixels, config.workers, progress, address)
 
     good: list[Sample] = []
     rejected: list[Rejection] = []
@@ -158,14 +167,23 @@ def _resolve_labels(index: RawIndex, origin: str) -> list[tuple[RawRecord, int]]
 
 # --------------------------------------------------------------------------- scanning
 def scan_images(
-    paths: Sequence[Path], max_pixels: int, workers: int = 0, progress: bool = True
+    paths: Sequence[Path],
+    max_pixels: int,
+    workers: int = 0,
+    progress: bool = True,
+    address: str | None = None,
 ) -> list[ImageInfo | BadImage]:
-    """Decode every image in parallel processes; each result is its facts or why it is bad."""
+    """Decode every image in parallel processes, or as Ray tasks on the cluster at `address`.
+
+    Each result is the image's facts or why it is bad.
+    """
     workers = workers or os.cpu_count() or 1
     chunksize = max(1, min(64, len(paths) // (workers * 8) or 1))
     bar = tqdm(total=len(paths), desc="scan images", unit="img", disable=not progress)
     results: list[ImageInfo | BadImage] = []
     with bar:
+        if address:
+            return _scan_on_ray(paths, max_pixels, address, bar)
         if workers == 1 or len(paths) < SEQUENTIAL_BELOW:
             for path in paths:
                 results.append(_scan_one(path, max_pixels))
@@ -184,6 +202,47 @@ def _scan_one(path: Path, max_pixels: int) -> ImageInfo | BadImage:
         return inspect(path, max_pixels)
     except BadImage as bad:
         return bad
+
+
+def _scan_on_ray(
+    paths: Sequence[Path], max_pixels: int, address: str, bar: tqdm
+) -> list[ImageInfo | BadImage]:
+    """Chunks of images as Ray tasks: their bytes go in, their facts (or reasons) come back.
+
+    A file the driver cannot read is scanned here instead: it fails at reading, with the
+    reason a local run gives.
+    """
+    chunks = [
+        range(i, min(i + SCAN_TASK_IMAGES, len(paths)))
+        for i in range(0, len(paths), SCAN_TASK_IMAGES)
+    ]
+    results: list[ImageInfo | BadImage | None] = [None] * len(paths)
+    nodes = set()
+    inputs = (([ray_tasks.read_or_none(paths[i]) for i in chunk], max_pixels) for chunk in chunks)
+    for position, (infos, node) in ray_tasks.run_tasks(_scan_task, inputs, address):
+        for i, info in zip(chunks[position], infos, strict=True):
+            results[i] = info if info is not None else _scan_one(paths[i], max_pixels)
+        bar.update(len(chunks[position]))
+        nodes.add(node)
+        ray_tasks.trace_task("scan", f"{chunks[position].start}-{chunks[position].stop}", node)
+    bar.write(f"scanned {len(paths)} image(s) with Ray tasks on {len(nodes)} node(s) of {address}")
+    return cast(list[ImageInfo | BadImage], results)  # every chunk answered: no None left
+
+
+def _scan_task(
+    blobs: list[bytes | None], max_pixels: int
+) -> tuple[list[ImageInfo | BadImage | None], str]:
+    """On a node: each image's bytes staged as a file and inspected as a local run does."""
+    infos: list[ImageInfo | BadImage | None] = []
+    with tempfile.TemporaryDirectory(prefix="attnpipe-scan-") as folder:
+        staged = Path(folder) / "image"
+        for blob in blobs:
+            if blob is None:
+                infos.append(None)  # the driver could not read it: it says why
+                continue
+            staged.write_bytes(blob)
+            infos.append(_scan_one(staged, max_pixels))
+    return infos, ray_tasks.node_id()
 
 
 def _drop_duplicates(

@@ -11,8 +11,9 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from attnpipe import storage
 from attnpipe.config import Recipe, ShardConfig
+from attnpipe.data import ray_tasks
 from attnpipe.data.images import BadImage, load_rgb
 from attnpipe.data.prepare import SPLITS, read_manifest
 from attnpipe.errors import AttnpipeError
@@ -63,8 +65,14 @@ def plan_shard_counts(n: int, total_bytes: int, config: ShardConfig) -> int:
     return max(1, min(wanted, n))
 
 
-def shard(recipe: Recipe, paths: PipelinePaths, progress: bool = True) -> dict:
-    """Write `data/<name>/shards/` for every split and return the index."""
+def shard(
+    recipe: Recipe, paths: PipelinePaths, progress: bool = True, address: str | None = None
+) -> dict:
+    """Write `data/<name>/shards/` for every split and return the index.
+
+    With `address`, the shards are encoded by Ray tasks on that cluster (see `ray_tasks`);
+    the files written are the same, byte for byte.
+    """
     config = recipe.shard
     manifest = read_manifest(paths.manifest).to_pylist()
     classes = json.loads(paths.classes.read_text())["classes"]
@@ -103,26 +111,58 @@ def shard(recipe: Recipe, paths: PipelinePaths, progress: bool = True) -> dict:
                 )
             )
 
-    workers = config.workers or os.cpu_count() or 1
-    total = sum(len(job.rows) for _, job in jobs)
+    results = write_shards([job for _, job in jobs], config.workers, progress, address)
     index: dict = {"format": config.format, "classes": classes, "splits": {}}
-    with tqdm(total=total, desc="write shards", unit="img", disable=not progress) as bar:
-        if workers == 1 or len(jobs) == 1:
-            results = map(write_shard, (job for _, job in jobs))
-            entries = [(split, _tick(bar, r)) for (split, _), r in zip(jobs, results, strict=True)]
-        else:
-            with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-                results = pool.map(write_shard, [job for _, job in jobs])
-                entries = [
-                    (split, _tick(bar, r)) for (split, _), r in zip(jobs, results, strict=True)
-                ]
-    for split, entry in entries:
+    for (split, _), entry in zip(jobs, results, strict=True):
         entry["classes"] = {classes[int(k)]: v for k, v in sorted(entry["classes"].items())}
         block = index["splits"].setdefault(split, {"samples": 0, "shards": []})
         block["samples"] += entry["samples"]
         block["shards"].append(entry)
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return index
+
+
+def write_shards(
+    jobs: list[ShardJob], workers: int, progress: bool = True, address: str | None = None
+) -> list[dict]:
+    """Write every job's tar, in local processes or as Ray tasks; their entries, in order."""
+    total = sum(len(job.rows) for job in jobs)
+    with tqdm(total=total, desc="write shards", unit="img", disable=not progress) as bar:
+        if address:
+            return _write_shards_on_ray(jobs, address, bar)
+        workers = workers or os.cpu_count() or 1
+        if workers == 1 or len(jobs) == 1:
+            return [_tick(bar, write_shard(job)) for job in jobs]
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            return [_tick(bar, entry) for entry in pool.map(write_shard, jobs)]
+
+
+def _write_shards_on_ray(jobs: list[ShardJob], address: str, bar: tqdm) -> list[dict]:
+    """Each job a Ray task: its images go in as bytes, its tar and entry come back."""
+    entries: list[dict] = [{} for _ in jobs]
+    nodes = set()
+    inputs = (
+        (job, ray_tasks.read_inputs(job.root, [row["path"] for row in job.rows])) for job in jobs
+    )
+    for position, (entry, data, node) in ray_tasks.run_tasks(_shard_task, inputs, address):
+        jobs[position].path.write_bytes(data)
+        entries[position] = _tick(bar, entry)
+        nodes.add(node)
+        ray_tasks.trace_task("shard", jobs[position].path.name, node)
+    bar.write(f"wrote {len(jobs)} shard(s) with Ray tasks on {len(nodes)} node(s) of {address}")
+    return entries
+
+
+def _shard_task(job: ShardJob, images: dict[str, bytes]) -> tuple[dict, bytes, str]:
+    """On a node: stage the images as the driver has them, `write_shard` there, return the tar."""
+    with tempfile.TemporaryDirectory(prefix="attnpipe-shard-") as folder:
+        root = Path(folder) / "root"
+        ray_tasks.stage_files(root, images)
+        rows = [{**row, "path": ray_tasks.staged_name(row["path"])} for row in job.rows]
+        (Path(folder) / "out").mkdir()
+        local = replace(job, rows=rows, root=root, path=Path(folder) / "out" / job.path.name)
+        entry = write_shard(local)
+        return entry, local.path.read_bytes(), ray_tasks.node_id()
 
 
 def _tick(bar: tqdm, entry: dict) -> dict:

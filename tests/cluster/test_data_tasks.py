@@ -1,0 +1,150 @@
+"""prepare and shard as Ray tasks on a two-node cluster write a local run's files, byte for byte.
+
+The raw folder includes unusable files (missing, empty, not an image, truncated), so the
+rejection reasons are compared too. Tasks get their images' bytes through Ray's object store;
+the nodes of `ray.cluster_utils.Cluster` share this machine's disk, but the tasks never read
+the project's files: the driver does, and writes every output itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from attnpipe.cli import main
+from attnpipe.paths import PipelinePaths
+
+
+def slow(test):
+    """Real Ray runs: a minute on an idle 2-core machine; the allowance covers a busy one."""
+    return pytest.mark.slow(pytest.mark.timeout(1200)(test))
+
+
+OUTPUTS = ("manifest.parquet", "rejected.csv", "classes.json")
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _trace(folder: Path, kind: str) -> list[dict]:
+    path = folder / f"{kind}-tasks.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.fixture
+def two_nodes(monkeypatch) -> Iterator[tuple[str, set[str]]]:
+    """A head and one more node, one CPU each: (address, node ids)."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster.address, {node.node_id for node in cluster.list_all_nodes()}
+    finally:
+        cluster.shutdown()
+
+
+def _damage(raw: Path) -> dict[str, str]:
+    """Make four images unusable, one way each; {image file: the reason prepare gives}."""
+    images = sorted((raw / "train_images").glob("*.png"))[:4]
+    images[0].unlink()
+    images[1].write_bytes(b"")
+    images[2].write_text("not an image")
+    images[3].write_bytes(images[3].read_bytes()[:60])
+    return {
+        images[0].name: "missing file",
+        images[1].name: "zero-byte file",
+        images[2].name: "not an image",
+        images[3].name: "corrupt or truncated",
+    }
+
+
+@slow
+def test_prepare_and_shard_on_two_nodes_match_a_local_run(
+    digits_project, two_nodes, tmp_path, monkeypatch
+):
+    address, node_ids = two_nodes
+    _, built = digits_project
+    local = PipelinePaths(tmp_path / "local", "digits")
+    remote = PipelinePaths(tmp_path / "remote", "digits")
+    shutil.copytree(built.root, local.root)
+    shutil.rmtree(local.root / "data" / "digits" / "shards")
+    expected_reasons = _damage(local.raw)
+    shutil.copytree(local.root, remote.root)
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("ATTNPIPE_TRACE_DIR", str(trace))
+
+    for stage in ("prepare", "shard"):
+        assert main(["--root", str(local.root), stage, "digits", "--no-progress"]) == 0
+        argv = ["--root", str(remote.root), stage, "digits", "--no-progress"]
+        assert main([*argv, "--address", address]) == 0
+
+    for name in OUTPUTS:
+        assert (remote.root / "data" / "digits" / name).read_bytes() == (
+            local.root / "data" / "digits" / name
+        ).read_bytes(), name
+    assert _digest(remote.shards) == _digest(local.shards)  # every tar and index.json
+    assert len(_digest(local.shards)) >= 13
+
+    with local.rejected.open() as handle:
+        reasons = {Path(row["path"]).name: row["reason"] for row in csv.DictReader(handle)}
+    assert set(reasons) == set(expected_reasons)
+    for name, reason in expected_reasons.items():
+        assert reasons[name].startswith(reason), reasons
+
+    # Both nodes did work in each stage; every shard was written by a task.
+    for kind in ("scan", "shard"):
+        assert {task["node_id"] for task in _trace(trace, kind)} == node_ids, kind
+    index = json.loads((local.shards / "index.json").read_text())
+    names = [entry["name"] for block in index["splits"].values() for entry in block["shards"]]
+    assert sorted(task["name"] for task in _trace(trace, "shard")) == sorted(names)
+
+
+@slow
+def test_an_image_gone_since_prepare_fails_the_remote_shard_in_one_line(
+    digits_project, two_nodes, tmp_path, capsys
+):
+    """The task's error (raised on another node) reaches the command as itself."""
+    address, _ = two_nodes
+    _, built = digits_project
+    paths = PipelinePaths(tmp_path / "project", "digits")
+    shutil.copytree(built.root, paths.root)
+    gone = sorted((paths.raw / "train_images").glob("*.png"))[7]
+    gone.unlink()
+    argv = ["--root", str(paths.root), "shard", "digits", "--no-progress", "--address", address]
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("attnpipe: error: ")
+    assert f"{gone.name} changed since prepare (missing file)" in error
+    assert "re-run `attnpipe prepare`" in error
+
+
+@pytest.mark.parametrize("stage", ["prepare", "shard"])
+def test_an_unreachable_cluster_fails_in_one_line_before_any_output_changes(
+    digits_project, tmp_path, capsys, stage
+):
+    _, built = digits_project
+    paths = PipelinePaths(tmp_path / "project", "digits")
+    shutil.copytree(built.root, paths.root)
+    before = _digest(paths.root / "data")
+    argv = ["--root", str(paths.root), stage, "digits", "--no-progress"]
+    assert main([*argv, "--address", "127.0.0.1:1"]) == 1  # nothing listens on port 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("attnpipe: error: cannot reach the Ray cluster at 127.0.0.1:1 (")
+    assert "\n" not in error and "ray start --head" in error
+    assert main([*argv, "--address", "head-without-port"]) == 1
+    assert "is not HOST:PORT" in capsys.readouterr().err
+    assert _digest(paths.root / "data") == before
