@@ -11,24 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from attnpipe.errors import AttnpipeError
+from attnpipe.raycluster import check_reachable, ray_connection
 
 # Set to a folder to have the driver record which node ran each task (as training's trace).
 TRACE_ENV = "ATTNPIPE_TRACE_DIR"
-CONNECT_TIMEOUT_S = 5
 IN_FLIGHT_PER_CPU = 2  # tasks queued per cluster CPU: keeps every CPU busy, bounds the memory
-
-
-class ClusterError(AttnpipeError, ConnectionError):
-    pass
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -41,49 +33,6 @@ def cluster_address(address: str | None) -> str | None:
     if address:
         check_reachable(address)
     return address
-
-
-def check_reachable(address: str) -> None:
-    """Fail in seconds, with a one-line error, when `host:port` does not answer."""
-    if "://" in address or address in ("auto", "local"):
-        return  # Ray resolves these itself (ray:// is Ray Client, auto a local `ray start`)
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(
-            f"Ray address '{address}' is not HOST:PORT (e.g. 10.0.0.5:6379, the head's GCS "
-            "port); fix --address or RAY_ADDRESS"
-        )
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
-            pass
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise ClusterError(
-            f"cannot reach the Ray cluster at {address} ({reason}): start its head "
-            "(`ray start --head`) or fix --address / RAY_ADDRESS"
-        ) from None
-
-
-@contextmanager
-def ray_connection(address: str) -> Iterator[None]:
-    """Connected to `address` (unless this process already is); disconnected afterwards."""
-    # Under `uv run`, Ray would package the working directory (data/ included) for the tasks.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    check_reachable(address)
-    sigterm = signal.getsignal(signal.SIGTERM)
-    ray.init(address=address, log_to_driver=True, configure_logging=False)
-    # Ray's core aborts on SIGTERM; keep the command's handler, which unwinds like Ctrl-C.
-    if callable(sigterm) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, sigterm)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def run_tasks(

@@ -21,9 +21,10 @@ from attnpipe.data.shard import ShardError, read_index, shard_location
 from attnpipe.errors import AttnpipeError
 from attnpipe.modelfile import Provenance, write_model_file
 from attnpipe.paths import PipelinePaths
+from attnpipe.raycluster import configure_ray_environment, connect_ray
 from attnpipe.tracking import data_version, git_commit, import_wandb_runs, write_history
 from attnpipe.train.checkpoint import TrainingState, read_checkpoint
-from attnpipe.train.cluster import configure_ray_environment, connect_ray, decide_devices
+from attnpipe.train.cluster import decide_devices
 from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.stop import create_stop_flag, run_stoppable
 

@@ -30,9 +30,10 @@ from attnpipe.config import ConfigError, Recipe, SearchDimension, apply_override
 from attnpipe.data.shard import shard_location
 from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
+from attnpipe.raycluster import configure_ray_environment, connect_ray
 from attnpipe.storage import join
 from attnpipe.tracking import data_version
-from attnpipe.train.cluster import configure_ray_environment, connect_ray, decide_devices
+from attnpipe.train.cluster import decide_devices
 from attnpipe.train.stop import StopSignal, stop_signals
 
 PARAMS_KEY = "params"
