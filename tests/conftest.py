@@ -40,11 +40,15 @@ TINY_OVERRIDES = {
 
 
 def write_project(root: Path, overrides: dict | None = None, name: str = "digits") -> Path:
-    """Copy the repository's pipeline files into `root`, with recipe overrides merged in."""
-    for item in ("dvc.yaml", "params.yaml", "pipelines", ".dvcignore"):
+    """Copy the repository's pipeline files into `root`, with recipe overrides merged in.
+
+    The package source and uv.lock come along: dvc.yaml lists them as the stages' code.
+    """
+    for item in ("dvc.yaml", "params.yaml", "pipelines", ".dvcignore", "uv.lock", "src"):
         source = REPO / item
         if source.is_dir():
-            shutil.copytree(source, root / item, dirs_exist_ok=True)
+            ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+            shutil.copytree(source, root / item, dirs_exist_ok=True, ignore=ignore)
         elif source.exists():
             shutil.copy(source, root / item)
     recipe_path = root / "pipelines" / f"{name}.yaml"

@@ -609,26 +609,25 @@ def _predict(args: argparse.Namespace) -> int:
         print("attnpipe: error: no files found in the inputs", file=sys.stderr)
         return 1
     rows = predict_files(predictor, files, batch_size=args.batch_size)
-    failed = [r for r in rows if not r.ok]
-    for row in failed:
-        print(f"error: {row.path}: {row.error}", file=sys.stderr)
+    failed = [f"{r.path.name} ({r.error})" for r in rows if not r.ok]
     if args.kaggle_submission:
         target = args.output or Path("submission.csv")
         submission = write_submission(rows, target, args.sample_submission)
-        for problem in submission.problems:
-            if not any(problem.startswith(f"{r.path.name}:") for r in failed):
-                print(f"error: {problem}", file=sys.stderr)
         print(f"submission: {submission.rows} rows written to {target}")
-        bad = len(submission.problems)
+        for problem in submission.problems:
+            print(f"  kept the sample's label: {problem}")
+        failed = [problem.replace(": ", " (", 1) + ")" for problem in submission.problems]
+    elif args.output:
+        write_predictions_csv(rows, args.output)
+        print(f"predictions: {len(rows) - len(failed)} of {len(rows)} files -> {args.output}")
     else:
-        if args.output:
-            write_predictions_csv(rows, args.output)
-            print(f"predictions: {len(rows) - len(failed)} of {len(rows)} files -> {args.output}")
-        else:
-            print(format_table(rows))
-        bad = len(failed)
-    if bad:
-        print(f"attnpipe: {bad} file(s) could not be predicted", file=sys.stderr)
+        print(format_table(rows))  # failed files are ERROR rows, with the reason
+    if failed:
+        # One line whatever the count: the table, the CSV's error column or the lines above
+        # hold every file's reason.
+        shown = ", ".join(failed[:3]) + (f", and {len(failed) - 3} more" if len(failed) > 3 else "")
+        count = f"{len(failed)} of {len(rows)} file(s)"
+        print(f"attnpipe: error: {count} could not be predicted: {shown}", file=sys.stderr)
         return 1
     return 0
 

@@ -109,3 +109,21 @@ def code_version(stage: str) -> str:
     lock = lock_file(root)
     digest.update(lock.read_bytes() if lock else b"no uv.lock")
     return "code:" + digest.hexdigest()[:12]
+
+
+def dvc_code_deps(stage: str) -> list[str]:
+    """The stage's code as `dvc.yaml` lists it: paths from the project root, then uv.lock."""
+    source = package_root().relative_to(package_root().parent.parent)
+    return [f"{source.as_posix()}/{path.as_posix()}" for path in stage_modules(stage)] + ["uv.lock"]
+
+
+def main() -> None:
+    """Print each stage's code dependencies in dvc.yaml's form (to paste after editing)."""
+    for stage in STAGE_ENTRIES:
+        print(f"{stage}:")
+        for path in dvc_code_deps(stage):
+            print(f"  - {path}")
+
+
+if __name__ == "__main__":
+    main()

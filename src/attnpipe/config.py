@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from attnpipe.errors import AttnpipeError
 
@@ -169,9 +176,21 @@ class ShardConfig(Strict):
 
 
 class ModelConfig(Strict):
-    name: str
+    name: str = Field(description="a registry model (`attnpipe models` lists them)")
     input_size: int = Field(224, ge=8)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: str | None = Field(
+        None,
+        description="imagenet: torchvision's ImageNet weights for the backbone (attnvgg16 and "
+        "the ResNet family); or the path of a state_dict file; none: trained from scratch",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="the model's own arguments (checked by name)"
+    )
+
+    @field_validator("pretrained")
+    @classmethod
+    def _none_is_none(cls, value: str | None) -> str | None:
+        return None if value is None or value.strip().lower() in ("", "none") else value
 
 
 class AugmentConfig(Strict):
@@ -408,18 +427,33 @@ def parse_recipe(data: dict[str, Any], name: str, origin: str = "<recipe>") -> R
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
         raise ConfigError(format_validation_error(error, Recipe, origin)) from None
-    _check_model_name(recipe, origin)
+    _check_model_section(recipe, origin)
     return recipe
 
 
-def _check_model_name(recipe: Recipe, origin: str) -> None:
-    from attnpipe.models import list_models
+def _check_model_section(recipe: Recipe, origin: str) -> None:
+    """`model.name`, every key of `model.kwargs` and `model.pretrained` against the registry:
+    a typo fails here, naming its key path, not later inside the training workers."""
+    from attnpipe.models import ModelError, check_pretrained, list_models, model_kwargs
 
-    if recipe.model.name not in list_models():
+    model = recipe.model
+    if model.name not in list_models():
         raise ConfigError(
-            f"{origin}: unknown model '{recipe.model.name}' in 'model.name'; "
+            f"{origin}: unknown model '{model.name}' in 'model.name'; "
             f"choose one of: {', '.join(list_models())}"
         )
+    valid = model_kwargs(model.name)
+    unknown = sorted(set(model.kwargs) - set(valid))
+    if unknown:
+        keys = ", ".join(f"'model.kwargs.{key}'" for key in unknown)
+        allowed = ", ".join(f"{k} (default {v!r})" for k, v in valid.items()) or "none"
+        raise ConfigError(
+            f"{origin}: unknown key {keys} for model '{model.name}' (valid keys: {allowed})"
+        )
+    try:
+        check_pretrained(model.name, model.pretrained)
+    except ModelError as error:
+        raise ConfigError(f"{origin}: 'model.pretrained': {error}") from None
 
 
 def parse_assignments(assignments: list[str], origin: str = "--set") -> dict[str, Any]:

@@ -10,7 +10,7 @@ data version, Ray run).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from attnpipe.config import Recipe
 from attnpipe.errors import AttnpipeError
 
 MODEL_FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model_name", "model_kwargs", "num_classes", "state_dict", "class_names")
 
 
 class ModelFileError(AttnpipeError, FileNotFoundError):
@@ -36,7 +37,6 @@ class Provenance:
     data_version: str
     run_name: str
     code_version: str = "unknown"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def write_model_file(
@@ -66,7 +66,6 @@ def write_model_file(
         "code_version": provenance.code_version,
         "data_version": provenance.data_version,
         "run_name": provenance.run_name,
-        **provenance.extra,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
@@ -89,6 +88,12 @@ def load_model_file(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     from attnpipe.models import create_model
 
     payload = read_payload(path)
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise ModelFileError(
+            f"{path} is not a model file written by attnpipe (no {', '.join(missing)}): give "
+            "models/<name>/model.pt, or the .onnx file `attnpipe export` writes"
+        )
     model = create_model(
         payload["model_name"], num_classes=payload["num_classes"], **payload["model_kwargs"]
     )

@@ -76,3 +76,31 @@ def test_exp_run_with_a_training_param_reruns_only_the_model_stages(
     assert _stages_run(output) == {"train@digits", "evaluate@digits", "export@digits"}, output
     history = (root / "reports/digits/train_history.csv").read_text().splitlines()
     assert len(history) == 1 + 1  # the experiment's one epoch, applied to the workspace
+
+
+def test_a_change_to_model_code_retrains_a_new_run_and_tests_or_docs_change_nothing(
+    repro_project: ReproProject, tmp_path
+):
+    """dvc.yaml's stages depend on the package modules they run: editing a model re-runs the
+    model stages only; the training run is a new one (its name holds the code version), not
+    a resume of the stale one. Files under tests/ and docs/ are no stage's dependency."""
+    root = tmp_path / "project"
+    shutil.copytree(repro_project.root, root, symlinks=True)
+    for extra in ("tests/test_new.py", "docs/notes.md"):
+        (root / extra).parent.mkdir(exist_ok=True)
+        (root / extra).write_text("nothing any stage runs\n")
+    assert "Data and pipelines are up to date." in run_in(root, "dvc", "status")
+
+    with (root / "src/attnpipe/models/residual_attention.py").open("a") as handle:
+        handle.write("\n# a change to a model's code\n")
+    status = run_in(root, "dvc", "status")
+    changed = {line.split(":")[0].strip() for line in status.splitlines() if line.endswith(":")}
+    changed = {name for name in changed if "@" in name}
+    assert changed == {"train@digits", "evaluate@digits", "export@digits"}, status
+
+    old_runs = {p.name for p in (root / "models/digits/checkpoints").iterdir()}
+    # The edited copy is the code that runs (as it would be in a checkout).
+    output = run_in(root, "dvc", "repro", "train@digits", env={"PYTHONPATH": str(root / "src")})
+    assert "Running stage 'train@digits'" in output and "resuming" not in output
+    new_runs = {p.name for p in (root / "models/digits/checkpoints").iterdir()} - old_runs
+    assert len(new_runs) == 1, output[-2000:]

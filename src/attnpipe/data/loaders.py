@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 
 from attnpipe import storage
 from attnpipe.config import AugmentConfig
-from attnpipe.data.shard import read_index, shard_urls
+from attnpipe.data.shard_index import read_index, shard_urls
 from attnpipe.errors import AttnpipeError
 
 IMAGE_KEYS = ("jpg", "png")

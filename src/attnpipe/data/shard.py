@@ -26,14 +26,15 @@ from attnpipe.config import Recipe, ShardConfig
 from attnpipe.data import ray_tasks
 from attnpipe.data.images import BadImage, load_rgb
 from attnpipe.data.prepare import SPLITS, read_manifest
-from attnpipe.errors import AttnpipeError
+from attnpipe.data.shard_index import (  # noqa: F401 (the index API, also from here)
+    INDEX_NAME,
+    ShardError,
+    read_index,
+    read_index_bytes,
+    shard_location,
+    shard_urls,
+)
 from attnpipe.paths import PipelinePaths
-
-INDEX_NAME = "index.json"
-
-
-class ShardError(AttnpipeError, RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -229,26 +230,6 @@ def encode_image(image: Image.Image, fmt: str, quality: int, subsampling: str = 
     return buffer.getvalue()
 
 
-def shard_location(recipe: Recipe, paths: PipelinePaths) -> str:
-    """Where train and evaluate read the shards: `shard.publish_to` when set, else local."""
-    return recipe.shard.publish_to or str(paths.shards.resolve())
-
-
-def read_index_bytes(shards_dir: Path | str) -> bytes:
-    """The raw `index.json` of a local folder or a URL prefix (s3://, gs://, ...)."""
-    location = storage.join(shards_dir, INDEX_NAME)
-    try:
-        return storage.read_bytes(location)
-    except FileNotFoundError:
-        how = "`attnpipe shard` with shard.publish_to set" if storage.is_url(location) else ""
-        raise ShardError(f"{location} is missing: run {how or '`attnpipe shard`'} first") from None
-
-
-def read_index(shards_dir: Path | str) -> dict:
-    """Load `index.json` from a local folder or a URL prefix."""
-    return json.loads(read_index_bytes(shards_dir))
-
-
 def publish_shards(shards_dir: Path, url: str) -> dict:
     """Upload every shard of `shards_dir`, then its index, to `url`; return the index.
 
@@ -268,10 +249,3 @@ def publish_shards(shards_dir: Path, url: str) -> dict:
             storage.delete_file(storage.join(url, name))
     storage.upload_file(shards_dir / INDEX_NAME, storage.join(url, INDEX_NAME))
     return index
-
-
-def shard_urls(shards_dir: Path | str, index: dict, split: str) -> list[str]:
-    if split not in index["splits"]:
-        raise ShardError(f"no '{split}' shards in {shards_dir}; check prepare.splits")
-    location = str(shards_dir).rstrip("/")
-    return [f"{location}/{entry['name']}" for entry in index["splits"][split]["shards"]]

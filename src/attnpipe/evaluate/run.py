@@ -20,7 +20,7 @@ import torch
 
 from attnpipe.config import Recipe
 from attnpipe.data.loaders import ShardStream, build_transform, make_loader, split_info
-from attnpipe.data.shard import shard_location
+from attnpipe.data.shard_index import shard_location
 from attnpipe.errors import AttnpipeError
 from attnpipe.metrics import (
     classification_metrics,

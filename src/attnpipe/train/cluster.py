@@ -124,6 +124,11 @@ def decide_devices(train: TrainConfig, workers: int, address: str | None) -> boo
     where = f"at {address}" if address else "(local)"
     capacity = cluster_capacity()
     use_gpu = resolve_use_gpu(train, capacity, where)
+    if train.sync_batchnorm and workers > 1 and not use_gpu:
+        raise ClusterError(
+            "train.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only) but "
+            "this run trains on CPUs: set train.sync_batchnorm: false, or add GPU nodes"
+        )
     check_capacity(train, workers, use_gpu, capacity, where)
     if use_gpu:
         probe_gpu_worker(train)

@@ -9,6 +9,7 @@ from its latest checkpoint; changing any of those starts a new run beside it.
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 from attnpipe.codeversion import code_version
 from attnpipe.config import Recipe
-from attnpipe.data.shard import ShardError, read_index, shard_location
+from attnpipe.data.shard_index import ShardError, read_index, shard_location
 from attnpipe.errors import AttnpipeError
 from attnpipe.modelfile import Provenance, write_model_file
 from attnpipe.paths import PipelinePaths
@@ -121,6 +122,11 @@ def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> T
     train_cfg = recipe.train
     loop = build_loop_config(recipe, paths)
     storage = train_cfg.storage_path or str(paths.checkpoints.resolve())
+    if recipe.model.pretrained == "imagenet" and not (address or os.environ.get("RAY_ADDRESS")):
+        # Once, before the local workers start: they would all download it at the same time.
+        from attnpipe.models import fetch_imagenet_weights
+
+        fetch_imagenet_weights(recipe.model.name)
     started_here = connect_ray(address, int(train_cfg.workers * train_cfg.cpus_per_worker))
     try:
         use_gpu = decide_devices(train_cfg, train_cfg.workers, address)
@@ -164,8 +170,10 @@ def fit_or_explain(trainer: Any) -> Any:
         raise TrainError(f"training failed: {' '.join(str(cause).split())}") from failed
 
 
-def expected_cause(error: BaseException) -> AttnpipeError | None:
-    """The AttnpipeError behind a Ray Train failure, if that is what it was."""
+def expected_cause(error: BaseException) -> Exception | None:
+    """The expected error (bad input or environment) behind a Ray Train failure, if any."""
+    from attnpipe.models import ModelError
+
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:
@@ -173,7 +181,7 @@ def expected_cause(error: BaseException) -> AttnpipeError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, AttnpipeError):
+        if isinstance(current, AttnpipeError | ModelError):
             return current
         pending.extend(getattr(current, "worker_failures", {}).values())
         pending += [getattr(current, "cause", None), current.__cause__, current.__context__]

@@ -202,7 +202,12 @@ def build(config: LoopConfig, session: WorkerSession) -> Run:
 def build_model(
     recipe: Recipe, num_classes: int, session: WorkerSession, memory_format: torch.memory_format
 ) -> nn.Module:
-    model = create_model(recipe.model.name, num_classes=num_classes, **recipe.model.kwargs)
+    model = create_model(
+        recipe.model.name,
+        num_classes=num_classes,
+        pretrained=recipe.model.pretrained,
+        **recipe.model.kwargs,
+    )
     if recipe.train.sync_batchnorm and session.world_size > 1:
         # BatchNorm statistics over the global batch: small per-GPU batches stay stable.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

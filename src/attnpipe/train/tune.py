@@ -27,7 +27,7 @@ import yaml
 
 from attnpipe.codeversion import code_version
 from attnpipe.config import ConfigError, Recipe, SearchDimension, apply_overrides
-from attnpipe.data.shard import shard_location
+from attnpipe.data.shard_index import shard_location
 from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 from attnpipe.raycluster import configure_ray_environment, connect_ray
