@@ -30,6 +30,7 @@ from tests.cluster.manifests import (
     RAYJOBS,
     REPO,
     cluster_spec,
+    dockerfile_workdir,
     entrypoint_argv,
     gpus,
     groups,
@@ -403,7 +404,7 @@ def test_kuberay_gpu_pods_check_the_driver_before_ray_starts(name):
         checks = [c for c in inits if "attnpipe.devices" in c["command"]]
         assert len(checks) == 1, f"{group_name}: no driver check"
         assert checks[0]["command"][-2:] == ["check", "--require-gpu"]
-        assert checks[0]["command"][0] == "/home/ray/attnpipe/.venv/bin/python"
+        assert checks[0]["command"][0] == f"{dockerfile_workdir()}/.venv/bin/python"
         limits = checks[0]["resources"]["limits"]
         assert int(limits["nvidia.com/gpu"]) == gpus(group), group_name
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,7 @@ def local_cluster(monkeypatch):
         yield cluster
     finally:
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         if before is None:
             address_file.unlink(missing_ok=True)
         else:
