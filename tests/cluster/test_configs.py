@@ -399,7 +399,7 @@ def test_kuberay_gpu_pods_have_shared_memory_for_nccl(name):
 @pytest.mark.parametrize("name", KUBERAY_CLUSTERS)
 def test_kuberay_gpu_pods_check_the_driver_before_ray_starts(name):
     """An init container (it runs before the Ray container) sees the pod's GPUs and checks
-    the driver; the image's CUDA base refuses older drivers too."""
+    the driver with the locked environment's python."""
     for group_name, group in groups(cluster_spec(load(f"kuberay/{name}")))[1:]:
         inits = group["template"]["spec"].get("initContainers", [])
         checks = [c for c in inits if "attnpipe.devices" in c["command"]]
