@@ -51,9 +51,6 @@ GCP_MACHINES = {
 # The oldest Linux driver of each CUDA toolkit (NVIDIA's CUDA Toolkit release notes, "CUDA
 # Toolkit and Corresponding Driver Versions"; CUDA 13.x minor-version compatibility: >= 580).
 # Used only until attnpipe.devices (which holds the same table) is on this branch.
-MIN_DRIVER = {"12.8": "570.26", "12.9": "575.51.03", "13.0": "580.65.06", "13.1": "590.44.01"}
-
-
 def load(name: str) -> dict:
     return yaml.safe_load((CLUSTER / name).read_text())
 
@@ -70,11 +67,8 @@ def locked_cuda() -> str:
 
 def required_driver() -> str:
     """The oldest NVIDIA driver that runs the locked torch's CUDA build."""
-    try:
-        from attnpipe.devices import required_driver as from_devices
-    except ImportError:
-        major_minor = ".".join(locked_cuda().split(".")[:2])
-        return MIN_DRIVER[major_minor]
+    from attnpipe.devices import required_driver as from_devices
+
     needed = from_devices(locked_cuda())
     assert needed, f"attnpipe.devices knows no driver for CUDA {locked_cuda()}"
     return needed
