@@ -23,6 +23,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Nothing is downloaded in tests: ImageNet weights must come from a cache the test filled.
+os.environ["ATTNPIPE_OFFLINE"] = "1"
 
 # Small enough for two CPU cores in seconds; the same code path as the demo.
 TINY_OVERRIDES = {

@@ -22,12 +22,26 @@ from pathlib import Path
 import attnpipe
 
 PACKAGE = "attnpipe"
-# The recipe loader checks a recipe's model section against the registry; that check never
-# changes what a stage computes, so it does not make the data stages depend on the models.
-VALIDATION_ONLY = {("attnpipe.config", "attnpipe.models")}
+# Imports that never change what a stage computes: the recipe loader checks a recipe's model
+# section against the registry (the data stages do not depend on the models), and this module
+# reads the source-kind table only to list the fetch and layout modules.
+OUTSIDE_THE_RESULT = {
+    ("attnpipe.config", "attnpipe.models"),
+    ("attnpipe.codeversion", "attnpipe.data.source_kinds"),
+}
+
+
+def _source_modules(part: str) -> tuple[str, ...]:
+    """The modules the source-kind table names for `part` ("fetch" or "layout"): they are
+    looked up by name at run time, so no import statement leads to them."""
+    from attnpipe.data.source_kinds import SOURCE_KINDS
+
+    return tuple(sorted({getattr(kind, part).split(":")[0] for kind in SOURCE_KINDS.values()}))
+
+
 STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
-    "fetch": ("attnpipe.data.sources",),
-    "prepare": ("attnpipe.data.prepare",),
+    "fetch": ("attnpipe.data.sources", *_source_modules("fetch")),
+    "prepare": ("attnpipe.data.prepare", *_source_modules("layout")),
     "shard": ("attnpipe.data.shard",),
     "train": ("attnpipe.train.launch", "attnpipe.train.loop"),
     "tune": ("attnpipe.train.tune", "attnpipe.train.loop"),
@@ -88,7 +102,7 @@ def stage_modules(stage: str, root: Path | None = None) -> tuple[Path, ...]:
         imported = {
             name
             for name in _imports(path, module)
-            if not any(module == a and name.startswith(b) for a, b in VALIDATION_ONLY)
+            if not any(module == a and name.startswith(b) for a, b in OUTSIDE_THE_RESULT)
         }
         pending += parents + sorted(imported)
     return tuple(sorted(path.relative_to(root) for path in files.values()))

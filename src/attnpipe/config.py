@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -99,13 +99,6 @@ class FolderSource(Strict):
     image_suffix: str = Field("", description="appended to ids that lack the file extension")
 
 
-SOURCE_KINDS: dict[str, type[Strict]] = {
-    "sklearn-digits": SklearnDigitsSource,
-    "kaggle-competition": KaggleCompetitionSource,
-    "kaggle-dataset": KaggleDatasetSource,
-    "torchvision": TorchvisionSource,
-    "folder": FolderSource,
-}
 Source = Annotated[
     SklearnDigitsSource
     | KaggleCompetitionSource
@@ -114,6 +107,12 @@ Source = Annotated[
     | FolderSource,
     Field(discriminator="kind"),
 ]
+# kind -> its section's type: the members of the union above (attnpipe.data.source_kinds
+# adds how each kind is fetched and read).
+SOURCE_CONFIGS: dict[str, type[Strict]] = {
+    member.model_fields["kind"].annotation.__args__[0]: member
+    for member in get_args(get_args(Source)[0])
+}
 
 
 # --------------------------------------------------------------------------- stages
@@ -257,7 +256,11 @@ class TrainConfig(Strict):
     grad_clip_norm: float | None = Field(None, gt=0)
     accumulate_steps: int = Field(1, ge=1)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    channels_last: bool = False
+    channels_last: Literal["auto", True, False] = Field(
+        "auto",
+        description="NHWC memory layout; auto: on GPUs (tensor cores want it), off on CPUs "
+        "(slower there, docs/benchmarks.md)",
+    )
     compile: bool = False
     sync_batchnorm: bool = Field(
         False,
@@ -369,8 +372,8 @@ def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names allowed at `loc` (the parent of an unknown key)."""
     current: Any = model
     for part in loc:
-        if part in SOURCE_KINDS:  # pydantic puts the union member's tag in the path
-            current = SOURCE_KINDS[part]
+        if part in SOURCE_CONFIGS:  # pydantic puts the union member's tag in the path
+            current = SOURCE_CONFIGS[part]
             continue
         fields = getattr(current, "model_fields", None)
         if fields is None or part not in fields:
@@ -387,7 +390,7 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], orig
     for item in error.errors():
         loc = tuple(item["loc"])
         # Union members appear in loc as their tag (e.g. 'sklearn-digits'): not a user key.
-        path = ".".join(str(p) for p in loc if p not in SOURCE_KINDS) or "<root>"
+        path = ".".join(str(p) for p in loc if p not in SOURCE_CONFIGS) or "<root>"
         if item["type"] == "extra_forbidden":
             valid = _valid_keys(model, loc[:-1])
             hint = f" (valid keys: {', '.join(valid)})" if valid else ""

@@ -48,6 +48,7 @@ GCP_MACHINES = {
     "g2-standard-8": Machine(8, 32 * 1e9 / GIB, 1, "L4"),
 }
 
+
 # The oldest Linux driver of each CUDA toolkit (NVIDIA's CUDA Toolkit release notes, "CUDA
 # Toolkit and Corresponding Driver Versions"; CUDA 13.x minor-version compatibility: >= 580).
 # Used only until attnpipe.devices (which holds the same table) is on this branch.

@@ -317,3 +317,19 @@ def test_cifar_download_path_through_torchvision_offline(tmp_path: Path, monkeyp
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_every_source_kind_is_one_row_of_the_table():
+    """Config section, fetch and layout reader of each kind come from one table."""
+    import inspect
+
+    from attnpipe.config import SOURCE_CONFIGS
+    from attnpipe.data.source_kinds import SOURCE_KINDS, resolve
+
+    assert set(SOURCE_KINDS) == set(SOURCE_CONFIGS)
+    for kind, row in SOURCE_KINDS.items():
+        assert row.config is SOURCE_CONFIGS[kind]
+        fetch, layout = resolve(row.fetch), resolve(row.layout)
+        fetch_args = list(inspect.signature(fetch).parameters)
+        assert fetch_args == ["source", "raw_dir", "progress", "root"]
+        assert list(inspect.signature(layout).parameters) == ["source", "raw_dir"]

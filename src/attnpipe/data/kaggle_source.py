@@ -138,7 +138,10 @@ def authenticate() -> tuple[object, Credentials]:
 
 
 def fetch_kaggle(
-    source: KaggleCompetitionSource | KaggleDatasetSource, raw_dir: Path, progress: bool = True
+    source: KaggleCompetitionSource | KaggleDatasetSource,
+    raw_dir: Path,
+    progress: bool = True,
+    root: Path | None = None,
 ) -> None:
     """Download the competition's or dataset's zip and extract it safely into `raw_dir`."""
     from requests import RequestException

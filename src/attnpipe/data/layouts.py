@@ -18,6 +18,7 @@ from attnpipe.config import (
     SklearnDigitsSource,
     TorchvisionSource,
 )
+from attnpipe.data.labels import natural_key
 from attnpipe.errors import AttnpipeError
 
 MELANOMA_IMAGES = "512x512-dataset-melanoma/512x512-dataset-melanoma"
@@ -47,40 +48,60 @@ class LayoutError(AttnpipeError, ValueError):
 
 
 def read_layout(recipe: Recipe, raw_dir: Path) -> RawIndex:
-    """Read `raw_dir` with the adapter for the recipe's source (and its `layout`)."""
-    source = recipe.source
-    if isinstance(source, SklearnDigitsSource):
-        return read_csv_layout(raw_dir, "train.csv", "train_images", "label_map.json")
-    if isinstance(source, KaggleCompetitionSource) and source.layout == "cassava":
-        # train.csv (image_id,label) + train_images/<image_id> + {"0": "Cassava ...", ...}
-        return read_csv_layout(
-            raw_dir, "train.csv", "train_images", "label_num_to_disease_map.json"
-        )
-    if isinstance(source, KaggleDatasetSource) and source.layout == "melanoma":
-        # marking.csv: one row per image; a patient's images stay in one split.
-        return read_csv_layout(
-            raw_dir,
-            "marking.csv",
-            MELANOMA_IMAGES,
-            MELANOMA_CLASSES,
-            label_column="target",
-            group_column="patient_id",
-            image_suffix=".jpg",
-        )
-    if isinstance(source, TorchvisionSource):
-        return read_csv_layout(
-            raw_dir, "train.csv", "train_images", "label_map.json", split_column="split"
-        )
-    if isinstance(source, FolderSource):
-        return read_csv_layout(
-            raw_dir,
-            "train.csv",
-            "train_images",
-            "label_map.json",
-            group_column="group",
-            image_suffix=source.image_suffix if source.labels_csv else "",
-        )
-    raise LayoutError(f"no layout adapter for source kind '{source.kind}'")  # pragma: no cover
+    """Read `raw_dir` with the layout reader of the recipe's source kind."""
+    from attnpipe.data.source_kinds import resolve, source_kind
+
+    return resolve(source_kind(recipe.source.kind).layout)(recipe.source, raw_dir)
+
+
+def read_digits(source: SklearnDigitsSource, raw_dir: Path) -> RawIndex:
+    return read_csv_layout(raw_dir, "train.csv", "train_images", "label_map.json")
+
+
+def read_cassava(raw_dir: Path) -> RawIndex:
+    """train.csv (image_id,label) + train_images/<image_id> + {"0": "Cassava ...", ...}."""
+    return read_csv_layout(raw_dir, "train.csv", "train_images", "label_num_to_disease_map.json")
+
+
+def read_melanoma(raw_dir: Path) -> RawIndex:
+    """marking.csv, one row per image; a patient's images stay in one split."""
+    return read_csv_layout(
+        raw_dir,
+        "marking.csv",
+        MELANOMA_IMAGES,
+        MELANOMA_CLASSES,
+        label_column="target",
+        group_column="patient_id",
+        image_suffix=".jpg",
+    )
+
+
+# The named layouts of Kaggle downloads (`source.layout` in the recipe).
+NAMED_LAYOUTS = {"cassava": read_cassava, "melanoma": read_melanoma}
+
+
+def read_named_layout(
+    source: KaggleCompetitionSource | KaggleDatasetSource, raw_dir: Path
+) -> RawIndex:
+    return NAMED_LAYOUTS[source.layout](raw_dir)
+
+
+def read_torchvision(source: TorchvisionSource, raw_dir: Path) -> RawIndex:
+    """What `fetch` converted torchvision's files to, with the official split column."""
+    return read_csv_layout(
+        raw_dir, "train.csv", "train_images", "label_map.json", split_column="split"
+    )
+
+
+def read_folder(source: FolderSource, raw_dir: Path) -> RawIndex:
+    return read_csv_layout(
+        raw_dir,
+        "train.csv",
+        "train_images",
+        "label_map.json",
+        group_column="group",
+        image_suffix=source.image_suffix if source.labels_csv else "",
+    )
 
 
 def read_csv_layout(
@@ -135,13 +156,9 @@ def read_csv_layout(
             raise LayoutError(f"{map_path} is missing: the download looks incomplete")
         label_map = json.loads(map_path.read_text())
     if label_map:
-        label_values = sorted(label_map, key=_natural_key)
+        label_values = sorted(label_map, key=natural_key)
         class_names = [label_map[value] for value in label_values]
     else:
-        label_values = sorted({r.label for r in records}, key=_natural_key)
+        label_values = sorted({r.label for r in records}, key=natural_key)
         class_names = list(label_values)
     return RawIndex(records=records, class_names=class_names, label_values=label_values)
-
-
-def _natural_key(text: str) -> tuple[int, int | str]:
-    return (0, int(text)) if text.lstrip("-").isdigit() else (1, text)

@@ -22,14 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from attnpipe.config import (
-    FolderSource,
-    KaggleCompetitionSource,
-    KaggleDatasetSource,
-    Recipe,
-    SklearnDigitsSource,
-    TorchvisionSource,
-)
+from attnpipe.config import FolderSource, Recipe, SklearnDigitsSource
+from attnpipe.data.labels import natural_key
+from attnpipe.data.source_kinds import resolve, source_kind
 from attnpipe.errors import AttnpipeError
 
 MARKER_NAME = ".attnpipe-fetch.json"
@@ -52,28 +47,17 @@ def fetch(recipe: Recipe, raw_dir: Path, progress: bool = True, root: Path | Non
     `root` resolves a folder source's relative `path` (default: the current directory).
     """
     source = recipe.source
-    if isinstance(source, SklearnDigitsSource):
-        write_sklearn_digits(raw_dir, image_size=source.image_size)
+    kind = source_kind(source.kind)
+    root = root or Path.cwd()
+    if not kind.marker:
+        resolve(kind.fetch)(source, raw_dir, progress=progress, root=root)
         return raw_dir
-
-    identity = source_identity(source, root or Path.cwd())
+    identity = source_identity(source, root)
     if is_fetched(raw_dir, identity):
         print(f"{raw_dir} already holds this {source.kind} source: nothing to fetch")
         return raw_dir
     clear_raw(raw_dir)
-
-    if isinstance(source, KaggleCompetitionSource | KaggleDatasetSource):
-        from attnpipe.data.kaggle_source import fetch_kaggle
-
-        fetch_kaggle(source, raw_dir, progress=progress)
-    elif isinstance(source, TorchvisionSource):
-        from attnpipe.data.torchvision_source import fetch_torchvision
-
-        fetch_torchvision(source, raw_dir, progress=progress)
-    elif isinstance(source, FolderSource):
-        copy_folder(source, raw_dir, root=root or Path.cwd())
-    else:  # pragma: no cover - config.py's union and this dispatch are kept in step
-        raise FetchError(f"source kind '{source.kind}' has no fetch implementation")
+    resolve(kind.fetch)(source, raw_dir, progress=progress, root=root)
     write_marker(raw_dir, identity)
     return raw_dir
 
@@ -146,6 +130,12 @@ def clear_raw(raw_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- digits
+def fetch_digits(
+    source: SklearnDigitsSource, raw_dir: Path, progress: bool = True, root: Path | None = None
+) -> None:
+    write_sklearn_digits(raw_dir, image_size=source.image_size)
+
+
 def write_sklearn_digits(raw_dir: Path, image_size: int = 32) -> None:
     """Write scikit-learn's bundled digits as `train.csv` + `train_images/*.png` + label map.
 
@@ -173,7 +163,9 @@ def write_sklearn_digits(raw_dir: Path, image_size: int = 32) -> None:
 
 
 # --------------------------------------------------------------------------- folder
-def copy_folder(source: FolderSource, raw_dir: Path, root: Path) -> None:
+def copy_folder(
+    source: FolderSource, raw_dir: Path, progress: bool = True, root: Path | None = None
+) -> None:
     """Copy a user's image tree into the common layout: `train.csv` + `train_images/` + label map.
 
     Class-per-folder (`path/<class>/<file>`): the label is the sub-folder's name and the image
@@ -181,6 +173,7 @@ def copy_folder(source: FolderSource, raw_dir: Path, root: Path) -> None:
     column, when given) are kept; ids name files below `path` (plus `image_suffix`). Files the
     CSV names but the folder lacks are kept as rows, so `prepare` reports them as missing.
     """
+    root = root or Path.cwd()
     folder = _resolve(source.path, root)
     if not folder.is_dir():
         raise FetchError(f"source.path: {folder} is not a folder")
@@ -217,7 +210,7 @@ def copy_folder(source: FolderSource, raw_dir: Path, root: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "label", "group"])
         writer.writerows(rows)
-    labels = sorted({label for _, label, _ in rows}, key=_natural_key)
+    labels = sorted({label for _, label, _ in rows}, key=natural_key)
     label_map = {label: label for label in labels}
     (raw_dir / "label_map.json").write_text(json.dumps(label_map, indent=2) + "\n")
 
@@ -249,7 +242,3 @@ def _read_labels_csv(csv_path: Path, source: FolderSource) -> list[tuple[str, st
 def _safe_relative(name: str) -> bool:
     parts = Path(name).parts
     return bool(parts) and not Path(name).is_absolute() and ".." not in parts
-
-
-def _natural_key(text: str) -> tuple[int, int | str]:
-    return (0, int(text)) if text.lstrip("-").isdigit() else (1, text)

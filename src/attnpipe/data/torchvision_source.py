@@ -58,7 +58,9 @@ CIFAR_FILES = {
 }
 
 
-def fetch_torchvision(source: TorchvisionSource, raw_dir: Path, progress: bool = True) -> None:
+def fetch_torchvision(
+    source: TorchvisionSource, raw_dir: Path, progress: bool = True, root: Path | None = None
+) -> None:
     cache = Path(source.download_dir or DEFAULT_DOWNLOAD_DIR).expanduser()
     if source.dataset in CIFAR_FILES:
         folder = download_cifar(source.dataset, cache)

@@ -157,7 +157,9 @@ def build(config: LoopConfig, session: WorkerSession) -> Run:
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     train_split, val_split = split_info(config.shards, "train"), split_info(config.shards, "val")
     steps = steps_per_epoch(train_split.samples, session.world_size, train.batch_size)
-    memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+    speed = speed_settings(train, session.device)
+    apply_speed_settings(speed)
+    memory_format = speed.memory_format
     model = build_model(recipe, len(train_split.classes), session, memory_format)
     ema = (
         # use_buffers: the EMA network keeps averaged BatchNorm statistics of its own, not
@@ -197,6 +199,30 @@ def build(config: LoopConfig, session: WorkerSession) -> Run:
         classes=train_split.classes,
         tracer=Tracer.from_environment(session, config.run_name),
     )
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """The switches that make a GPU fast, decided per device (all off on CPUs)."""
+
+    memory_format: torch.memory_format
+    cudnn_benchmark: bool  # cuDNN times its algorithms once per input shape, then picks
+    tf32: bool  # float32 matmuls and convolutions on tensor cores (10-bit mantissa inputs)
+
+
+def speed_settings(train: TrainConfig, device: torch.device) -> SpeedSettings:
+    on_gpu = device.type == "cuda"
+    channels_last = on_gpu if train.channels_last == "auto" else bool(train.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return SpeedSettings(layout, cudnn_benchmark=on_gpu, tf32=on_gpu)
+
+
+def apply_speed_settings(speed: SpeedSettings) -> None:
+    if speed.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    if speed.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def build_model(
