@@ -182,10 +182,10 @@ class WandbRun:
 WANDB_EXPORT_FOLDER = "wandb"
 
 
-def export_wandb_run(run_dir: Path, storage: str) -> str:
-    """Copy a finished offline run folder to `<storage>/wandb/<folder name>/` (a URL or a
+def export_wandb_run(run_dir: Path, destination: str) -> str:
+    """Copy a finished offline run folder to `<destination>/wandb/<folder name>/` (a URL or a
     shared path); returns where it went."""
-    target = storage_join(storage, WANDB_EXPORT_FOLDER, run_dir.name)
+    target = storage_join(destination, WANDB_EXPORT_FOLDER, run_dir.name)
     for path in sorted(run_dir.rglob("*")):
         if path.is_file():
             storage.upload_file(path, storage_join(target, *path.relative_to(run_dir).parts))

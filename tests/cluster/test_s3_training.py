@@ -16,6 +16,7 @@ from attnpipe.config import apply_overrides
 from attnpipe.data.shard import publish_shards
 from attnpipe.modelfile import load_model_file
 from attnpipe.paths import PipelinePaths
+from attnpipe.storage import list_tree
 from attnpipe.train.launch import build_loop_config, train
 from tests.train.trace import events
 
@@ -57,7 +58,7 @@ def test_two_workers_train_from_s3_shards_checkpoint_to_s3_and_a_relaunch_resume
         origin="test",
     )
     run_name = build_loop_config(recipe, paths).run_name
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_MODE", "offline")
     trace = tmp_path / "trace"
     monkeypatch.setenv("ATTNPIPE_TRACE_DIR", str(trace))
 
@@ -71,6 +72,14 @@ def test_two_workers_train_from_s3_shards_checkpoint_to_s3_and_a_relaunch_resume
     assert all(files == ["checkpoint.pt"] for files in checkpoints.values())
     assert not paths.shards.exists() and not paths.checkpoints.exists()
     assert paths.model_file.is_file()
+    # The offline W&B run did not stay on rank 0's node (an autoscaler may delete it): it is
+    # kept beside the checkpoints, and the driver copied it back into the project.
+    kept = list_tree(s3_bucket.url("ckpt", "wandb"))
+    assert any(name.endswith(".wandb") for name in kept), kept
+    copied = list((paths.root / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [p.name for p in copied] == [
+        name.rsplit("/", 1)[-1] for name in kept if name.endswith(".wandb")
+    ]
 
     # Launched again (say on a laptop, after the run finished on a cluster), the same run
     # finds its last checkpoint on S3, trains nothing and rebuilds model.pt from it.

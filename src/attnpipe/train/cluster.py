@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from attnpipe.config import TrainConfig
 from attnpipe.devices import CudaStatus, cuda_status
-from attnpipe.raycluster import ClusterError
+from attnpipe.raycluster import ClusterError, connect_ray
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,50 @@ def probe_gpu_worker(train: TrainConfig) -> CudaStatus:
     return status
 
 
+@contextmanager
+def training_cluster(train: TrainConfig, workers: int, address: str | None) -> Iterator[bool]:
+    """Connected to the cluster the workers run on (`address`, RAY_ADDRESS, one this process
+    already joined, else a private one on this machine); yields whether they use GPUs.
+
+    A private cluster is decided before it starts, so that a misfit is one line without Ray's
+    start-up output, and it is shut down on exit.
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    cpus = int(workers * train.cpus_per_worker)
+    private = not (address or ray.is_initialized())
+    if private:
+        use_gpu = decide_local_devices(train, workers, max(os.cpu_count() or 1, cpus))
+    started_here = connect_ray(address, cpus)
+    try:
+        yield use_gpu if private else decide_devices(train, workers, address)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 def decide_devices(train: TrainConfig, workers: int, address: str | None) -> bool:
     """Whether the workers use GPUs, decided from the connected cluster; checks that they fit
     and, for GPUs, that CUDA starts where they will run. Call after `connect_ray`."""
     where = f"at {address}" if address else "(local)"
-    capacity = cluster_capacity()
+    return _decide(train, workers, cluster_capacity(), where, probe=probe_gpu_worker)
+
+
+def decide_local_devices(train: TrainConfig, workers: int, cpus: int) -> bool:
+    """The same decision for a private cluster on this machine, made before Ray starts: the
+    GPUs are the ones Ray would find here (through the NVIDIA driver, so a GPU whose CUDA
+    cannot start is still seen, and reported, rather than silently skipped)."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    gpus = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    capacity = ClusterCapacity({"CPU": float(cpus), "GPU": float(gpus)}, None)
+    return _decide(train, workers, capacity, "(local)", probe=_probe_here)
+
+
+def _decide(
+    train: TrainConfig, workers: int, capacity: ClusterCapacity, where: str, probe: Any
+) -> bool:
     use_gpu = resolve_use_gpu(train, capacity, where)
     if train.sync_batchnorm and workers > 1 and not use_gpu:
         raise ClusterError(
@@ -131,5 +172,12 @@ def decide_devices(train: TrainConfig, workers: int, address: str | None) -> boo
         )
     check_capacity(train, workers, use_gpu, capacity, where)
     if use_gpu:
-        probe_gpu_worker(train)
+        probe(train)
     return use_gpu
+
+
+def _probe_here(train: TrainConfig) -> CudaStatus:
+    status = cuda_status()
+    if not status.usable:
+        raise ClusterError(f"this machine's GPU cannot be used: {status.problem}")
+    return status

@@ -22,10 +22,10 @@ from attnpipe.data.shard_index import ShardError, read_index, shard_location
 from attnpipe.errors import AttnpipeError
 from attnpipe.modelfile import Provenance, write_model_file
 from attnpipe.paths import PipelinePaths
-from attnpipe.raycluster import configure_ray_environment, connect_ray
+from attnpipe.raycluster import configure_ray_environment
 from attnpipe.tracking import data_version, git_commit, import_wandb_runs, write_history
 from attnpipe.train.checkpoint import TrainingState, read_checkpoint
-from attnpipe.train.cluster import decide_devices
+from attnpipe.train.cluster import training_cluster
 from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.stop import create_stop_flag, run_stoppable
 
@@ -117,8 +117,6 @@ def build_trainer(
 def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> TrainResult:
     """Train `recipe` on its shards with Ray Train; write `model.pt` and the history CSV."""
     configure_ray_environment()
-    import ray
-
     train_cfg = recipe.train
     loop = build_loop_config(recipe, paths)
     storage = train_cfg.storage_path or str(paths.checkpoints.resolve())
@@ -127,9 +125,7 @@ def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> T
         from attnpipe.models import fetch_imagenet_weights
 
         fetch_imagenet_weights(recipe.model.name)
-    started_here = connect_ray(address, int(train_cfg.workers * train_cfg.cpus_per_worker))
-    try:
-        use_gpu = decide_devices(train_cfg, train_cfg.workers, address)
+    with training_cluster(train_cfg, train_cfg.workers, address) as use_gpu:
         stop_name = f"attnpipe-stop-{loop.run_name}-{uuid.uuid4().hex[:8]}"
         loop = loop.with_changes(use_gpu=use_gpu, stop_name=stop_name)
         stop_flag = create_stop_flag(stop_name)
@@ -145,9 +141,6 @@ def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> T
             raise TrainError(f"run '{loop.run_name}' finished without a checkpoint")
         with result.checkpoint.as_directory() as folder:
             saved = read_checkpoint(Path(folder))
-    finally:
-        if started_here:
-            ray.shutdown()
     if loop.wandb_export:
         import_wandb_runs(loop.wandb_export, paths.wandb_parent)
     state = TrainingState.from_dict(saved["state"])

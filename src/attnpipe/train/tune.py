@@ -30,10 +30,10 @@ from attnpipe.config import ConfigError, Recipe, SearchDimension, apply_override
 from attnpipe.data.shard_index import shard_location
 from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
-from attnpipe.raycluster import configure_ray_environment, connect_ray
+from attnpipe.raycluster import configure_ray_environment
 from attnpipe.storage import join
 from attnpipe.tracking import data_version
-from attnpipe.train.cluster import decide_devices
+from attnpipe.train.cluster import training_cluster
 from attnpipe.train.stop import StopSignal, stop_signals
 
 PARAMS_KEY = "params"
@@ -123,17 +123,14 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
             "tune: {space: {train.optimizer.lr: {type: loguniform, low: 0.001, high: 0.1}}}"
         )
     configure_ray_environment()
-    import ray
-
     sweep = recipe.tune
     data_ver = data_version(paths.root, recipe.name, shard_location(recipe, paths))
     name = experiment_name(recipe, data_ver, code_version("tune"))
     # A folder or a URL (s3://...): kept a string, since Path would mangle "s3://".
     storage = recipe.train.storage_path or str(paths.tune_storage.resolve())
-    started_here = connect_ray(address)
-    try:
-        # Decided once, from the cluster: every trial trains where `train` would.
-        use_gpu = decide_devices(trial_recipe(recipe, {}).train, sweep.workers_per_trial, address)
+    one_trial = trial_recipe(recipe, {}).train
+    # Decided once, from the cluster: every trial trains where `train` would.
+    with training_cluster(one_trial, sweep.workers_per_trial, address) as use_gpu:
         trial_settings = {
             "root": str(paths.root.resolve()),
             "experiment": name,
@@ -143,9 +140,6 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
         tuner = build_tuner(recipe, name, storage, trial_settings)
         with _stop_signals_end_the_sweep_gracefully() as interrupted:
             grid = tuner.fit()
-    finally:
-        if started_here:
-            ray.shutdown()
 
     expected = sweep.num_samples * math.prod(
         len(dim.values or []) for dim in sweep.space.values() if dim.type == "grid"
