@@ -198,7 +198,13 @@ class _RandomFlip:
 
 
 def build_transform(augment: AugmentConfig, input_size: int, train: bool) -> ImageTransform:
-    """uint8 CHW tensor -> normalised float CHW tensor of `input_size`."""
+    """uint8 CHW tensor -> normalised float CHW tensor of `input_size`.
+
+    Training: the random crop, then flips, rotation, RandAugment or TrivialAugmentWide and
+    colour jitter, each only when the recipe turns it on (so the default pipeline, and the
+    random numbers it draws, are what they were before those switches existed). Random
+    erasing, MixUp and CutMix work on whole batches: `attnpipe.data.batch_augment`.
+    """
     if not train:
         steps: list[Callable] = [
             v2.Resize(input_size, antialias=True),
@@ -216,6 +222,10 @@ def build_transform(augment: AugmentConfig, input_size: int, train: bool) -> Ima
         steps.append(_RandomFlip(augment.vertical_flip, dim=-2))
     if augment.rotation_degrees:
         steps.append(v2.RandomRotation(augment.rotation_degrees))
+    if augment.auto_augment == "randaugment":
+        steps.append(v2.RandAugment(augment.randaugment_num_ops, augment.randaugment_magnitude))
+    elif augment.auto_augment == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide())
     if augment.color_jitter:
         strength = augment.color_jitter
         steps.append(v2.ColorJitter(strength, strength, strength))

@@ -32,6 +32,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from attnpipe.config import Recipe, TrainConfig
+from attnpipe.data.batch_augment import BatchAugment
 from attnpipe.data.loaders import ShardStream, build_transform, make_loader, split_info
 from attnpipe.errors import AttnpipeError
 from attnpipe.metrics import classification_metrics
@@ -117,6 +118,7 @@ class Run:
     schedule: LrSchedule
     scaler: torch.amp.GradScaler
     criterion: nn.Module
+    batch_augment: BatchAugment  # erasing, MixUp, CutMix on the device; off: the identity
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
     train_stream: ShardStream
@@ -191,6 +193,7 @@ def build(config: LoopConfig, session: WorkerSession) -> Run:
         schedule=schedule,
         scaler=torch.amp.GradScaler(session.device.type, enabled=amp_dtype == torch.float16),
         criterion=build_loss(train.loss, train_split.class_counts).to(session.device),
+        batch_augment=BatchAugment(recipe.augment, len(train_split.classes)),
         amp_dtype=amp_dtype,
         memory_format=memory_format,
         train_stream=_stream(recipe, train_split.urls, session, train=True),
@@ -337,7 +340,11 @@ def train_one_epoch(run: Run, epoch: int) -> EpochOutcome:
     for step, (images, labels, batch_ids) in zip(range(run.steps), loader, strict=False):
         images = images.to(run.device, non_blocking=pin, memory_format=run.memory_format)
         labels = labels.to(run.device, non_blocking=pin)
-        loss = train_step(run, step, images, labels)
+        # With MixUp/CutMix on, `targets` are soft (N, C) and the logged train_loss is the
+        # loss against the mixed targets: comparable between epochs and between runs with the
+        # same mixing, higher than a clean-label loss and so not comparable with val_loss.
+        images, targets = run.batch_augment(images, labels)
+        loss = train_step(run, step, images, targets)
         loss_sum += loss * labels.shape[0]
         seen += labels.shape[0]
         if run.tracer.enabled:
@@ -350,9 +357,10 @@ def train_one_epoch(run: Run, epoch: int) -> EpochOutcome:
 
 
 def train_step(run: Run, step: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Forward and backward of one batch; an optimizer step at the end of each accumulation
-    group. Each batch's loss is divided by its group's real size (the last group of an epoch
-    may be shorter), so every optimizer step averages over the batches it takes."""
+    """Forward and backward of one batch (`labels`: integer labels, or soft targets (N, C)
+    from MixUp/CutMix); an optimizer step at the end of each accumulation group. Each batch's
+    loss is divided by its group's real size (the last group of an epoch may be shorter), so
+    every optimizer step averages over the batches it takes."""
     accumulate = run.train.accumulate_steps
     group_start = step - step % accumulate
     group_size = min(accumulate, run.steps - group_start)
