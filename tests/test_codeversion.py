@@ -23,7 +23,8 @@ def _dvc_code(stage: str) -> list[str]:
 @pytest.mark.parametrize("stage", sorted(STAGE_ENTRIES))
 def test_dvc_yaml_lists_exactly_the_code_each_stage_runs(stage):
     assert _dvc_code(stage) == dvc_code_deps(stage), (
-        f"dvc.yaml's {stage} code deps are out of date: paste `python -m attnpipe.codeversion`"
+        f"dvc.yaml's {stage} code deps are out of date: `python -m attnpipe.codeversion --write "
+        "dvc.yaml`"
     )
 
 
@@ -57,3 +58,12 @@ def test_code_version_follows_the_stages_own_modules(tmp_path, monkeypatch):
     (tmp_path / "uv.lock").write_text("a different lock\n")
     assert all(code_version(stage) != after[stage] for stage in STAGE_ENTRIES)
     stage_modules.cache_clear()
+
+
+def test_write_brings_a_stale_dvc_yaml_up_to_date():
+    from attnpipe.codeversion import rewrite_dvc_yaml
+
+    current = (REPO / "dvc.yaml").read_text()
+    stale = current.replace("        - src/attnpipe/train/loop.py\n", "", 1)
+    assert stale != current
+    assert rewrite_dvc_yaml(stale) == rewrite_dvc_yaml(current)

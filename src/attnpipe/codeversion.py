@@ -131,8 +131,42 @@ def dvc_code_deps(stage: str) -> list[str]:
     return [f"{source.as_posix()}/{path.as_posix()}" for path in stage_modules(stage)] + ["uv.lock"]
 
 
-def main() -> None:
-    """Print each stage's code dependencies in dvc.yaml's form (to paste after editing)."""
+CODE_MARKER = "# the code it runs (`python -m attnpipe.codeversion --write dvc.yaml`)"
+
+
+def rewrite_dvc_yaml(text: str) -> str:
+    """`dvc.yaml` with each stage's code list (the lines after CODE_MARKER) made current."""
+    lines = text.splitlines(keepends=True)
+    out: list[str] = []
+    stage = None
+    position = 0
+    while position < len(lines):
+        line = lines[position]
+        out.append(line)
+        position += 1
+        name = line.strip().rstrip(":")
+        if line.startswith("  ") and not line.startswith("   ") and name in STAGE_ENTRIES:
+            stage = name
+        if CODE_MARKER in line and stage is not None:
+            indent = line[: len(line) - len(line.lstrip())]
+            while position < len(lines) and lines[position].strip().startswith(
+                ("- src/", "- uv.lock")
+            ):
+                position += 1  # the old list
+            out += [f"{indent}- {path}\n" for path in dvc_code_deps(stage)]
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print each stage's code dependencies, or rewrite them in a dvc.yaml (`--write`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m attnpipe.codeversion", description=__doc__)
+    parser.add_argument("--write", type=Path, metavar="DVC_YAML", help="update this dvc.yaml")
+    args = parser.parse_args(argv)
+    if args.write:
+        args.write.write_text(rewrite_dvc_yaml(args.write.read_text()))
+        return
     for stage in STAGE_ENTRIES:
         print(f"{stage}:")
         for path in dvc_code_deps(stage):
