@@ -115,21 +115,26 @@ def cpu_seconds_by_process() -> dict[int, float]:
 
 
 def training_command(
-    kind: str, root: Path, workers: int, trace: Path, extra_epochs: int = 0
+    kind: str,
+    root: Path,
+    workers: int,
+    trace: Path,
+    extra_epochs: int = 0,
+    pipeline: str = "digits",
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of one training run, writing trace events to `trace`."""
     env = {"ATTNPIPE_TRACE_DIR": str(trace), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     if kind == "ray":
         shutil.rmtree(root / "models", ignore_errors=True)
-        return [sys.executable, "-m", "attnpipe.cli", "--root", str(root), "train", "digits"], env
+        return [sys.executable, "-m", "attnpipe.cli", "--root", str(root), "train", pipeline], env
     storage = Path(tempfile.mkdtemp(prefix="torchrun-"))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers),
-        "-m", "attnpipe.train.torchrun", "digits", "--root", str(root),
+        "-m", "attnpipe.train.torchrun", pipeline, "--root", str(root),
         "--storage", str(storage),
     ]  # fmt: skip
     if extra_epochs:
-        recipe = yaml.safe_load((root / "pipelines" / "digits.yaml").read_text())
+        recipe = yaml.safe_load((root / "pipelines" / f"{pipeline}.yaml").read_text())
         command += ["--set", f"train.epochs={recipe['train']['epochs'] + extra_epochs}"]
     return command, env
 

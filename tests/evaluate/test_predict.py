@@ -186,3 +186,50 @@ def test_sample_submission_must_have_two_columns(exported_project, image_folder,
     sample.write_text("a,b,c\n1,2,3\n")
     args = ["predict", str(folder), "-m", str(paths.model_file), "--kaggle-submission"]
     assert main([*args, "--sample-submission", str(sample), "-o", str(tmp_path / "s.csv")]) == 1
+
+
+def test_predict_and_evaluate_decide_a_binary_task_with_the_same_threshold(
+    trained_project, image_folder, tmp_path
+):
+    """A model whose positive probability is 0.7 for every image, evaluated at threshold 0.9:
+    negative for evaluate's confusion rows and for predict with model.pt and with the ONNX
+    file (argmax alone would say positive)."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from attnpipe.config import apply_overrides
+    from attnpipe.evaluate.export import export_onnx, onnx_metadata
+    from attnpipe.evaluate.run import SplitResult, write_confusion_rows
+    from attnpipe.modelfile import Provenance, read_payload, write_model_file
+    from attnpipe.models import create_model
+
+    recipe, _ = trained_project
+    recipe = apply_overrides(recipe, {"evaluate.threshold": 0.9}, origin="test")
+    model = create_model("attention56_cifar", 2, width_multiplier=0.25).eval()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.tensor([0.0, math.log(0.7 / 0.3)]))
+    model_file = tmp_path / "binary.pt"
+    names = ["benign", "malignant"]
+    write_model_file(model_file, recipe, model.state_dict(), names, Provenance(1, {}, "", "", ""))
+    onnx_file = tmp_path / "binary.onnx"
+    metadata = onnx_metadata(read_payload(model_file), False, recipe.evaluate.threshold)
+    export_onnx(model, 32, onnx_file, metadata=metadata)
+
+    folder, expected, _ = image_folder
+    images = sorted(expected)[:3]
+    confusion = tmp_path / "confusion.csv"
+    probs = np.tile([0.3, 0.7], (3, 1))
+    write_confusion_rows(
+        confusion, SplitResult(images, np.array([1, 1, 1]), probs, names), threshold=0.9
+    )
+    assert {row["predicted"] for row in _read_csv(confusion)} == {"benign"}
+    for model_path in (model_file, onnx_file):
+        out = tmp_path / f"{model_path.suffix[1:]}.csv"
+        files = [str(folder / name) for name in images]
+        assert main(["predict", *files, "-m", str(model_path), "-o", str(out)]) == 0
+        rows = _read_csv(out)
+        assert {r["class"] for r in rows} == {"benign"}, (model_path, rows)
+        assert all(float(r["probability"]) == pytest.approx(0.3, abs=1e-4) for r in rows)

@@ -243,6 +243,7 @@ class ModelInfo:
     macs: int
     input_size: int
     attention_maps: tuple[str, ...]
+    imagenet: bool = False  # `pretrained="imagenet"` is available
 
 
 def describe_models(names: Sequence[str] | None = None) -> list[ModelInfo]:
@@ -267,6 +268,7 @@ def describe_models(names: Sequence[str] | None = None) -> list[ModelInfo]:
                 macs=counter.get_total_flops() // 2,
                 input_size=spec.input_size,
                 attention_maps=map_names,
+                imagenet=spec.imagenet_weights is not None,
             )
         )
     return rows
@@ -284,7 +286,7 @@ def _compact(names: tuple[str, ...], limit: int = 4) -> str:
 def format_model_table(rows: Sequence[ModelInfo] | None = None) -> str:
     """Plain-text table of ``describe_models()`` rows (computed when not given)."""
     rows = describe_models() if rows is None else rows
-    header = ("model", "params", "classes", "GMACs", "input", "attention maps")
+    header = ("model", "params", "classes", "GMACs", "input", "ImageNet", "attention maps")
     body = [
         (
             r.name,
@@ -292,6 +294,7 @@ def format_model_table(rows: Sequence[ModelInfo] | None = None) -> str:
             str(r.num_classes),
             f"{r.macs / 1e9:.3f}",
             f"{r.input_size}x{r.input_size}",
+            "yes" if r.imagenet else "-",
             _compact(r.attention_maps),
         )
         for r in rows

@@ -1,0 +1,295 @@
+"""Is attnpipe fast on this GPU? Four checks in one run; a table on stdout and a JSON file.
+
+    python benchmarks/gpu_check.py --json gpu_check.json      # one GPU, about 5-10 minutes
+    python benchmarks/gpu_check.py --smoke --json smoke.json  # tiny, on CPU (run by make test)
+
+1. Model speed: Attention-56 at 224 x 224 with bf16 autocast and channels_last, training steps
+   against torchvision's ResNet-50 in the same run (round-robin), FLOP-normalised:
+   efficiency = (images/s x MACs) / (images/s x MACs of ResNet-50). Target >= 0.85.
+2. Input path: the training loop on real JPEG shards (256 px shorter side, the loader workers
+   given) against the very same training steps on synthetic batches already on the device.
+   Target >= 0.9: the GPU must not wait for data.
+3. Peak GPU memory of the training step.
+4. Launcher: a one-GPU epoch under Ray Train against the same epoch under torchrun (steady
+   epochs, from the trace events). Target <= 1.05.
+
+The data set is made here: synthetic photographs (smooth colour fields, blobs and noise) as a
+`folder` source, taken through the real fetch, prepare and shard stages. `--smoke` shrinks
+everything (64 px, a few images and steps) so that every code path runs on a CPU in about a
+minute; its numbers are no measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import bench_models
+import bench_train
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from attnpipe.config import load_recipe
+from attnpipe.data.prepare import prepare
+from attnpipe.data.shard import shard
+from attnpipe.data.sources import fetch
+from attnpipe.paths import PipelinePaths
+from attnpipe.train.checkpoint import read_checkpoint
+from attnpipe.train.launch import build_loop_config
+from attnpipe.train.loop import build, run_training, train_step
+from attnpipe.train.session import TorchrunSession
+
+PIPELINE = "gpucheck"
+TARGETS = {
+    "efficiency": (">=", 0.85),
+    "real_vs_synthetic": (">=", 0.9),
+    "ray_vs_torchrun": ("<=", 1.05),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    model: str
+    model_kwargs: dict[str, Any]
+    images: int
+    photo: tuple[int, int]  # width, height of the generated JPEGs
+    input_size: int
+    batch: int
+    loader_workers: int
+    steps: int  # timed steps per model (check 1) and synthetic steps (check 2)
+    epochs: int  # of the real-data and launcher runs (>= 3: the first is warm-up)
+    cpus_per_worker: int
+
+
+FULL = Sizes("attention56", {}, 6144, (320, 256), 224, 128, 8, 30, 4, 8)
+# The CIFAR layout at a quarter width: the same code paths, seconds on a CPU.
+SMOKE = Sizes("attention56_cifar", {"width_multiplier": 0.25}, 32, (40, 32), 32, 4, 1, 2, 3, 1)
+
+
+def make_photos(folder: Path, count: int, size: tuple[int, int], classes: int = 4) -> None:
+    """Class-per-folder JPEGs that decode like photographs (not flat colour)."""
+    rng = np.random.default_rng(0)
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for index in range(count):
+        label = index % classes
+        base = rng.uniform(40, 215, 3)
+        field = base + 30 * np.sin(xx[..., None] / rng.uniform(9, 40) + rng.uniform(0, 6))
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(8, height / 2)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None]
+        pixels = field + 60 * blob * (label + 1) + rng.normal(0, 6, (height, width, 3))
+        target = folder / f"class{label}" / f"img{index:05d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(target, quality=90)
+
+
+def build_project(root: Path, sizes: Sizes) -> PipelinePaths:
+    """A project whose one pipeline is the generated photographs, fetched, prepared, sharded."""
+    make_photos(root / "photos", sizes.images, sizes.photo)
+    recipe = {
+        "source": {"kind": "folder", "path": "photos"},
+        "prepare": {"splits": {"train": 0.9, "val": 0.1, "test": 0.0}, "seed": 0},
+        "shard": {
+            "image_size": min(256, sizes.photo[1]),  # shorter side
+            "min_shards": max(8, 2 * sizes.loader_workers),
+        },
+        "model": {
+            "name": sizes.model,
+            "input_size": sizes.input_size,
+            "kwargs": sizes.model_kwargs,
+        },
+        "train": {
+            "workers": 1,
+            "epochs": sizes.epochs,
+            "batch_size": sizes.batch,
+            "loader_workers": sizes.loader_workers,
+            "cpus_per_worker": sizes.cpus_per_worker,
+            "optimizer": {"name": "sgd", "lr": 0.05},
+            "schedule": {"name": "constant"},
+            "amp": "auto",  # bf16 on GPUs that have it, full precision on CPUs
+            "channels_last": "auto",
+        },
+        "tracking": {"wandb": {"mode": "disabled"}},
+        "evaluate": {"batch_size": 2 * sizes.batch},
+    }
+    (root / "pipelines").mkdir(parents=True, exist_ok=True)
+    (root / "pipelines" / f"{PIPELINE}.yaml").write_text(yaml.safe_dump(recipe))
+    paths = PipelinePaths(root, PIPELINE)
+    loaded = load_recipe(PIPELINE, root)
+    fetch(loaded, paths.raw, progress=False, root=root)
+    prepare(loaded, paths, progress=False)
+    shard(loaded, paths, progress=False)
+    return paths
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_speed(device: torch.device, sizes: Sizes) -> dict[str, Any]:
+    """Check 1 (and 3): training steps of attention56 and ResNet-50, interleaved."""
+    on_gpu = device.type == "cuda"
+    args = argparse.Namespace(
+        num_classes=1000, batch_size=sizes.batch, channels_last=on_gpu, amp=on_gpu
+    )
+    names = (sizes.model, bench_models.BASELINE)
+    runners = [bench_models.Runner(name, sizes.input_size, args, device) for name in names]
+    for runner in runners:
+        runner.step()  # warm-up: cuDNN autotuning, allocator
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(sizes.steps):
+        for runner in runners:
+            times[runner.name].append(runner.step())
+    speed = {r.name: sizes.batch / statistics.median(times[r.name]) for r in runners}
+    macs = {r.name: r.gmacs for r in runners}
+    model, baseline = names
+    return {
+        "models": list(names),
+        "images_per_s": speed,
+        "gmacs": macs,
+        "efficiency": (speed[model] * macs[model]) / (speed[baseline] * macs[baseline]),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
+    }
+
+
+def input_path(paths: PipelinePaths, sizes: Sizes) -> dict[str, Any]:
+    """Check 2: the loop on real shards against the loop's own step on synthetic batches."""
+    recipe = load_recipe(PIPELINE, paths.root)
+    config = build_loop_config(recipe, paths)
+    storage = paths.root / "real-run"
+    run_training(config, TorchrunSession(storage, use_gpu=recipe.train.use_gpu))
+    last = sorted(storage.glob("checkpoint_*"))[-1]
+    history = read_checkpoint(last)["state"]["history"]
+    real = statistics.median(row["train_images_per_s"] for row in history[1:])
+
+    session = TorchrunSession(paths.root / "synthetic-run", use_gpu=recipe.train.use_gpu)
+    run = build(config, session)
+    shape = (sizes.batch, 3, sizes.input_size, sizes.input_size)
+    images = torch.randn(shape, device=session.device).contiguous(memory_format=run.memory_format)
+    labels = torch.randint(0, len(run.classes), (sizes.batch,), device=session.device)
+    run.model.train()
+    for step in range(2):  # warm-up
+        train_step(run, step % run.steps, images, labels)
+    sync(session.device)
+    started = time.perf_counter()
+    for step in range(sizes.steps):
+        train_step(run, step % run.steps, images, labels)
+    sync(session.device)
+    synthetic = sizes.steps * sizes.batch / (time.perf_counter() - started)
+    return {
+        "real_images_per_s": real,
+        "synthetic_images_per_s": synthetic,
+        "real_vs_synthetic": real / synthetic,
+        "loader_workers": sizes.loader_workers,
+        "device": str(session.device),
+    }
+
+
+def launcher(paths: PipelinePaths) -> dict[str, Any]:
+    """Check 4: steady-state epoch seconds under Ray Train and under torchrun, one worker."""
+    epoch_s = {}
+    for kind in ("ray", "torchrun"):
+        trace = Path(tempfile.mkdtemp(prefix=f"gpucheck-{kind}-"))
+        command, env = bench_train.training_command(kind, paths.root, 1, trace, pipeline=PIPELINE)
+        done = subprocess.run(
+            command, env={**os.environ, **env}, capture_output=True, text=True, check=False
+        )
+        if done.returncode:
+            sys.exit(f"{' '.join(command)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+        epoch_s[kind] = bench_train.epoch_phases(bench_train.rank0_events(trace))["epoch_s"]
+    return {
+        "ray_epoch_s": epoch_s["ray"],
+        "torchrun_epoch_s": epoch_s["torchrun"],
+        "ray_vs_torchrun": epoch_s["ray"] / epoch_s["torchrun"],
+    }
+
+
+def verdict(name: str, value: float, smoke: bool) -> str:
+    sign, bound = TARGETS[name]
+    met = value >= bound if sign == ">=" else value <= bound
+    if smoke:
+        return f"target {sign} {bound} (smoke run: not a measurement)"
+    return f"target {sign} {bound}: {'met' if met else 'NOT met'}"
+
+
+def table(results: dict[str, Any], smoke: bool) -> str:
+    speed, data, runs = results["model_speed"], results["input_path"], results["launcher"]
+    model, baseline = speed["models"]
+    peak = speed["peak_memory_gib"]
+    rows = [
+        (f"{model} images/s", f"{speed['images_per_s'][model]:.1f}", ""),
+        (f"{baseline} images/s", f"{speed['images_per_s'][baseline]:.1f}", ""),
+        ("FLOP-normalised efficiency", f"{speed['efficiency']:.3f}",
+         verdict("efficiency", speed["efficiency"], smoke)),
+        ("real shards images/s", f"{data['real_images_per_s']:.1f}", ""),
+        ("synthetic batches images/s", f"{data['synthetic_images_per_s']:.1f}", ""),
+        ("real / synthetic", f"{data['real_vs_synthetic']:.3f}",
+         verdict("real_vs_synthetic", data["real_vs_synthetic"], smoke)),
+        ("peak GPU memory (GiB)", "n/a (CPU)" if peak is None else f"{peak:.2f}", ""),
+        ("Ray Train epoch (s)", f"{runs['ray_epoch_s']:.2f}", ""),
+        ("torchrun epoch (s)", f"{runs['torchrun_epoch_s']:.2f}", ""),
+        ("Ray / torchrun", f"{runs['ray_vs_torchrun']:.3f}",
+         verdict("ray_vs_torchrun", runs["ray_vs_torchrun"], smoke)),
+    ]  # fmt: skip
+    lines = [f"device: {results['device']}", "", "| check | value | |", "|---|---:|---|"]
+    lines += [f"| {name} | {value} | {note} |" for name, value, note in rows]
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device (tests)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        parser.error("no GPU here: run with --smoke for the tiny CPU version")
+    sizes = SMOKE if args.smoke else FULL
+    root = Path(tempfile.mkdtemp(prefix="gpucheck-"))
+    try:
+        paths = build_project(root, sizes)
+        results = {
+            "device": device_name(device),
+            "smoke": args.smoke,
+            "sizes": asdict(sizes),
+            "model_speed": model_speed(device, sizes),
+            "input_path": input_path(paths, sizes),
+            "launcher": launcher(paths),
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(table(results, args.smoke))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=_plain) + "\n")
+    return results
+
+
+def _plain(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+if __name__ == "__main__":
+    main()
