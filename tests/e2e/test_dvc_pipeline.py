@@ -65,19 +65,6 @@ def test_metrics_and_plots_show(repro_project: ReproProject, tmp_path):
     assert "reports_digits_train_history_csv" in page and "reports_digits_confusion_csv" in page
 
 
-def test_exp_run_with_a_training_param_reruns_only_the_model_stages(
-    repro_project: ReproProject, tmp_path
-):
-    root = tmp_path / "project"  # an experiment changes the workspace: not the shared one's
-    shutil.copytree(repro_project.root, root, symlinks=True)
-    run_in(root, "git", "add", "-A")
-    run_in(root, "git", "commit", "-q", "-m", "built")
-    output = run_in(root, "dvc", "exp", "run", "-S", "pipelines/digits.yaml:train.epochs=1")
-    assert _stages_run(output) == {"train@digits", "evaluate@digits", "export@digits"}, output
-    history = (root / "reports/digits/train_history.csv").read_text().splitlines()
-    assert len(history) == 1 + 1  # the experiment's one epoch, applied to the workspace
-
-
 def test_a_change_to_model_code_retrains_a_new_run_and_tests_or_docs_change_nothing(
     repro_project: ReproProject, tmp_path
 ):

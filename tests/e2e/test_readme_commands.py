@@ -1,0 +1,121 @@
+"""Every command README.md shows is either run here, as written, or named with the reason it
+cannot run on this machine (a cloud account, a download, a cluster). A new command in the
+README fails `test_every_readme_command_is_run_or_excused` until it is one or the other.
+
+`uv run CMD` means "CMD in the project's environment": the tests run CMD with this
+environment's bin/ first on PATH, in a copy of the digits project that `dvc repro` built
+(tiny training settings, so that each training command takes seconds).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO, ReproProject, run_in
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+RUN_HERE = [
+    "uv run attnpipe fetch digits",
+    "uv run attnpipe prepare digits",
+    "uv run attnpipe shard digits",
+    "uv run attnpipe train digits",
+    "uv run attnpipe evaluate digits",
+    "uv run attnpipe export digits",
+    "uv run attnpipe run digits",
+    "uv run attnpipe models",
+    "uv run attnpipe predict -m models/digits/model.onnx "
+    "data/digits/raw/train_images/digit_0001.png",
+    "uv run attnpipe train digits --set train.epochs=3 "
+    "--set 'model.kwargs={width_multiplier: 0.5}'",
+    "uv run dvc metrics show",
+    "uv run dvc plots show",
+    # Last: it changes the workspace (and checks that only the model stages re-run).
+    "uv run dvc exp run -S pipelines/digits.yaml:train.epochs=1",
+]
+# Run in the repository itself: they check or describe it.
+RUN_IN_REPO = ["make lint", "make help"]
+
+CLUSTER = "needs a cloud account and a running Ray cluster (tests/cluster runs `attnpipe submit` and `jobs` against a local Ray head)"  # noqa: E501
+DOWNLOAD = "downloads a dataset (no network here); tests/data runs the sources against local fakes"
+NOT_HERE = {
+    "make demo": "this suite's `dvc repro` build is the demo with tiny settings",
+    "make test": "this is make test",
+    "make format": "rewrites the working tree; `make lint`, its check, runs here",
+    "ray up cluster/aws.yaml && ray dashboard cluster/aws.yaml &": CLUSTER,
+    "uv run attnpipe submit digits --address http://127.0.0.1:8265": CLUSTER,
+    "uv run attnpipe jobs list": CLUSTER,
+    "uv run attnpipe submit cifar10 --stage tune --address http://127.0.0.1:8265": CLUSTER,
+    "RAY_ADDRESS=HEAD:6379 uv run attnpipe tune cifar10": CLUSTER,
+    "uv run dvc remote add -d storage s3://BUCKET/dvcstore": "a placeholder bucket; "
+    "tests/cluster/test_dvc_remote.py runs these against the S3 test server",
+    "uv run dvc remote modify storage endpointurl http://127.0.0.1:9000": "as above",
+    "uv run dvc push": "as above",
+    "uv run dvc pull": "as above",
+    "uv run attnpipe predict -m models/cassava/model.pt data/cassava/raw/test_images "
+    "--kaggle-submission --sample-submission data/cassava/raw/sample_submission.csv": DOWNLOAD
+    + " (tests/evaluate/test_predict.py runs --kaggle-submission on the digits)",
+    "uv run attnpipe run cassava": DOWNLOAD,
+    "uv run attnpipe fetch cifar10": DOWNLOAD,
+    "uv run dvc exp run -S 'params.yaml:pipelines=[cassava]'": DOWNLOAD,
+    "uv run attnpipe tune cifar10": DOWNLOAD,
+    "uv run attnpipe train cifar10 --overrides reports/cifar10/best_params.yaml": DOWNLOAD,
+    "uv run dvc exp run -S pipelines/cifar10.yaml:train.optimizer.lr=0.042": DOWNLOAD,
+}
+
+
+def readme_commands(text: str) -> list[str]:
+    """The commands of every ```bash block: continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in re.sub(r"\\\n\s*", "", block).splitlines():
+            command = re.split(r"\s+#", line)[0].strip()
+            if command and not command.startswith("#"):
+                commands.append(" ".join(command.split()))
+    return commands
+
+
+def test_every_readme_command_is_run_or_excused():
+    shown = set(readme_commands((REPO / "README.md").read_text()))
+    planned = set(RUN_HERE) | set(RUN_IN_REPO) | set(NOT_HERE)
+    assert shown - planned == set(), "README commands neither run here nor excused"
+    assert planned - shown == set(), "commands no longer in README.md"
+
+
+def _as_written(command: str) -> list[str]:
+    words = shlex.split(command)
+    return words[2:] if words[:2] == ["uv", "run"] else words
+
+
+def test_readme_commands_run_as_written(repro_project: ReproProject, tmp_path):
+    root = tmp_path / "project"
+    shutil.copytree(repro_project.root, root, symlinks=True)
+    run_in(root, "git", "add", "-A")
+    run_in(root, "git", "commit", "-q", "-m", "built")
+    outputs = {command: run_in(root, *_as_written(command)) for command in RUN_HERE}
+    assert "digit_0001.png" in outputs[RUN_HERE[8]]
+    assert "0.5" in outputs[RUN_HERE[9]] and "best epoch" in outputs[RUN_HERE[9]]
+    stages = {
+        line.split("'")[1]
+        for line in outputs[RUN_HERE[-1]].splitlines()
+        if line.startswith("Running stage")
+    }
+    assert stages == {"train@digits", "evaluate@digits", "export@digits"}, stages
+    history = (root / "reports/digits/train_history.csv").read_text().splitlines()
+    assert len(history) == 1 + 1  # the experiment's one epoch, applied to the workspace
+    for command in RUN_IN_REPO:
+        done = subprocess.run(shlex.split(command), cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, f"{command}:\n{(done.stdout + done.stderr)[-2000:]}"
+
+
+def test_the_readme_parser_joins_continuations_and_drops_comments():
+    text = "```bash\nuv run a \\\n    --b c   # note\n# only a comment\n\nmake x\n```\n"
+    assert readme_commands(text) == ["uv run a --b c", "make x"]
+    assert _as_written("uv run attnpipe train digits --set 'a=b c'") == [
+        "attnpipe", "train", "digits", "--set", "a=b c",
+    ]  # fmt: skip
