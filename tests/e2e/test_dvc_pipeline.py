@@ -22,6 +22,8 @@ def _stages_run(output: str) -> set[str]:
 
 def test_repro_runs_every_stage_and_writes_the_contract(repro_project: ReproProject):
     root, output = repro_project.root, repro_project.output
+    # Ray configured so that its placement-group cleaner has the State API it polls.
+    assert "State API" not in output and "Failed to query" not in output
     assert _stages_run(output) == {
         f"{stage}@digits" for stage in ("fetch", "prepare", "shard", "train", "evaluate", "export")
     }

@@ -68,3 +68,16 @@ def test_errors_of_the_run_reach_the_caller():
 
     with pytest.raises(ValueError, match="bad shard"):
         run_stoppable(fit, request_stop=lambda: None)
+
+
+def test_torchrun_across_nodes_refuses_node_local_checkpoints(tmp_path):
+    """Ranks on several nodes with checkpoints on each node's own disk would resume from
+    different epochs and hang: refused unless the path is declared shared."""
+    from attnpipe.train.torchrun import TorchrunError, check_storage
+
+    two_nodes = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
+    with pytest.raises(TorchrunError, match=r"spans 2 or more nodes .* --shared-storage"):
+        check_storage(tmp_path, shared=False, environ=two_nodes)
+    check_storage(tmp_path, shared=True, environ=two_nodes)
+    check_storage(tmp_path, shared=False, environ={"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"})
+    check_storage(tmp_path, shared=False, environ={})
