@@ -149,8 +149,7 @@ def cluster_project(digits_project, tmp_path_factory) -> Path:
     """The digits project as a user would submit it: shards and checkpoints on S3."""
     _, built = digits_project
     root = tmp_path_factory.mktemp("submit") / "project"
-    shutil.copytree(built.root, root)
-    shutil.copytree(REPO / "src", root / "src")  # the code the job must run
+    shutil.copytree(built.root, root)  # with src/ (the code the job must run) and uv.lock
     shutil.copy(REPO / "pyproject.toml", root)
     return root
 
