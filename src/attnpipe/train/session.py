@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -76,7 +77,11 @@ class RaySession:
         if checkpoint is None:
             yield None
             return
-        with checkpoint.as_directory() as folder:
+        # A private copy per rank: `as_directory()` shares one download folder between the
+        # ranks of a node, which one rank may clean up while another still reads from it
+        # (seen as a truncated checkpoint.pt on resume from S3).
+        with tempfile.TemporaryDirectory(prefix="attnpipe-checkpoint-") as folder:
+            checkpoint.to_directory(folder)
             yield Path(folder)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
