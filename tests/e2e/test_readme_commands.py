@@ -15,20 +15,14 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, ReproProject, run_in
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 RUN_HERE = [
-    "uv run attnpipe fetch digits",
-    "uv run attnpipe prepare digits",
-    "uv run attnpipe shard digits",
-    "uv run attnpipe train digits",
-    "uv run attnpipe evaluate digits",
-    "uv run attnpipe export digits",
     "uv run attnpipe run digits",
-    "uv run attnpipe models",
     "uv run attnpipe predict -m models/digits/model.onnx "
     "data/digits/raw/train_images/digit_0001.png",
     "uv run attnpipe train digits --set train.epochs=3 "
@@ -40,6 +34,11 @@ RUN_HERE = [
 ]
 # Run in the repository itself: they check or describe it.
 RUN_IN_REPO = ["make lint", "make help"]
+# The stage commands are dvc.yaml's (which the session's `dvc repro` build runs, with
+# --no-progress); `attnpipe models` is run by tests/test_cli_help.py.
+STAGES = ("fetch", "prepare", "shard", "train", "evaluate", "export")
+BY_DVC_REPRO = [f"uv run attnpipe {stage} digits" for stage in STAGES]
+ELSEWHERE = {"uv run attnpipe models": "tests/test_cli_help.py::test_models_help_and_table"}
 
 CLUSTER = "needs a cloud account and a running Ray cluster (tests/cluster runs `attnpipe submit` and `jobs` against a local Ray head)"  # noqa: E501
 DOWNLOAD = "downloads a dataset (no network here); tests/data runs the sources against local fakes"
@@ -82,7 +81,7 @@ def readme_commands(text: str) -> list[str]:
 
 def test_every_readme_command_is_run_or_excused():
     shown = set(readme_commands((REPO / "README.md").read_text()))
-    planned = set(RUN_HERE) | set(RUN_IN_REPO) | set(NOT_HERE)
+    planned = set(RUN_HERE) | set(RUN_IN_REPO) | set(BY_DVC_REPRO) | set(ELSEWHERE) | set(NOT_HERE)
     assert shown - planned == set(), "README commands neither run here nor excused"
     assert planned - shown == set(), "commands no longer in README.md"
 
@@ -98,8 +97,8 @@ def test_readme_commands_run_as_written(repro_project: ReproProject, tmp_path):
     run_in(root, "git", "add", "-A")
     run_in(root, "git", "commit", "-q", "-m", "built")
     outputs = {command: run_in(root, *_as_written(command)) for command in RUN_HERE}
-    assert "digit_0001.png" in outputs[RUN_HERE[8]]
-    assert "0.5" in outputs[RUN_HERE[9]] and "best epoch" in outputs[RUN_HERE[9]]
+    assert "digit_0001.png" in outputs[RUN_HERE[1]]
+    assert "0.5" in outputs[RUN_HERE[2]] and "best epoch" in outputs[RUN_HERE[2]]
     stages = {
         line.split("'")[1]
         for line in outputs[RUN_HERE[-1]].splitlines()
@@ -111,6 +110,14 @@ def test_readme_commands_run_as_written(repro_project: ReproProject, tmp_path):
     for command in RUN_IN_REPO:
         done = subprocess.run(shlex.split(command), cwd=REPO, capture_output=True, text=True)
         assert done.returncode == 0, f"{command}:\n{(done.stdout + done.stderr)[-2000:]}"
+
+
+def test_the_stage_commands_are_the_ones_dvc_repro_runs():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for command in BY_DVC_REPRO:
+        stage = _as_written(command)[1]
+        assert stages[stage]["do"]["cmd"].split(" --")[0] == f"attnpipe {stage} ${{item}}"
+    assert 'main(["models"])' in (REPO / "tests" / "test_cli_help.py").read_text()
 
 
 def test_the_readme_parser_joins_continuations_and_drops_comments():
