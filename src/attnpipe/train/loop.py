@@ -139,7 +139,7 @@ def run_training(config: dict[str, Any], session: WorkerSession) -> None:
         _trace(trace_dir, session, config["run_name"], event="epoch", epoch=epoch + 1)
         train_stream.set_epoch(epoch)
         ddp_model.train()
-        loader = make_loader(train_stream, train_cfg.batch_size, train_cfg.loader_workers, pin)
+        loader = make_loader(train_stream, train_cfg.batch_size, train_cfg.loader_workers, device)
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         seen = 0
