@@ -266,15 +266,24 @@ def read_samples(shard: ShardEntry, start: int, stop: int) -> Iterator[dict[str,
         # The whole range is read, so that a shard that does not match its index is noticed.
         stream, skip, last = open_shard(shard.url, first, end), 0, None
     count = 0
+    advice = "re-run `attnpipe shard` (and publish again)"
     with closing(stream):
         samples = _group_samples(iter_tar_members(stream, shard.url, length), shard.url)
-        for sample in itertools.islice(samples, skip, last):
-            count += 1
-            yield sample
+        try:
+            for sample in itertools.islice(samples, skip, last):
+                count += 1
+                yield sample
+        except ShardFormatError as error:
+            if shard.offsets is None:
+                raise
+            raise ShardFormatError(
+                f"{error}, at an offset index.json gives: the shard and its index may not "
+                f"match; {advice}"
+            ) from None
     if count != stop - start:
         raise ShardFormatError(
             f"{shard.url}: read {count} samples where index.json gives {stop - start}: the "
-            "shard and its index do not match; re-run `attnpipe shard` (and publish again)"
+            f"shard and its index do not match; {advice}"
         )
 
 
@@ -731,15 +740,16 @@ def normalize_on_device(
 
 
 class _HostBatches:
-    """The CPU path: uint8 batches normalised in this process into reused huge-page buffers."""
+    """The CPU path: uint8 batches normalised in this process into reused huge-page buffers
+    (one pool for every epoch: fresh buffers would cost their page faults again)."""
 
     def __init__(self, transform: ImageTransform, memory_format: torch.memory_format):
         self.transform, self.memory_format = transform, memory_format
+        self.pool = FloatBatchPool()
 
     def __call__(self, batches: Iterable[Batch]) -> Iterator[Batch]:
-        pool = FloatBatchPool()
         for images, labels, ids in batches:
-            out = self.transform.normalize(images, out=pool.get(images.shape))
+            out = self.transform.normalize(images, out=self.pool.get(images.shape))
             if self.memory_format != torch.contiguous_format:
                 out = out.contiguous(memory_format=self.memory_format)
             yield out, labels, ids
