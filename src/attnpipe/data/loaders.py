@@ -54,7 +54,7 @@ IMAGE_KEYS = ("jpg", "png")
 _BLOCK = 512
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key, extensions (as webdataset)
 # Bytes per read from storage: on object storage one ranged request each.
-_LOCAL_BUFFER = 256 * 1024
+_LOCAL_BUFFER = io.DEFAULT_BUFFER_SIZE  # as open() buffers: larger reads go straight to the file
 
 
 class ShardFormatError(ValueError):
