@@ -53,8 +53,6 @@ from attnpipe.data.shard import read_index, shard_urls
 IMAGE_KEYS = ("jpg", "png")
 _BLOCK = 512
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key, extensions (as webdataset)
-# Bytes per read from storage: on object storage one ranged request each.
-_LOCAL_BUFFER = io.DEFAULT_BUFFER_SIZE  # as open() buffers: larger reads go straight to the file
 
 
 class ShardFormatError(ValueError):
@@ -89,13 +87,17 @@ class _Window(io.RawIOBase):
 
 
 def open_shard(url: str, start: int = 0, end: int | None = None) -> BinaryIO:
-    """Bytes `start` to `end` (default: the end of the file) of a shard, as a buffered stream.
+    """A buffered stream of a shard from byte `start`; readers stop at `end` themselves.
 
-    A local path, or any URL pyarrow's filesystems know (s3://, gs://, hdfs://...).
+    A local path, or any URL pyarrow's filesystems know (s3://, gs://, hdfs://...). On object
+    storage the stream also ends at `end`, so its buffer never fetches bytes past a reader's
+    share; a local file is read as `open()` reads it (the page cache makes read-ahead free).
     """
-    buffer = storage.READ_BUFFER if storage.is_url(url) else _LOCAL_BUFFER
-    if end is not None:
-        buffer = max(1, min(buffer, end - start))
+    if not storage.is_url(url):
+        stream = open(storage.local_path(url), "rb")  # noqa: SIM115 (the caller closes it)
+        stream.seek(start)
+        return stream
+    buffer = storage.READ_BUFFER if end is None else max(1, min(storage.READ_BUFFER, end - start))
     return io.BufferedReader(_Window(storage.open_input_file(url), start, end), buffer)
 
 
