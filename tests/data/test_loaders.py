@@ -354,3 +354,29 @@ def test_the_device_decides_the_input_path_and_cuda_never_falls_back(digits_proj
             next(iter(cuda))
     with pytest.raises(ValueError, match="mps is not supported"):
         make_loader(stream, 16, device="mps")
+
+
+def test_single_process_batches_in_reused_memory_are_never_overwritten_while_held(
+    digits_project,
+):
+    """workers=0 stacks uint8 batches into reused huge-page memory (10 MB batches at 224)."""
+    recipe, paths = digits_project
+    stream = ShardStream(
+        split_info(paths.shards, "val").shards,
+        rank=0,
+        world_size=1,
+        transform=build_transform(recipe.augment, 224, train=False),
+        train=False,
+    )
+    expected = {i: stream.transform.augment(image) for image, _, i in stream.samples(False)}
+    loader = make_loader(stream, 64, workers=0)
+    held = list(loader.dataloader)  # every uint8 batch kept alive at once
+    assert held[0][0].nbytes > 4 << 20 and held[0][0].dtype == torch.uint8
+    assert len({images.data_ptr() for images, _, _ in held}) == len(held)
+    for images, labels, ids in held:
+        assert labels.dtype == torch.int64 and isinstance(ids, list)
+        for image, sample_id in zip(images, ids, strict=True):
+            assert torch.equal(image, expected[sample_id])
+    released = [images.data_ptr() for images, _, _ in held]
+    del held, images, image
+    assert next(iter(loader.dataloader))[0].data_ptr() in released  # reused once let go
