@@ -12,7 +12,8 @@ about the size of Cassava's photos), then measures, alternating ours and the bas
 2. Loading at 224 with the training augmentation (RandomResizedCrop 224 + flip + normalise):
    - baseline: a DataLoader over the original full-size JPEG files, one PIL decode per file
      (the seed notebooks' approach);
-   - ours: `ShardStream` + `make_loader` over the 256-pixel shards.
+   - ours: `ShardStream` + `make_loader` over the 256-pixel shards, epoch after epoch (a
+     training stream ends after its epoch; the DataLoader workers persist across epochs).
    Both with the same number of DataLoader worker processes (= --cores), batch 64, and also
    in a single process (workers=0, one torch thread) for a clean per-core number.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import os
 import platform
@@ -37,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -220,25 +222,32 @@ def drain(loader, batches: int, warmup: int) -> tuple[Callable[[], None], list[i
     return run, [child.pid for child in multiprocessing.active_children()]
 
 
+def epochs(stream: ShardStream, loader: Iterable) -> Iterator:
+    """The batches of epoch after epoch, as a training loop takes them."""
+    for epoch in itertools.count():
+        stream.set_epoch(epoch)
+        yield from loader
+
+
 def loader_measures(files, paths, cores: int, batches: int) -> tuple[Measure, Measure]:
     workers = cores
     warmup = max(2, 2 * workers)
-    info = split_info(paths.shards, "train")
     stream = ShardStream(
-        urls=info.urls,
+        split_info(paths.shards, "train").shards,
         rank=0,
         world_size=1,
         transform=build_transform(AUGMENT, INPUT, train=True),
         train=True,
         shuffle_buffer=256,
     )
-    ours_loader = make_loader(stream, BATCH, workers)
+    ours_loader = epochs(stream, make_loader(stream, BATCH, workers, persistent=True))
     ours = timed(
         f"ours: shards, {workers} workers",
         batches * BATCH,
         max(workers, 1),
         *drain(ours_loader, batches, warmup),
     )
+    ours_loader.close()  # its loader, and with it the DataLoader workers, go now
     del ours_loader
     base_loader = DataLoader(
         PerFileDataset(files, (batches + warmup + 1) * BATCH),

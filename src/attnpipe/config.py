@@ -147,7 +147,13 @@ class PrepareConfig(Strict):
 class ShardConfig(Strict):
     maxcount: int = Field(1000, gt=0, description="samples per shard at most")
     maxsize: int = Field(256 * 1024 * 1024, gt=0, description="bytes per shard at most")
-    min_shards: int = Field(4, ge=1, description="per split: >= ranks x loader workers")
+    min_shards: int = Field(
+        4,
+        ge=1,
+        description="per split, at least this many shards (more: a finer shuffle across epochs; "
+        "readers split shards by sample, so any count works for any number of ranks and loader "
+        "workers)",
+    )
     image_size: int | None = Field(None, gt=0, description="shorter side at shard time")
     format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(
@@ -331,6 +337,9 @@ class EvaluateConfig(Strict):
     batch_size: int = Field(128, ge=1)
     threshold: float = Field(0.5, gt=0, lt=1, description="binary tasks: positive if p >= this")
     flip_tta: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where evaluate runs the model; auto: the GPU when there is one"
+    )
 
 
 class SearchDimension(Strict):

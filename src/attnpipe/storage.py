@@ -45,6 +45,15 @@ def open_input(location: str | Path) -> BinaryIO:
     return filesystem.open_input_stream(path, compression=None, buffer_size=READ_BUFFER)
 
 
+def open_input_file(location: str | Path) -> BinaryIO:
+    """A seekable, unbuffered binary file, local or on object storage, for reading byte ranges:
+    on object storage each read is one ranged request, so callers read in large pieces."""
+    if not is_url(location):
+        return open(local_path(location), "rb", buffering=0)
+    filesystem, path = _resolve(str(location))
+    return filesystem.open_input_file(path)
+
+
 def read_bytes(location: str | Path) -> bytes:
     with open_input(location) as stream:
         return stream.read()

@@ -1,22 +1,31 @@
-"""Loaders: every evaluation sample exactly once across ranks and workers; equal train batches."""
+"""Loaders: every evaluation sample exactly once across ranks and workers; equal train batches;
+persistent workers; the accelerator input path, run on the CPU."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import multiprocessing
 from collections import Counter
 
 import pytest
 import torch
 
+from attnpipe.config import AugmentConfig
 from attnpipe.data.loaders import (
     ShardStream,
+    _DeviceBatches,
+    _HostBatches,
     build_transform,
     make_loader,
+    normalize_on_device,
     split_info,
     steps_per_epoch,
 )
 
 
 def _stream(recipe, urls, rank, world, train):
+    """A stream given shard URLs (looked up in index.json), as callers used to build them."""
     return ShardStream(
         urls=urls,
         rank=rank,
@@ -26,6 +35,29 @@ def _stream(recipe, urls, rank, world, train):
         seed=0,
         shuffle_buffer=64,
     )
+
+
+def _split_stream(recipe, paths, split, rank=0, world=1):
+    train = split == "train"
+    return ShardStream(
+        split_info(paths.shards, split).shards,
+        rank=rank,
+        world_size=world,
+        transform=build_transform(recipe.augment, 32, train=train),
+        train=train,
+        seed=0,
+        shuffle_buffer=64,
+    )
+
+
+def _planned_ids(stream: ShardStream, workers: int, batch: int) -> list[str]:
+    """The ids this rank's readers are dealt this epoch, read straight from the shards."""
+    plan = stream.plan(workers, batch)
+    return [
+        json.loads(sample["json"])["id"]
+        for worker in range(workers)
+        for sample in stream.read(plan.segments(stream.rank, worker))
+    ]
 
 
 @pytest.mark.parametrize("shard_subset", [None, 3])  # 4 shards >= 4 slots, and 3 < 4 slots
@@ -207,3 +239,144 @@ def test_tar_reader_rejects_a_corrupt_shard(tmp_path):
         path.write_bytes(good.read_bytes()[:cut])
         with pytest.raises(ShardFormatError, match="truncated"):
             list(iter_tar_samples(str(path)))
+
+
+def test_each_rank_loader_yields_exactly_its_batches_then_ends(digits_project):
+    """3 ranks x 2 workers over 4 shards: every rank the same count of full batches, disjoint,
+    fewer than one global batch skipped, a different deal the next epoch; then the loader ends."""
+    recipe, paths = digits_project
+    total = split_info(paths.shards, "train").samples
+    batch, world = 32, 3
+    steps = steps_per_epoch(total, world, batch)
+    deals = []
+    for epoch in (0, 1):
+        seen: Counter[str] = Counter()
+        for rank in range(world):
+            stream = _split_stream(recipe, paths, "train", rank, world)
+            stream.set_epoch(epoch)
+            loader = make_loader(stream, batch, workers=2)
+            batches = list(itertools.islice(loader, steps + 5))  # a stream that never ends fails
+            assert len(batches) == steps == len(loader)
+            assert all(len(labels) == batch == len(ids) for _, labels, ids in batches)
+            seen.update(i for _, _, ids in batches for i in ids)
+        assert max(seen.values()) == 1
+        assert total - world * batch < sum(seen.values()) == world * steps * batch
+        deals.append(set(seen))
+    assert deals[0] != deals[1]
+
+
+def _two_epochs(stream: ShardStream, persistent: bool) -> tuple[list, list]:
+    """Ids and the DataLoader worker processes seen in epochs 0 and 1 of one loader."""
+    loader = make_loader(stream, 32, workers=2, persistent=persistent)
+    ids_by_epoch, workers_by_epoch = [], []
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        ids, pids = [], set()
+        for _, _, batch_ids in loader:
+            ids += batch_ids
+            pids |= {child.pid for child in multiprocessing.active_children()}
+        ids_by_epoch.append(ids)
+        workers_by_epoch.append(pids)
+        assert sorted(ids) == sorted(_planned_ids(stream, 2, 32))  # this epoch's deal
+    return ids_by_epoch, workers_by_epoch
+
+
+def test_persistent_workers_serve_every_epoch_with_that_epochs_plan(digits_project):
+    recipe, paths = digits_project
+    stream = _split_stream(recipe, paths, "train")
+    ids, workers = _two_epochs(stream, persistent=True)
+    assert len(workers[0]) == 2 and workers[0] == workers[1]  # the same two processes
+    assert ids[0] != ids[1]  # ... and they read epoch 1's deal, not epoch 0's again
+    _, fresh = _two_epochs(stream, persistent=False)
+    assert len(fresh[0]) == 2 and not fresh[0] & fresh[1]  # without: new processes per epoch
+
+
+def test_a_split_smaller_than_a_global_batch_gives_each_rank_one_smaller_batch(digits_project):
+    recipe, paths = digits_project
+    total = split_info(paths.shards, "val").samples  # 179
+    sizes = []
+    for rank in range(2):
+        stream = ShardStream(
+            split_info(paths.shards, "val").shards,
+            rank=rank,
+            world_size=2,
+            transform=build_transform(recipe.augment, 32, train=True),
+            train=True,
+        )
+        batches = list(make_loader(stream, 128, workers=2))
+        sizes.append([len(labels) for _, labels, _ in batches])
+    assert sizes == [[total // 2], [total // 2]]
+
+
+def test_normalize_on_device_equals_the_cpu_path():
+    transform = build_transform(AugmentConfig(), 32, train=False)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    expected = transform.normalize(images)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        got = normalize_on_device(images, transform, torch.device("cpu"), memory_format)
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=memory_format)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_device_path_gives_the_host_paths_batches(digits_project, memory_format):
+    """The accelerator path's code (side stream, one batch ahead), run with CPU streams."""
+    recipe, paths = digits_project
+    loader = make_loader(
+        _split_stream(recipe, paths, "val"), 16, workers=2, memory_format=memory_format
+    )
+    assert isinstance(loader.to_device, _HostBatches)
+    host = [(x.clone(), y, i) for x, y, i in loader]
+    transform = loader.stream.transform
+    device = _DeviceBatches(transform, torch.device("cpu"), memory_format)
+    on_device = list(device(loader.dataloader))
+    assert len(on_device) == len(host) == len(loader)
+    for (x, y, ids), (dx, dy, dids) in zip(host, on_device, strict=True):
+        assert x.is_contiguous(memory_format=memory_format)
+        assert dx.is_contiguous(memory_format=memory_format)
+        assert torch.equal(x, dx) and torch.equal(y, dy) and ids == dids
+        assert dy.dtype == torch.int64
+
+
+def test_the_device_decides_the_input_path_and_cuda_never_falls_back(digits_project):
+    recipe, paths = digits_project
+    stream = _split_stream(recipe, paths, "val")
+    cpu = make_loader(stream, 16, workers=2)
+    assert not cpu.dataloader.pin_memory and isinstance(cpu.to_device, _HostBatches)
+    cuda = make_loader(stream, 16, workers=2, device=torch.device("cuda"))
+    assert cuda.dataloader.pin_memory and isinstance(cuda.to_device, _DeviceBatches)
+    assert cuda.dataloader.persistent_workers is False
+    if torch.cuda.is_available():
+        images, labels, _ = next(iter(cuda))
+        assert images.device.type == labels.device.type == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            next(iter(cuda))
+    with pytest.raises(ValueError, match="mps is not supported"):
+        make_loader(stream, 16, device="mps")
+
+
+def test_single_process_batches_in_reused_memory_are_never_overwritten_while_held(
+    digits_project,
+):
+    """workers=0 stacks uint8 batches into reused huge-page memory (10 MB batches at 224)."""
+    recipe, paths = digits_project
+    stream = ShardStream(
+        split_info(paths.shards, "val").shards,
+        rank=0,
+        world_size=1,
+        transform=build_transform(recipe.augment, 224, train=False),
+        train=False,
+    )
+    expected = {i: stream.transform.augment(image) for image, _, i in stream.samples(False)}
+    loader = make_loader(stream, 64, workers=0)
+    held = list(loader.dataloader)  # every uint8 batch kept alive at once
+    assert held[0][0].nbytes > 4 << 20 and held[0][0].dtype == torch.uint8
+    assert len({images.data_ptr() for images, _, _ in held}) == len(held)
+    for images, labels, ids in held:
+        assert labels.dtype == torch.int64 and isinstance(ids, list)
+        for image, sample_id in zip(images, ids, strict=True):
+            assert torch.equal(image, expected[sample_id])
+    released = [images.data_ptr() for images, _, _ in held]
+    del held, images, image
+    assert next(iter(loader.dataloader))[0].data_ptr() in released  # reused once let go

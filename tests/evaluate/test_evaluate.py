@@ -252,3 +252,15 @@ def test_overlay_examples_are_right_and_wrong_ones_per_class(evaluated_project, 
         assert c.pixels.shape == (32, 32, 3)
     assert max(by_kind.values()) <= EXAMPLES_PER_CLASS
     assert any(ok for _, ok in by_kind) and any(not ok for _, ok in by_kind)
+
+
+def test_evaluate_runs_on_the_gpu_when_there_is_one_and_never_quietly_on_the_cpu():
+    from attnpipe.devices import DeviceError
+    from attnpipe.evaluate.run import evaluation_device
+
+    assert evaluation_device("cpu").type == "cpu"
+    auto = evaluation_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match=r"evaluate\.device is cuda: no NVIDIA driver"):
+            evaluation_device("cuda")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from attnpipe.config import apply_overrides
-from attnpipe.data.loaders import split_info
+from attnpipe.data.loaders import split_info, steps_per_epoch
 from attnpipe.train import loop
 from attnpipe.train.loop_config import LoopConfig
 
@@ -105,7 +105,7 @@ def test_one_epoch_with_mixup_and_cutmix_reports_finite_losses(
     assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
     assert math.isfinite(metrics["val_loss"]) and 0 <= metrics["val_accuracy"] <= 1
     targets = logged[0].targets  # the criterion saw mixed soft targets, never integer labels
-    steps = loop.steps_per_epoch(split_info(paths.shards, "train").samples, 1, 64)
+    steps = steps_per_epoch(split_info(paths.shards, "train").samples, 1, 64)
     assert len(targets) == steps
     assert all(t.shape == (64, 10) and t.dtype == torch.float32 for t in targets)
     assert all(torch.allclose(t.sum(1), torch.ones(64)) for t in targets)

@@ -2,6 +2,14 @@
 
 Shards are planned before any is written (how many, which samples in which), so each one can
 be written by its own process and the result does not depend on scheduling.
+
+`index.json` holds the class names and, per split, its sample count and shards. Each shard's
+entry: `name`, `samples`, `classes` (count per class name), `bytes` (the file's size),
+`offsets` (the byte offset in the tar of each sample's first header, samples in tar order) and
+`end_offset` (where the end-of-archive marker starts, so sample i spans
+`offsets[i]:offsets[i + 1]`, the last one `offsets[-1]:end_offset`). The offsets let a reader
+seek straight to its share of a shard and stop after it (`attnpipe.data.loaders`); indexes
+written before they existed still load, read from the start of each shard.
 """
 
 from __future__ import annotations
@@ -174,6 +182,7 @@ def _tick(bar: tqdm, entry: dict) -> dict:
 def write_shard(job: ShardJob) -> dict:
     """Encode and write one tar with a fixed member order and `mtime=0`; return its index entry."""
     class_counts: dict[int, int] = {}
+    offsets: list[int] = []
     with open(job.path, "wb") as handle, wds.TarWriter(handle, mtime=0) as writer:
         for row in job.rows:
             try:
@@ -191,6 +200,8 @@ def write_shard(job: ShardJob) -> dict:
                 "group": row["group"],
                 "sha256": row["sha256"],
             }
+            # Where this sample's first header (PAX or GNU name headers included) will start.
+            offsets.append(writer.tarstream.offset)
             writer.write(
                 {
                     "__key__": sample_key(row["id"]),
@@ -202,11 +213,14 @@ def write_shard(job: ShardJob) -> dict:
                 }
             )
             class_counts[row["label"]] = class_counts.get(row["label"], 0) + 1
+        end_offset = writer.tarstream.offset  # the end-of-archive marker: the samples end here
     return {
         "name": job.path.name,
         "samples": len(job.rows),
         "classes": class_counts,
         "bytes": job.path.stat().st_size,
+        "offsets": offsets,
+        "end_offset": end_offset,
     }
 
 

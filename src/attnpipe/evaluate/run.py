@@ -21,6 +21,7 @@ import torch
 from attnpipe.config import Recipe
 from attnpipe.data.loaders import ShardStream, build_transform, make_loader, split_info
 from attnpipe.data.shard_index import shard_location
+from attnpipe.devices import require_cuda
 from attnpipe.errors import AttnpipeError
 from attnpipe.metrics import (
     classification_metrics,
@@ -66,7 +67,15 @@ class SplitResult:
 def _eval_stream(recipe: Recipe, paths: PipelinePaths, split: str, input_size: int):
     info = split_info(shard_location(recipe, paths), split)
     transform = build_transform(recipe.augment, input_size, train=False)
-    return info, ShardStream(info.urls, rank=0, world_size=1, transform=transform, train=False)
+    return info, ShardStream(info.shards, rank=0, world_size=1, transform=transform, train=False)
+
+
+def evaluation_device(setting: str) -> torch.device:
+    """`evaluate.device`: auto is the GPU when this machine has a usable one. Asking for cuda
+    where CUDA cannot start is an error saying why, never a quiet CPU run."""
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return require_cuda("evaluate.device is cuda")
 
 
 def run_split(
@@ -83,13 +92,14 @@ def run_split(
     uint8 pixels) for the attention overlays.
     """
     info, stream = _eval_stream(recipe, paths, split, payload["input_size"])
-    loader = make_loader(stream, recipe.evaluate.batch_size, workers=0)
+    device = next(model.parameters()).device
+    loader = make_loader(stream, recipe.evaluate.batch_size, workers=0, device=device)
     keeper = CandidateKeeper(len(payload["class_names"]), examples_per_class, recipe)
     parts = []
     for (images, labels, ids), log_probs in iter_predictions(
         model, loader, flip_tta=recipe.evaluate.flip_tta
     ):
-        parts.append(Predictions(list(ids), labels.numpy(), log_probs.numpy()))
+        parts.append(Predictions(list(ids), labels.cpu().numpy(), log_probs.numpy()))
         keeper.offer(images, parts[-1])
     scored = Predictions.concatenate(parts)
     if not scored.ids:
@@ -151,8 +161,13 @@ def split_images(
 
 
 def evaluate(recipe: Recipe, paths: PipelinePaths, report: bool = True) -> dict:
-    """Compute and write the test metrics (and, with `report`, the figures and index.html)."""
+    """Compute and write the test metrics (and, with `report`, the figures and index.html).
+
+    The model runs on `evaluate.device` (the GPU when there is one); the metrics are the same
+    definitions as validation's, over every test sample once, wherever it runs.
+    """
     model, payload = load_model_file(paths.model_file)
+    model = model.to(evaluation_device(recipe.evaluate.device))
     predictions = run_split(
         model, payload, recipe, paths, "test", EXAMPLES_PER_CLASS if report else 0
     )

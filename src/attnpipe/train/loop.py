@@ -33,7 +33,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from attnpipe.config import Recipe, TrainConfig
 from attnpipe.data.batch_augment import BatchAugment
-from attnpipe.data.loaders import ShardStream, build_transform, make_loader, split_info
+from attnpipe.data.loaders import (
+    ShardEntry,
+    ShardLoader,
+    ShardStream,
+    build_transform,
+    make_loader,
+    split_info,
+)
 from attnpipe.errors import AttnpipeError
 from attnpipe.metrics import classification_metrics
 from attnpipe.models import create_model
@@ -123,6 +130,8 @@ class Run:
     memory_format: torch.memory_format
     train_stream: ShardStream
     val_stream: ShardStream
+    train_loader: ShardLoader  # batches already on the device, normalised
+    val_loader: ShardLoader
     steps: int  # batches per epoch on every rank
     classes: list[str]
     tracer: Tracer
@@ -158,10 +167,14 @@ def build(config: LoopConfig, session: WorkerSession) -> Run:
     torch.manual_seed(train.seed + session.rank)
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     train_split, val_split = split_info(config.shards, "train"), split_info(config.shards, "val")
-    steps = steps_per_epoch(train_split.samples, session.world_size, train.batch_size)
     speed = speed_settings(train, session.device)
     apply_speed_settings(speed)
     memory_format = speed.memory_format
+    train_stream = _stream(recipe, train_split.shards, session, train=True)
+    val_stream = _stream(recipe, val_split.shards, session, train=False)
+    train_loader = _loader(train_stream, train.batch_size, train, session, memory_format)
+    val_loader = _loader(val_stream, recipe.evaluate.batch_size, train, session, memory_format)
+    steps = len(train_loader)  # the same on every rank
     model = build_model(recipe, len(train_split.classes), session, memory_format)
     ema = (
         # use_buffers: the EMA network keeps averaged BatchNorm statistics of its own, not
@@ -196,8 +209,10 @@ def build(config: LoopConfig, session: WorkerSession) -> Run:
         batch_augment=BatchAugment(recipe.augment, len(train_split.classes)),
         amp_dtype=amp_dtype,
         memory_format=memory_format,
-        train_stream=_stream(recipe, train_split.urls, session, train=True),
-        val_stream=_stream(recipe, val_split.urls, session, train=False),
+        train_stream=train_stream,
+        val_stream=val_stream,
+        train_loader=train_loader,
+        val_loader=val_loader,
         steps=steps,
         classes=train_split.classes,
         tracer=Tracer.from_environment(session, config.run_name),
@@ -243,12 +258,39 @@ def build_model(
     return model.to(device=session.device, memory_format=memory_format)
 
 
-def _stream(recipe: Recipe, urls: list[str], session: WorkerSession, train: bool) -> ShardStream:
+def _loader(
+    stream: ShardStream,
+    batch_size: int,
+    train: TrainConfig,
+    session: WorkerSession,
+    memory_format: torch.memory_format,
+) -> ShardLoader:
+    """Built once per run: with loader workers, they persist across epochs (the stream's
+    `set_epoch` reaches them through shared memory)."""
+    return make_loader(
+        stream,
+        batch_size,
+        train.loader_workers,
+        session.device,
+        memory_format,
+        persistent=train.loader_workers > 0,
+    )
+
+
+def _stream(
+    recipe: Recipe, shards: list[ShardEntry], session: WorkerSession, train: bool
+) -> ShardStream:
     transform = build_transform(recipe.augment, recipe.model.input_size, train=train)
     if not train:
-        return ShardStream(urls, session.rank, session.world_size, transform, train=False)
+        return ShardStream(
+            shards,
+            rank=session.rank,
+            world_size=session.world_size,
+            transform=transform,
+            train=False,
+        )
     return ShardStream(
-        urls=urls,
+        shards,
         rank=session.rank,
         world_size=session.world_size,
         transform=transform,
@@ -256,11 +298,6 @@ def _stream(recipe: Recipe, urls: list[str], session: WorkerSession, train: bool
         seed=recipe.train.seed,
         shuffle_buffer=recipe.train.shuffle_buffer,
     )
-
-
-def steps_per_epoch(samples: int, world_size: int, batch_size: int) -> int:
-    """Batches every rank takes per epoch: one pass over the data in total (at least 1)."""
-    return max(1, samples // (world_size * batch_size))
 
 
 def optimizer_steps_per_epoch(steps: int, accumulate: int) -> int:
@@ -331,15 +368,11 @@ def train_one_epoch(run: Run, epoch: int) -> EpochOutcome:
     run.tracer.event("epoch", epoch + 1)
     run.train_stream.set_epoch(epoch)
     run.ddp_model.train()
-    pin = run.device.type == "cuda"
-    loader = make_loader(run.train_stream, run.train.batch_size, run.train.loader_workers, pin)
     started = time.perf_counter()
     loss_sum = torch.zeros((), device=run.device)
     seen, ids = 0, []
     run.optimizer.zero_grad(set_to_none=True)
-    for step, (images, labels, batch_ids) in zip(range(run.steps), loader, strict=False):
-        images = images.to(run.device, non_blocking=pin, memory_format=run.memory_format)
-        labels = labels.to(run.device, non_blocking=pin)
+    for step, (images, labels, batch_ids) in enumerate(run.train_loader):
         # With MixUp/CutMix on, `targets` are soft (N, C) and the logged train_loss is the
         # loss against the mixed targets: comparable between epochs and between runs with the
         # same mixing, higher than a clean-label loss and so not comparable with val_loss.
@@ -408,15 +441,8 @@ def validate(run: Run) -> dict[str, float]:
     """
     model = run.eval_model
     _sync_buffers(model, run.world)
-    pin = run.device.type == "cuda"
-    loader = make_loader(
-        run.val_stream, run.recipe.evaluate.batch_size, run.train.loader_workers, pin
-    )
-    batches = (
-        (images.to(run.device, non_blocking=pin, memory_format=run.memory_format), labels, ids)
-        for images, labels, ids in loader
-    )
-    predictions = gather_predictions(predict_batches(model, batches, amp_dtype=run.amp_dtype))
+    predictions = predict_batches(model, run.val_loader, amp_dtype=run.amp_dtype)
+    predictions = gather_predictions(predictions)
     if not len(predictions.labels):
         raise EmptySplitError("the validation split is empty: give prepare.splits.val a share")
     scores = classification_metrics(
