@@ -1,0 +1,1 @@
+"""attnpipe: reproducible, distributed training of attention CNNs (see README.md)."""
