@@ -82,13 +82,12 @@ def driver_version() -> str | None:
     return found[0].strip() if done.returncode == 0 and found else None
 
 
-def cuda_status(driver: str | None = None, check_torch: bool = True) -> CudaStatus:
+def cuda_status(driver: str | None = None) -> CudaStatus:
     """Can torch use a GPU here? `driver` overrides the detected driver version (tests)."""
     driver = driver if driver is not None else driver_version()
     cuda = torch.version.cuda
-    available = torch.cuda.is_available() if check_torch else False
-    count = torch.cuda.device_count() if available else 0
-    if available and count:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count:
         return CudaStatus(True, count, driver, cuda)
     return CudaStatus(False, 0, driver, cuda, explain(driver, cuda))
 
@@ -120,6 +119,20 @@ def explain(driver: str | None, cuda: str | None) -> str:
         "check `nvidia-smi` (a GPU in a bad state, CUDA_VISIBLE_DEVICES naming no device, a "
         "container without the GPU device files)"
     )
+
+
+def nvidia_gpus() -> int:
+    """GPUs on this machine as Ray counts them (through the NVIDIA driver's management library,
+    not CUDA): a GPU whose CUDA cannot start is still counted, so wanting it fails loudly
+    instead of training on the CPU."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    return get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+
+
+def wants_gpu(use_gpu: bool | str) -> bool:
+    """`train.use_gpu` for work on this machine: auto = whenever it has an NVIDIA GPU."""
+    return use_gpu is True or (use_gpu == "auto" and nvidia_gpus() > 0)
 
 
 def require_cuda(context: str) -> torch.device:

@@ -18,7 +18,6 @@ import yaml
 
 from attnpipe import storage
 from attnpipe.config import WandbConfig
-from attnpipe.storage import join as storage_join
 
 # Seconds between writes of an offline (and online) run's `.wandb` file.
 FLUSH_INTERVAL_S = 1.0
@@ -185,23 +184,23 @@ WANDB_EXPORT_FOLDER = "wandb"
 def export_wandb_run(run_dir: Path, destination: str) -> str:
     """Copy a finished offline run folder to `<destination>/wandb/<folder name>/` (a URL or a
     shared path); returns where it went."""
-    target = storage_join(destination, WANDB_EXPORT_FOLDER, run_dir.name)
+    target = storage.join(destination, WANDB_EXPORT_FOLDER, run_dir.name)
     for path in sorted(run_dir.rglob("*")):
         if path.is_file():
-            storage.upload_file(path, storage_join(target, *path.relative_to(run_dir).parts))
+            storage.upload_file(path, storage.join(target, *path.relative_to(run_dir).parts))
     return target
 
 
 def import_wandb_runs(storage_location: str, wandb_parent: Path) -> list[Path]:
     """Copy the offline runs kept under `<storage>/wandb/` into `<wandb_parent>/wandb/` (the
     driver's project), skipping files already there with the same size."""
-    source = storage_join(storage_location, WANDB_EXPORT_FOLDER)
+    source = storage.join(storage_location, WANDB_EXPORT_FOLDER)
     copied = []
     for relative, size in storage.list_tree(source).items():
         target = wandb_parent / "wandb" / relative
         if target.is_file() and target.stat().st_size == size:
             continue
-        storage.download_file(storage_join(source, relative), target)
+        storage.download_file(storage.join(source, relative), target)
         copied.append(target)
     return copied
 

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from attnpipe.cli import main
 from attnpipe.config import TrainConfig, apply_overrides
@@ -155,3 +156,20 @@ def test_driver_messages_say_what_was_found_what_is_needed_and_what_to_do():
     assert not status.usable and "too old" in status.problem
     with pytest.raises(DeviceError, match="training worker 0 was given a GPU: no NVIDIA driver"):
         require_cuda("training worker 0 was given a GPU")
+
+
+def test_torchrun_on_a_machine_with_a_gpu_cuda_cannot_use_fails_instead_of_using_the_cpu(
+    monkeypatch, tmp_path
+):
+    """`auto` counts GPUs through the driver, as Ray does, not through CUDA: a GPU whose CUDA
+    cannot start is wanted, and then refused with the reason (before: a silent CPU run)."""
+    from attnpipe import devices
+    from attnpipe.train.session import TorchrunSession
+
+    assert devices.wants_gpu("auto") is (devices.nvidia_gpus() > 0)
+    assert devices.wants_gpu(False) is False and devices.wants_gpu(True) is True
+    monkeypatch.setattr(devices, "nvidia_gpus", lambda: 1)
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match=r"torchrun rank 0: no NVIDIA driver found"):
+            TorchrunSession(tmp_path, use_gpu="auto")
+    assert TorchrunSession(tmp_path, use_gpu=False).device.type == "cpu"

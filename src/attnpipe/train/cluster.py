@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnpipe.config import TrainConfig
-from attnpipe.devices import CudaStatus, cuda_status
+from attnpipe.devices import CudaStatus, cuda_status, nvidia_gpus
 from attnpipe.raycluster import ClusterError, connect_ray
 
 
@@ -154,10 +154,7 @@ def decide_local_devices(train: TrainConfig, workers: int, cpus: int) -> bool:
     """The same decision for a private cluster on this machine, made before Ray starts: the
     GPUs are the ones Ray would find here (through the NVIDIA driver, so a GPU whose CUDA
     cannot start is still seen, and reported, rather than silently skipped)."""
-    from ray._private.accelerators import get_accelerator_manager_for_resource
-
-    gpus = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
-    capacity = ClusterCapacity({"CPU": float(cpus), "GPU": float(gpus)}, None)
+    capacity = ClusterCapacity({"CPU": float(cpus), "GPU": float(nvidia_gpus())}, None)
     return _decide(train, workers, capacity, "(local)", probe=_probe_here)
 
 

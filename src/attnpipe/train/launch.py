@@ -75,8 +75,11 @@ def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> LoopConfig:
             "data_version": data_ver,
             "run_name": run_name,
         },
-        # Explicit storage may be on other machines than this one: keep the W&B run there.
-        wandb_export=recipe.train.storage_path,
+        # Explicit storage may be on other machines than this one: keep an offline W&B run
+        # there (an online one is on wandb.ai already).
+        wandb_export=(
+            recipe.train.storage_path if recipe.tracking.wandb.mode == "offline" else None
+        ),
     )
 
 

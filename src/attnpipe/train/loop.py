@@ -280,21 +280,13 @@ def _loader(
 def _stream(
     recipe: Recipe, shards: list[ShardEntry], session: WorkerSession, train: bool
 ) -> ShardStream:
-    transform = build_transform(recipe.augment, recipe.model.input_size, train=train)
-    if not train:
-        return ShardStream(
-            shards,
-            rank=session.rank,
-            world_size=session.world_size,
-            transform=transform,
-            train=False,
-        )
+    # Seed and shuffle buffer shape training's plan and order; evaluation reads in order.
     return ShardStream(
         shards,
         rank=session.rank,
         world_size=session.world_size,
-        transform=transform,
-        train=True,
+        transform=build_transform(recipe.augment, recipe.model.input_size, train=train),
+        train=train,
         seed=recipe.train.seed,
         shuffle_buffer=recipe.train.shuffle_buffer,
     )
@@ -568,7 +560,7 @@ def _finish_wandb(run: Run, tracker: WandbRun, preempted: bool) -> None:
     tracker.finish(preempted=preempted)
     if run_dir is None or run.recipe.tracking.wandb.mode != "offline":
         return
-    if run.config.wandb_export:
+    if run.config.wandb_export:  # set for offline runs with explicit storage
         # This node may be gone soon (autoscalers remove idle nodes): keep the run beside the
         # checkpoints, from where the driver copies it back.
         kept = export_wandb_run(run_dir, run.config.wandb_export)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from attnpipe.devices import require_cuda
+from attnpipe.devices import require_cuda, wants_gpu
 from attnpipe.train.stop import StopFlagReader
 
 
@@ -111,15 +111,16 @@ def _quiet_ray_train_reports() -> None:
 class TorchrunSession:
     """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; checkpoints are copied to `storage`.
 
-    `use_gpu`: the recipe's `train.use_gpu`; "auto" trains on this process's GPU when CUDA
-    works, True fails (saying why) when it does not.
+    `use_gpu`: the recipe's `train.use_gpu`; "auto" trains on this process's GPU whenever the
+    machine has an NVIDIA GPU, and then, as with True, fails (saying why) if CUDA cannot start:
+    never a silent CPU run.
     """
 
     def __init__(self, storage: Path, use_gpu: bool | str = "auto") -> None:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if use_gpu is True or (use_gpu == "auto" and torch.cuda.is_available()):
+        if wants_gpu(use_gpu):
             require_cuda(f"torchrun rank {self.rank}")
             torch.cuda.set_device(local_rank)
             self.device = torch.device("cuda", local_rank)
