@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,11 +160,35 @@ def evaluated_project(trained_project: tuple[Recipe, PipelinePaths]) -> tuple[Pi
     return paths, metrics
 
 
+# Debian's Chromium (`make browser` installs it): Playwright's own browser download is not
+# reachable from these machines, so Playwright drives this one.
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_or_install_chromium() -> tuple[str | None, str]:
+    """(path, why not): a Chromium on PATH, else `apt-get install chromium` once as root."""
+    found = next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
+    if found:
+        return found, ""
+    if os.name != "posix" or os.geteuid() != 0:
+        return None, "no Chromium installed, and not root to apt-get install it"
+    if not shutil.which("apt-get"):
+        return None, "no Chromium installed, and no apt-get to install it"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return None, f"no Chromium: `{' '.join(command)}` failed ({error})"
+        if done.returncode != 0 and command[1] == "install":
+            return None, f"no Chromium: apt-get install chromium failed: {done.stderr[-400:]}"
+    found = shutil.which("chromium")
+    return (found, "") if found else (None, "apt-get ran but no chromium binary appeared")
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """A headless Chromium, installed with apt-get (as root) if missing; else the test skips."""
-    from tests.evaluate.browser import find_or_install_chromium
-
     binary, why_not = find_or_install_chromium()
     if binary is None:
         pytest.skip(f"{why_not}; `make browser` installs it on Debian/Ubuntu")
