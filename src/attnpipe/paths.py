@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+# Set by DVC for every stage command; in an experiment run in a temporary copy (`dvc exp run
+# --queue` / `--temp`), it names the workspace the experiment came from, not the copy.
+DVC_ROOT_ENV = "DVC_ROOT"
 
 
 @dataclass(frozen=True)
 class PipelinePaths:
     root: Path
     name: str
+
+    @property
+    def workspace(self) -> Path:
+        """The project folder that outlives a run: `root`, except inside DVC's temporary copy
+        of an experiment (`<workspace>/.dvc/tmp/exps/...`, deleted when the experiment ends),
+        where it is the workspace the copy came from. Checkpoints and W&B runs go there."""
+        dvc_root = os.environ.get(DVC_ROOT_ENV)
+        if not dvc_root:
+            return self.root
+        workspace = Path(dvc_root).resolve()
+        inside_copy = self.root.resolve().is_relative_to(workspace / ".dvc" / "tmp")
+        return workspace if inside_copy else self.root
 
     @property
     def data(self) -> Path:
@@ -49,7 +66,9 @@ class PipelinePaths:
 
     @property
     def checkpoints(self) -> Path:
-        return self.models / "checkpoints"
+        """Ray Train's run folders: in the workspace (not a DVC output), so that a queued
+        experiment's copy, and the next `dvc repro`, resume from them."""
+        return self.workspace / "models" / self.name / "checkpoints"
 
     @property
     def tune_storage(self) -> Path:
@@ -68,6 +87,11 @@ class PipelinePaths:
         return self.reports / "train_history.csv"
 
     @property
+    def train_metrics(self) -> Path:
+        """The train stage's DVC metrics: best epoch and its validation metrics, the W&B run."""
+        return self.reports / "train.json"
+
+    @property
     def metrics(self) -> Path:
         return self.reports / "metrics.json"
 
@@ -77,8 +101,9 @@ class PipelinePaths:
 
     @property
     def wandb_parent(self) -> Path:
-        """W&B writes its runs to `wandb/` inside this folder."""
-        return self.root
+        """W&B writes its runs to `wandb/` inside this folder: the workspace, so that an
+        experiment run in DVC's temporary copy keeps its run."""
+        return self.workspace
 
     @property
     def per_class(self) -> Path:

@@ -16,6 +16,9 @@ from attnpipe.errors import AttnpipeError
 
 # Set to 0 to start a private local cluster without the Ray dashboard.
 DASHBOARD_ENV = "ATTNPIPE_RAY_DASHBOARD"
+# The CPUs a private local cluster offers (default: every core). Experiments run side by side
+# (`dvc queue start -j 2`) each start one; give each its share: ATTNPIPE_RAY_CPUS=<cores / 2>.
+CPUS_ENV = "ATTNPIPE_RAY_CPUS"
 REACH_TIMEOUT_S = 5.0
 
 
@@ -31,6 +34,22 @@ def configure_ray_environment() -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # Ray's 60 s is too short for GPU nodes that autoscale in, or for a loaded machine.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+
+
+def private_cluster_cpus(cpus_needed: int = 1) -> int:
+    """The CPUs of a private local cluster: ATTNPIPE_RAY_CPUS when set, else every core (at
+    least what the work needs, so that it can be placed)."""
+    setting = os.environ.get(CPUS_ENV, "").strip()
+    if not setting:
+        return max(os.cpu_count() or 1, cpus_needed)
+    if not setting.isdigit() or int(setting) < 1:
+        raise ClusterError(f"{CPUS_ENV}={setting!r} is not a whole number of CPUs >= 1")
+    if int(setting) < cpus_needed:
+        raise ClusterError(
+            f"{CPUS_ENV}={setting} but the work needs {cpus_needed} CPU(s): raise it, or lower "
+            "train.workers / train.cpus_per_worker"
+        )
+    return int(setting)
 
 
 def check_reachable(address: str) -> None:
@@ -73,9 +92,11 @@ def connect_ray(address: str | None, cpus_needed: int = 1) -> bool:
         # (`ray start`, a test's). Its one node is never drained, so Ray Train's preemption
         # watcher (an extra actor process per run) has nothing to watch.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        cpus = private_cluster_cpus(cpus_needed)
+        print(f"starting a private Ray cluster on this machine with {cpus} CPU(s)", flush=True)
         ray.init(
             address="local",
-            num_cpus=max(os.cpu_count() or 1, cpus_needed),
+            num_cpus=cpus,
             # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner
             # polls every second; without it each poll fails with a warning.
             include_dashboard=os.environ.get(DASHBOARD_ENV, "1") != "0",

@@ -10,7 +10,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
 import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,48 @@ def data_version(root: Path, pipeline: str, shards_dir: Path | str) -> str:
     return "index:" + hashlib.sha256(blob).hexdigest()[:16]
 
 
+# Set by DVC for the stages of `dvc exp run` (queued or not): the experiment's name and the
+# commit it started from (dvc/repo/experiments/queue/base.py). Absent under `dvc repro`.
+DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
+DVC_EXP_BASELINE_ENV = "DVC_EXP_BASELINE_REV"
+
+
+@dataclass(frozen=True)
+class ExperimentIdentity:
+    """The DVC experiment a stage runs in (both None outside `dvc exp run`)."""
+
+    name: str | None = None
+    baseline_rev: str | None = None
+
+    @property
+    def tags(self) -> list[str]:
+        """W&B tags (at most 64 characters each) that find the run from `dvc exp show`."""
+        tags = [f"dvc-exp:{self.name}"[:64]] if self.name else []
+        return tags + ([f"dvc-baseline:{self.baseline_rev[:10]}"] if self.baseline_rev else [])
+
+    def as_config(self) -> dict[str, str | None]:
+        return {"name": self.name, "baseline_rev": self.baseline_rev}
+
+    def run_id_suffix(self) -> str:
+        """Appended to a W&B run id: experiments never share a run, even with equal settings."""
+        return "-" + re.sub(r"[^A-Za-z0-9_-]", "_", self.name) if self.name else ""
+
+
+def experiment_identity(environ: Mapping[str, str] | None = None) -> ExperimentIdentity:
+    """Which `dvc exp run` experiment this process belongs to, from DVC's variables."""
+    environ = os.environ if environ is None else environ
+    return ExperimentIdentity(
+        environ.get(DVC_EXP_NAME_ENV) or None, environ.get(DVC_EXP_BASELINE_ENV) or None
+    )
+
+
+def wandb_run_folder(wandb_parent: Path, run_id: str) -> Path | None:
+    """The newest local folder of W&B run `run_id` under `<wandb_parent>/wandb/` (offline or
+    online; a resumed run has one per launch), or None."""
+    found = sorted((wandb_parent / "wandb").glob(f"*run-*-{run_id}"))
+    return found[-1] if found else None
+
+
 def redact(value: Any) -> Any:
     """Drop entries whose key looks like a secret, at any depth."""
     if isinstance(value, dict):
@@ -96,6 +141,7 @@ class WandbRun:
         run_config: dict,
         group: str | None = None,
         system_metrics: bool = False,
+        tags: Sequence[str] = (),
     ) -> WandbRun:
         """`system_metrics`: W&B's CPU/GPU sampling (on for GPU runs, where utilisation and
         memory are worth watching; off on CPU, where it only takes time from training)."""
@@ -114,6 +160,7 @@ class WandbRun:
             id=run_id,
             name=name,
             group=group,
+            tags=list(tags) or None,
             dir=str(directory),
             mode=mode,
             resume="allow",

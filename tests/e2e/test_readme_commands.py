@@ -29,6 +29,8 @@ RUN_HERE = [
     "--set 'model.kwargs={width_multiplier: 0.5}'",
     "uv run dvc metrics show",
     "uv run dvc plots show",
+    "uv run dvc exp show --drop '.*' --keep "
+    "'Experiment|best_epoch|best.val_accuracy|test.accuracy|wandb.run_id|wandb.folder'",
     # Last: it changes the workspace (and checks that only the model stages re-run).
     "uv run dvc exp run -S pipelines/digits.yaml:train.epochs=1",
 ]
@@ -38,7 +40,14 @@ RUN_IN_REPO = ["make lint", "make help"]
 # --no-progress); `attnpipe models` is run by tests/test_cli_help.py.
 STAGES = ("fetch", "prepare", "shard", "train", "evaluate", "export")
 BY_DVC_REPRO = [f"uv run attnpipe {stage} digits" for stage in STAGES]
-ELSEWHERE = {"uv run attnpipe models": "tests/test_cli_help.py::test_models_help_and_table"}
+QUEUED = "tests/e2e/test_dvc_experiments.py (two tiny experiments queued, run with -j 2)"
+ELSEWHERE = {
+    "uv run attnpipe models": "tests/test_cli_help.py::test_models_help_and_table",
+    "uv run dvc exp run --queue -n lr-low -S pipelines/digits.yaml:train.optimizer.lr=0.05": QUEUED,
+    "uv run dvc exp run --queue -n tta -S pipelines/digits.yaml:evaluate.flip_tta=true": QUEUED,
+    "ATTNPIPE_RAY_CPUS=1 uv run dvc queue start -j 2": QUEUED,
+    "uv run dvc queue status": QUEUED,
+}
 
 CLUSTER = "needs a cloud account and a running Ray cluster (tests/cluster runs `attnpipe submit` and `jobs` against a local Ray head)"  # noqa: E501
 DOWNLOAD = "downloads a dataset (no network here); tests/data runs the sources against local fakes"
@@ -99,6 +108,8 @@ def test_readme_commands_run_as_written(repro_project: ReproProject, tmp_path):
     outputs = {command: run_in(root, *_as_written(command)) for command in RUN_HERE}
     assert "digit_0001.png" in outputs[RUN_HERE[1]]
     assert "0.5" in outputs[RUN_HERE[2]] and "best epoch" in outputs[RUN_HERE[2]]
+    exp_show = next(out for command, out in outputs.items() if "exp show" in command)
+    assert "best_epoch" in exp_show and "wandb.run_id" in exp_show, exp_show
     stages = {
         line.split("'")[1]
         for line in outputs[RUN_HERE[-1]].splitlines()

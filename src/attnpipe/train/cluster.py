@@ -19,7 +19,7 @@ from typing import Any
 
 from attnpipe.config import TrainConfig
 from attnpipe.devices import CudaStatus, cuda_status, nvidia_gpus
-from attnpipe.raycluster import ClusterError, connect_ray
+from attnpipe.raycluster import ClusterError, connect_ray, private_cluster_cpus
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def training_cluster(train: TrainConfig, workers: int, address: str | None) -> I
     cpus = int(workers * train.cpus_per_worker)
     private = not (address or ray.is_initialized())
     if private:
-        use_gpu = decide_local_devices(train, workers, max(os.cpu_count() or 1, cpus))
+        use_gpu = decide_local_devices(train, workers, private_cluster_cpus(cpus))
     started_here = connect_ray(address, cpus)
     try:
         yield use_gpu if private else decide_devices(train, workers, address)

@@ -9,6 +9,7 @@ from its latest checkpoint; changing any of those starts a new run beside it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from collections.abc import Sequence
@@ -23,11 +24,22 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.modelfile import Provenance, write_model_file
 from attnpipe.paths import PipelinePaths
 from attnpipe.raycluster import configure_ray_environment
-from attnpipe.tracking import data_version, git_commit, import_wandb_runs, write_history
+from attnpipe.tracking import (
+    ExperimentIdentity,
+    data_version,
+    experiment_identity,
+    git_commit,
+    import_wandb_runs,
+    wandb_run_folder,
+    write_history,
+)
 from attnpipe.train.checkpoint import TrainingState, read_checkpoint
 from attnpipe.train.cluster import training_cluster
 from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.stop import create_stop_flag, run_stoppable
+
+# W&B run ids longer than this are refused.
+WANDB_ID_MAX = 64
 
 
 class TrainError(AttnpipeError, RuntimeError):
@@ -44,12 +56,21 @@ class TrainResult:
     resumed_from: list[int]
 
 
-def run_identity(recipe: Recipe, data_ver: str, code_ver: str) -> tuple[str, str]:
+def run_identity(
+    recipe: Recipe,
+    data_ver: str,
+    code_ver: str,
+    experiment: ExperimentIdentity | None = None,
+) -> tuple[str, str]:
     """(Ray run name, W&B run id): stable for a given recipe, data and code, so resumes find
-    them; a change to any of them is a new run (nothing stale is resumed)."""
+    them; a change to any of them is a new run (nothing stale is resumed). The W&B id also
+    holds the DVC experiment's name: two experiments never share a W&B run, even when their
+    training settings are equal (their checkpoints are the same run, found again)."""
     fingerprint = recipe.fingerprint("model", "augment", "train")
     short = hashlib.sha256(f"{fingerprint}{data_ver}{code_ver}".encode()).hexdigest()[:10]
-    return f"{recipe.name}-{short}", f"{recipe.name}-{short}"
+    run_name = f"{recipe.name}-{short}"
+    suffix = experiment.run_id_suffix() if experiment else ""
+    return run_name, (run_name + suffix)[:WANDB_ID_MAX]
 
 
 def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> LoopConfig:
@@ -61,7 +82,8 @@ def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> LoopConfig:
         raise TrainError(f"{missing}; run `attnpipe shard {recipe.name}`") from None
     data_ver = data_version(paths.root, recipe.name, shards)
     code_ver = code_version("train")
-    run_name, wandb_id = run_identity(recipe, data_ver, code_ver)
+    experiment = experiment_identity()
+    run_name, wandb_id = run_identity(recipe, data_ver, code_ver, experiment)
     return LoopConfig(
         recipe=recipe,
         shards=shards,
@@ -74,7 +96,10 @@ def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> LoopConfig:
             "code_version": code_ver,
             "data_version": data_ver,
             "run_name": run_name,
+            "dvc_experiment": experiment.as_config(),
         },
+        experiment_name=experiment.name,
+        wandb_tags=tuple(experiment.tags),
         # Explicit storage may be on other machines than this one: keep an offline W&B run
         # there (an online one is on wandb.ai already).
         wandb_export=(
@@ -207,6 +232,7 @@ def write_outputs(
         ),
     )
     write_history(paths.train_history, state.history)
+    write_train_metrics(paths, loop, state, best_metrics)
     return TrainResult(
         loop.run_name,
         paths.model_file,
@@ -215,3 +241,36 @@ def write_outputs(
         len(state.history),
         list(state.resumed_from),
     )
+
+
+def write_train_metrics(
+    paths: PipelinePaths, loop: LoopConfig, state: TrainingState, best: dict[str, float]
+) -> dict[str, Any]:
+    """`reports/<name>/train.json`, the train stage's DVC metrics: `dvc exp show` lists the
+    best epoch, its validation metrics and the W&B run beside the test metrics."""
+    metrics = {
+        "best_epoch": state.best_epoch,
+        "epochs_run": len(state.history),
+        "best": best,
+        "run_name": loop.run_name,
+        "experiment": loop.run_config.get("dvc_experiment", {}),
+        "wandb": wandb_reference(paths, loop),
+    }
+    paths.train_metrics.parent.mkdir(parents=True, exist_ok=True)
+    paths.train_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def wandb_reference(paths: PipelinePaths, loop: LoopConfig) -> dict[str, Any] | None:
+    """Where the run's W&B run is: its id and path (entity/project/id) and, when it was kept
+    on this machine, its folder relative to the workspace (the `wandb sync` argument)."""
+    settings = loop.recipe.tracking.wandb
+    if settings.mode == "disabled":
+        return None
+    project = "/".join(part for part in (settings.entity, settings.project) if part)
+    folder = wandb_run_folder(paths.wandb_parent, loop.wandb_run_id)
+    return {
+        "run_id": loop.wandb_run_id,
+        "run_path": f"{project}/{loop.wandb_run_id}",
+        "folder": str(folder.relative_to(paths.wandb_parent)) if folder else None,
+    }

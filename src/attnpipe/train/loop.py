@@ -517,10 +517,14 @@ def start_tracking(run: Run) -> WandbRun:
     if run.rank != 0:
         return WandbRun(None)
     config = run.config
+    name = config.run_name
+    if config.experiment_name:  # the name `dvc exp show` lists it under
+        name = f"{config.experiment_name} ({config.run_name})"
     return WandbRun.start(
         config.recipe.tracking.wandb,
         run_id=config.wandb_run_id,
-        name=config.run_name,
+        name=name,
+        tags=config.wandb_tags,
         directory=Path(config.wandb_parent),
         run_config=config.run_config,
         group=config.wandb_group,

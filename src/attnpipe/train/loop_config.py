@@ -24,6 +24,9 @@ class LoopConfig:
     # Shared storage (train.storage_path) where rank 0 leaves its offline W&B run, so that it
     # survives the node (autoscalers delete idle nodes); None when training stays on one machine.
     wandb_export: str | None = None
+    # The DVC experiment (`dvc exp run`) this run belongs to: in the W&B run's name and tags.
+    experiment_name: str | None = None
+    wandb_tags: tuple[str, ...] = ()
 
     def with_changes(self, **changes: Any) -> LoopConfig:
         return replace(self, **changes)

@@ -1,0 +1,173 @@
+"""Queued DVC experiments run side by side: `dvc exp run --queue` twice, `dvc queue start -j 2`.
+
+Real DVC (its celery queue workers, each experiment in a temporary copy of the workspace),
+real Ray (a private cluster per experiment, one CPU each), W&B offline: nothing mocked. One
+experiment changes only an evaluation setting, the other a training setting (one epoch, one
+worker, so that it costs seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ReproProject, run_in
+from tests.wandb_offline import read_records, run_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+RECIPE = "pipelines/digits.yaml"
+EXPERIMENTS = {
+    "evalonly": [f"{RECIPE}:evaluate.batch_size=64"],
+    "shorter": [f"{RECIPE}:train.epochs=1", f"{RECIPE}:train.workers=1"],
+}
+QUEUE_DEADLINE_S = 900
+# Each experiment's private Ray cluster gets one of the machine's two cores.
+SHARE = {"ATTNPIPE_RAY_CPUS": "1", "ATTNPIPE_RAY_DASHBOARD": "0"}
+
+
+def _queue_states(root: Path) -> dict[str, str]:
+    """Experiment name -> its state in `dvc queue status` (Queued, Running, Success, Failed)."""
+    states = {}
+    for line in run_in(root, "dvc", "queue", "status").splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[1] in EXPERIMENTS:  # task, name, created, status
+            states[words[1]] = words[-1]
+    return states
+
+
+def _wait_for_queue(root: Path) -> dict[str, str]:
+    deadline = time.monotonic() + QUEUE_DEADLINE_S
+    while time.monotonic() < deadline:
+        states = _queue_states(root)
+        if len(states) == len(EXPERIMENTS) and all(
+            state in ("Success", "Failed") for state in states.values()
+        ):
+            return states
+        time.sleep(2)
+    raise AssertionError(f"the queue did not finish in {QUEUE_DEADLINE_S} s: {states}")
+
+
+def _worker_pids(root: Path) -> list[int]:
+    """The queue workers `dvc queue start` spawned (dvc-task writes one JSON file each)."""
+    pids = []
+    for info in (root / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.json"):
+        pid = json.loads(info.read_text()).get("pid")
+        if pid:
+            pids.append(int(pid))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_workers(root: Path) -> None:
+    """`dvc queue stop`, then wait for the workers (ours) to exit; kill them if they do not."""
+    pids = _worker_pids(root)
+    run_in(root, "dvc", "queue", "stop")
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in filter(_alive, pids):
+        os.kill(pid, 9)
+
+
+def _experiments(root: Path) -> dict[str, dict]:
+    """`dvc exp show --json`: experiment name -> {metrics file: its data}."""
+    shown = json.loads(run_in(root, "dvc", "exp", "show", "--json", "--no-fetch"))
+    found = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            revision = experiment["revs"][0]
+            metrics = revision["data"]["metrics"]
+            found[experiment["name"]] = {path: item["data"] for path, item in metrics.items()}
+    return found
+
+
+def _run_record(folder: Path):
+    records = read_records(next(folder.glob("run-*.wandb")))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    return run, run_config(records)
+
+
+@pytest.fixture(scope="module")
+def queued(repro_project: ReproProject, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("experiments") / "project"
+    shutil.copytree(repro_project.root, root, symlinks=True)
+    with (root / ".gitignore").open("a") as handle:
+        handle.write("/models/*/checkpoints/\n")
+    run_in(root, "git", "add", "-A")
+    run_in(root, "git", "commit", "-q", "-m", "baseline: the pipeline built")
+    runs_before = {p.name for p in (root / "models/digits/checkpoints").iterdir()}
+    for name, settings in EXPERIMENTS.items():
+        sets = [word for setting in settings for word in ("-S", setting)]
+        run_in(root, "dvc", "exp", "run", "--queue", "-n", name, *sets)
+    started = time.monotonic()
+    try:
+        run_in(root, "dvc", "queue", "start", "-j", "2", env=SHARE)
+        states = _wait_for_queue(root)
+    finally:
+        _stop_workers(root)
+    print(f"both experiments ran in {time.monotonic() - started:.0f} s")
+    logs = {name: run_in(root, "dvc", "queue", "logs", name) for name in EXPERIMENTS}
+    return root, states, logs, runs_before
+
+
+def test_both_queued_experiments_succeed_sharing_the_machine(queued):
+    root, states, logs, _ = queued
+    assert states == {"evalonly": "Success", "shorter": "Success"}, logs
+    # The training experiment started its private Ray cluster with its share, not every core.
+    assert "private Ray cluster on this machine with 1 CPU(s)" in logs["shorter"], logs["shorter"]
+    assert not _worker_pids(root) or not any(_alive(pid) for pid in _worker_pids(root))
+
+
+def test_the_evaluation_only_experiment_does_not_retrain(queued):
+    root, _, logs, runs_before = queued
+    assert "Running stage 'train@digits'" not in logs["evalonly"], logs["evalonly"]
+    assert "Running stage 'evaluate@digits'" in logs["evalonly"]
+    assert "Running stage 'train@digits'" in logs["shorter"]
+    # Checkpoints live in the workspace: only the training experiment added a run there.
+    runs_after = {p.name for p in (root / "models/digits/checkpoints").iterdir()}
+    assert len(runs_after - runs_before) == 1, (runs_before, runs_after)
+    shown = _experiments(root)
+    baseline = json.loads((root / "reports/digits/train.json").read_text())
+    assert shown["evalonly"]["reports/digits/train.json"]["run_name"] == baseline["run_name"]
+    assert shown["shorter"]["reports/digits/train.json"]["run_name"] != baseline["run_name"]
+
+
+def test_the_training_experiment_names_its_own_wandb_run_found_from_exp_show(queued):
+    root, _, _, _ = queued
+    shown = _experiments(root)
+    train = shown["shorter"]["reports/digits/train.json"]
+    # `dvc exp show` lists the train stage's metrics beside the test metrics.
+    assert train["best_epoch"] == 1 and train["epochs_run"] == 1
+    assert 0 < train["best"]["val_accuracy"] <= 1
+    assert "accuracy" in shown["shorter"]["reports/digits/metrics.json"]["test"]
+    wandb_ref = train["wandb"]
+    assert wandb_ref["run_id"].endswith("-shorter")
+    assert wandb_ref["run_path"] == f"attnpipe/{wandb_ref['run_id']}"
+    # The offline run is in the workspace, not in DVC's deleted temporary copy.
+    folder = root / wandb_ref["folder"]
+    assert folder.is_dir() and folder.name.endswith(wandb_ref["run_id"])
+    run, config = _run_record(folder)
+    assert run.run_id == wandb_ref["run_id"]
+    assert "shorter" in run.display_name
+    assert "dvc-exp:shorter" in run.tags
+    assert config["dvc_experiment"]["name"] == "shorter"
+    baseline_rev = run_in(root, "git", "rev-parse", "HEAD").strip()
+    assert config["dvc_experiment"]["baseline_rev"] == baseline_rev
+    assert f"dvc-baseline:{baseline_rev[:10]}" in run.tags
+    # Never the baseline's W&B run, whose id has no experiment in it.
+    baseline = json.loads((root / "reports/digits/train.json").read_text())
+    assert baseline["wandb"]["run_id"] != wandb_ref["run_id"]
+    assert baseline["experiment"] == {"name": None, "baseline_rev": None}
