@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ReproProject, run_in
+from tests.conftest import GIT_ID, ReproProject, run_in
 from tests.wandb_offline import read_records, run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -29,6 +31,25 @@ EXPERIMENTS = {
 QUEUE_DEADLINE_S = 900
 # Each experiment's private Ray cluster gets one of the machine's two cores.
 SHARE = {"ATTNPIPE_RAY_CPUS": "1", "ATTNPIPE_RAY_DASHBOARD": "0"}
+
+
+def _start_queue(root: Path, log: Path) -> None:
+    """`dvc queue start -j 2`, its output to a file: the workers it spawns inherit its output,
+    so reading it through a pipe would wait for them to exit."""
+    env = {
+        **os.environ,
+        **GIT_ID,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "WANDB_MODE": "offline",
+        **SHARE,
+    }
+    with log.open("w") as out:
+        done = subprocess.run(
+            ["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, stdout=out, stderr=out
+        )
+    assert done.returncode == 0, log.read_text()[-2000:]
 
 
 def _queue_states(root: Path) -> dict[str, str]:
@@ -114,7 +135,7 @@ def queued(repro_project: ReproProject, tmp_path_factory: pytest.TempPathFactory
         run_in(root, "dvc", "exp", "run", "--queue", "-n", name, *sets)
     started = time.monotonic()
     try:
-        run_in(root, "dvc", "queue", "start", "-j", "2", env=SHARE)
+        _start_queue(root, tmp_path_factory.mktemp("queue") / "start.log")
         states = _wait_for_queue(root)
     finally:
         _stop_workers(root)
