@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import yaml
 from PIL import Image
 
 from attnpipe.cli import main
-from tests.conftest import TINY_OVERRIDES, ReproProject, run_in
+from tests.conftest import REPO, TINY_OVERRIDES, ReproProject, run_in
 from tests.wandb_offline import artifacts, exit_code, history_rows, offline_runs, summary
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
@@ -163,3 +164,16 @@ def test_the_shared_wandb_group_holds_training_test_results_model_and_data(
 
 def lock_commit(root) -> str:
     return run_in(root, "git", "rev-parse", "HEAD").strip()
+
+
+def test_the_readme_wandb_figure_is_drawn_from_the_offline_runs(
+    repro_project: ReproProject, tmp_path
+):
+    """README's `python docs/wandb_story.py . docs/images/wandb_story.png`, on the demo build."""
+    figure = tmp_path / "wandb_story.png"
+    output = run_in(
+        repro_project.root, sys.executable, str(REPO / "docs/wandb_story.py"), ".", str(figure)
+    )
+    assert f"wrote {figure}" in output
+    with Image.open(figure) as image:
+        assert image.format == "PNG" and image.width > 800
