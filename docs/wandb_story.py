@@ -70,7 +70,7 @@ def summary_text(group: dict) -> str:
     lines += [
         f"  {k} = {v:.4f}" if isinstance(v, float) else f"  {k} = {v}"
         for k, v in evaluation.items()
-        if k.startswith("test/") and isinstance(v, int | float)
+        if k.startswith("test/") and k.count("/") == 1 and isinstance(v, int | float)
     ]
     return "\n".join(lines[:24])
 
@@ -82,10 +82,13 @@ def lineage_text(group: dict) -> str:
             if artifact.type == "run_table":
                 continue
             arrow = "<-" if artifact.use_after_commit else "->"
-            files = ", ".join(c.path for c in artifact.manifest.contents)
+            files = ", ".join(c.path for c in artifact.manifest.contents if not c.ref)
+            references = [c.ref for c in artifact.manifest.contents if c.ref]
+            if references:
+                files += f"; {len(references)} references, e.g. {references[0]}"
             aliases = ", ".join(a for a in artifact.aliases if a != "latest")
             lines.append(f"{job:9s} {arrow} {artifact.type} {artifact.name}")
-            lines.append(f"            files: {files[:60]}")
+            lines.append(f"            files: {files[:90]}")
             if aliases:
                 lines.append(f"            aliases: {aliases[:60]}")
     return "\n".join(lines)
