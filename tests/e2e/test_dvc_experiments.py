@@ -192,3 +192,24 @@ def test_the_training_experiment_names_its_own_wandb_run_found_from_exp_show(que
     baseline = json.loads((root / "reports/digits/train.json").read_text())
     assert baseline["wandb"]["run_id"] != wandb_ref["run_id"]
     assert baseline["experiment"] == {"name": None, "baseline_rev": None}
+
+
+def test_each_experiment_has_its_own_evaluation_run_naming_it(queued):
+    """Evaluate runs in both experiments: `metrics.json` names its W&B run (job type evaluate,
+    in the group of the training run that made the model), tagged with the experiment."""
+    root, _, _, _ = queued
+    shown = _experiments(root)
+    baseline = json.loads((root / "reports/digits/metrics.json").read_text())
+    seen = {baseline["wandb"]["run_id"]}
+    for name in EXPERIMENTS:
+        wandb_ref = shown[name]["reports/digits/metrics.json"]["wandb"]
+        assert wandb_ref["run_id"] not in seen, (name, wandb_ref)  # never a shared run
+        seen.add(wandb_ref["run_id"])
+        folder = root / wandb_ref["folder"]
+        assert folder.is_dir(), wandb_ref
+        run, config = _run_record(folder)
+        assert run.run_id == wandb_ref["run_id"] and run.job_type == "evaluate"
+        assert f"dvc-exp:{name}" in run.tags and name in run.display_name
+        assert config["dvc_experiment"]["name"] == name
+        trained_by = shown[name]["reports/digits/train.json"]["wandb"]["run_id"]
+        assert run.run_group == trained_by

@@ -43,15 +43,24 @@ BY_DVC_REPRO = [f"uv run attnpipe {stage} digits" for stage in STAGES]
 QUEUED = "tests/e2e/test_dvc_experiments.py (two tiny experiments queued, run with -j 2)"
 ELSEWHERE = {
     "uv run attnpipe models": "tests/test_cli_help.py::test_models_help_and_table",
+    "uv run python docs/wandb_story.py . docs/images/wandb_story.png": (
+        "tests/e2e/test_dvc_pipeline.py::test_the_readme_wandb_figure_is_drawn_from_the_offline_runs"
+    ),
     "uv run dvc exp run --queue -n lr-low -S pipelines/digits.yaml:train.optimizer.lr=0.05": QUEUED,
     "uv run dvc exp run --queue -n tta -S pipelines/digits.yaml:evaluate.flip_tta=true": QUEUED,
     "ATTNPIPE_RAY_CPUS=1 uv run dvc queue start -j 2": QUEUED,
     "uv run dvc queue status": QUEUED,
 }
+WANDB_ACCOUNT = (
+    "needs a W&B account and wandb.ai (no network here); offline runs are read back by tests"
+)
 
 CLUSTER = "needs a cloud account and a running Ray cluster (tests/cluster runs `attnpipe submit` and `jobs` against a local Ray head)"  # noqa: E501
 DOWNLOAD = "downloads a dataset (no network here); tests/data runs the sources against local fakes"
 NOT_HERE = {
+    "uv run wandb sync wandb/offline-run-*": WANDB_ACCOUNT,
+    "uv run wandb login": WANDB_ACCOUNT,
+    "uv run attnpipe train digits --set tracking.wandb.mode=online": WANDB_ACCOUNT,
     "make demo": "this suite's `dvc repro` build is the demo with tiny settings",
     "make test": "this is make test",
     "make format": "rewrites the working tree; `make lint`, its check, runs here",

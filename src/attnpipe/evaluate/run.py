@@ -182,7 +182,7 @@ def evaluate(recipe: Recipe, paths: PipelinePaths, report: bool = True) -> dict:
         predictions.labels, predictions.probs, predictions.class_names, threshold
     )
     paths.reports.mkdir(parents=True, exist_ok=True)
-    paths.metrics.write_text(json.dumps({"test": json_safe(metrics)}, indent=2) + "\n")
+    write_metrics_file(paths, metrics)
     write_confusion_rows(paths.confusion, predictions, threshold)
     write_per_class(paths.per_class, per_class)
     if report:
@@ -200,7 +200,22 @@ def evaluate(recipe: Recipe, paths: PipelinePaths, report: bool = True) -> dict:
             threshold=threshold,
             flip_tta=recipe.evaluate.flip_tta,
         )
+        from attnpipe.evaluate.sharing import share_evaluation
+
+        shared = share_evaluation(recipe, paths, payload, metrics, per_class, predictions, figures)
+        if shared:  # `dvc exp show` then names this evaluation's W&B run too
+            write_metrics_file(paths, metrics, wandb=shared)
     return metrics
+
+
+def write_metrics_file(
+    paths: PipelinePaths, metrics: dict[str, Any], wandb: dict[str, Any] | None = None
+) -> None:
+    """`metrics.json` (DVC metrics): the test metrics, and the W&B run that holds them."""
+    content: dict[str, Any] = {"test": json_safe(metrics)}
+    if wandb:
+        content["wandb"] = wandb
+    paths.metrics.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def json_safe(values: dict[str, Any]) -> dict[str, Any]:
