@@ -141,6 +141,9 @@ def queued(repro_project: ReproProject, tmp_path_factory: pytest.TempPathFactory
         _stop_workers(root)
     print(f"both experiments ran in {time.monotonic() - started:.0f} s")
     logs = {name: run_in(root, "dvc", "queue", "logs", name) for name in EXPERIMENTS}
+    # The README's table (shown with `pytest -s`).
+    keep = "Experiment|best_epoch|best.val_accuracy|test.accuracy|wandb.run_id|wandb.folder"
+    print(run_in(root, "dvc", "exp", "show", "--drop", ".*", "--keep", keep, env={"COLUMNS": "300"}))
     return root, states, logs, runs_before
 
 
