@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnpipe.metrics import MetricCounts
+
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # images (N, 3, S, S), labels (N,), ids
 
 
@@ -110,3 +112,25 @@ def predict_batches(
     if not ids:
         return Predictions([], np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
     return Predictions(ids, np.concatenate(labels), np.concatenate(log_probs))
+
+
+def count_predictions(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    counts: MetricCounts,
+    flip_tta: bool = False,
+    amp_dtype: torch.dtype | None = None,
+) -> MetricCounts:
+    """Adds every batch's predictions to `counts` (metrics streamed, no N x C matrix kept)."""
+    for (_, labels, _), log_probs in iter_predictions(model, batches, flip_tta, amp_dtype):
+        add_batch(counts, labels, log_probs)
+    return counts
+
+
+def add_batch(counts: MetricCounts, labels: torch.Tensor, log_probs: torch.Tensor) -> np.ndarray:
+    """One batch into `counts`; returns its (B, C) float64 probabilities (the metrics' input:
+    the exponential of the float32 log-probabilities, as `Predictions.probs`)."""
+    log_probs_np = log_probs.numpy()
+    probs = np.exp(log_probs_np.astype(np.float64))
+    counts.add(labels.cpu().numpy(), probs, log_probs_np)
+    return probs
