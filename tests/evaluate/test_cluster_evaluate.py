@@ -4,9 +4,14 @@ workers score on CPUs; the device decision is training's, tested in tests/train/
 
 from __future__ import annotations
 
+import csv
+import json
+import shutil
+
 import numpy as np
 import pytest
 
+from attnpipe.cli import main
 from attnpipe.config import apply_overrides
 from attnpipe.data.loaders import split_info
 from attnpipe.evaluate.run import EXAMPLES_PER_CLASS, run_split
@@ -16,11 +21,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_a_two_worker_cluster_scores_each_test_sample_once_as_one_process_does(
-    trained_project, capsys
+    trained_project, capsys, tmp_path
 ):
     """Two nodes of one CPU each; `evaluate.workers: auto` on a GPU-less cluster is one worker
     per node, each reading its share with 2 loader workers. The merged result is the one
-    process's: the same ids once each, predictions, probabilities, counts and examples."""
+    process's: the same ids once each, predictions, probabilities, counts and examples. Then
+    the command the README shows, `attnpipe evaluate digits --address ...`, writes the same
+    metrics and one confusion row per test sample."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -41,6 +48,10 @@ def test_a_two_worker_cluster_scores_each_test_sample_once_as_one_process_does(
         remote = run_split(
             model, payload, on_cluster, paths, "test", EXAMPLES_PER_CLASS, cluster.address
         )
+        root = tmp_path / "project"
+        shutil.copytree(paths.root, root, symlinks=True)
+        command = ["--root", str(root), "evaluate", "digits", "--address", cluster.address]
+        assert main([*command, "--set", "evaluate.device=cpu", "--set", "evaluate.workers=2"]) == 0
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -57,3 +68,9 @@ def test_a_two_worker_cluster_scores_each_test_sample_once_as_one_process_does(
     examples = [(c.sample_id, c.predicted) for c in remote.candidates]
     assert examples == [(c.sample_id, c.predicted) for c in local.candidates]
     assert local.wrong_examples and local.correct_examples
+    written = json.loads((root / "reports" / "digits" / "metrics.json").read_text())["test"]
+    assert written["test_samples"] == samples
+    assert written["accuracy"] == pytest.approx(local.counts.metrics()["accuracy"], abs=1e-9)
+    with (root / "reports" / "digits" / "confusion.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == samples
+    assert (root / "reports" / "digits" / "index.html").exists()

@@ -282,3 +282,28 @@ def test_evaluate_runs_on_the_gpu_when_there_is_one_and_never_quietly_on_the_cpu
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match=r"evaluate\.device is cuda: no NVIDIA driver"):
             evaluation_device("cuda")
+
+
+def test_evaluate_scores_with_the_recipes_amp_memory_format_and_loader_workers(trained_project):
+    """`train.amp: bf16`, `channels_last: true` and 2 loader workers reach evaluate (on this CPU:
+    autocast to bfloat16 changes the probabilities a little, not the answers much), and the
+    2 readers still give every test sample once."""
+    from attnpipe.config import apply_overrides
+
+    recipe, paths = trained_project
+    model, payload = load_model_file(paths.model_file)
+    plain = run_split(model, payload, recipe, paths, "test")
+    fast = apply_overrides(
+        recipe, {"train.amp": "bf16", "train.channels_last": True, "train.loader_workers": 2}, "t"
+    )
+    seen: list[torch.Tensor] = []
+    hook = model.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    try:
+        mixed = run_split(model, payload, fast, paths, "test")
+    finally:
+        hook.remove()
+    assert mixed.ids == plain.ids and len(set(mixed.ids)) == len(plain.ids)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
+    assert not np.array_equal(mixed.true_prob, plain.true_prob)  # bf16 did run
+    np.testing.assert_allclose(mixed.true_prob, plain.true_prob, atol=0.1)
+    assert (mixed.predicted == plain.predicted).mean() > 0.9

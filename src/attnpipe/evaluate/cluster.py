@@ -26,7 +26,7 @@ from attnpipe.capacity import (
     worker_resources,
 )
 from attnpipe.config import EvaluateConfig, Recipe
-from attnpipe.data.loaders import ShardEntry
+from attnpipe.data.shard_index import ShardEntry
 from attnpipe.devices import require_cuda
 from attnpipe.evaluate.scoring import SplitResult, score_share
 from attnpipe.modelfile import load_model_file

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from attnpipe.config import Recipe
-from attnpipe.data.loaders import ShardEntry, ShardStream, build_transform, make_loader
+from attnpipe.data.loaders import ShardStream, build_transform, make_loader
+from attnpipe.data.shard_index import ShardEntry
 from attnpipe.devices import memory_format_for, resolve_amp
 from attnpipe.metrics import MetricCounts, predict_classes
 from attnpipe.overlays import denormalize
