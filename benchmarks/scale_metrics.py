@@ -27,12 +27,38 @@ import pickle
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 BATCH = 250
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What every rank gathered before (attnpipe.predictions.Predictions, now gone)."""
+
+    ids: list[str]
+    labels: np.ndarray
+    log_probs: np.ndarray
+
+    @property
+    def probs(self) -> np.ndarray:
+        return np.exp(self.log_probs.astype(np.float64))
+
+    def loss(self) -> float:
+        picked = self.log_probs[np.arange(len(self.labels)), self.labels]
+        return float(-picked.astype(np.float64).mean())
+
+    @classmethod
+    def concatenate(cls, parts: list[Predictions]) -> Predictions:
+        return cls(
+            [i for p in parts for i in p.ids],
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.log_probs for p in parts]),
+        )
 
 
 def _rss_mb() -> float:
@@ -102,8 +128,6 @@ def old_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -
 
 
 def _validation_baseline(samples: int, classes: int, ranks: int) -> dict:
-    from attnpipe.predictions import Predictions
-
     share = samples // ranks
     mine = _batches(share, classes, seed=0)
     received = [
@@ -124,8 +148,6 @@ def _validation_baseline(samples: int, classes: int, ranks: int) -> dict:
 
 
 def _predictions(batches, rank: int):
-    from attnpipe.predictions import Predictions
-
     labels = np.concatenate([b[0] for b in batches])
     ids = [f"r{rank}-{i:07d}" for i in range(len(labels))]
     return Predictions(ids, labels, np.concatenate([b[1] for b in batches]))
@@ -157,8 +179,6 @@ def _validation_streamed(samples: int, classes: int, ranks: int) -> dict:
 
 
 def _evaluation_baseline(samples: int, classes: int) -> dict:
-    from attnpipe.predictions import Predictions
-
     batches = _batches(samples, classes, seed=0)
     rss, _ = _rss_mb(), _reset_peak()
     started = time.perf_counter()
