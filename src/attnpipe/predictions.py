@@ -5,8 +5,9 @@ are their exponential (in float64, the metrics' input), and the validation loss 
 negative mean at the true class, which is exactly the cross-entropy of the logits. Batches go
 straight into streamed counts (`attnpipe.metrics.MetricCounts`); no split-sized matrix is
 kept. Flip test-time augmentation averages the *probabilities* of an image and its mirror
-(a log-sum-exp in this form). What class those probabilities decide is `attnpipe.metrics.predict_classes` (a threshold on binary tasks,
-argmax otherwise), the one decision rule of every consumer.
+(a log-sum-exp in this form). What class those probabilities decide is
+`attnpipe.metrics.predict_classes` (a threshold on binary tasks, argmax otherwise), the one
+decision rule of every consumer.
 """
 
 from __future__ import annotations
