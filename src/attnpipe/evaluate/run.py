@@ -154,6 +154,9 @@ def evaluate(
             threshold=threshold,
             flip_tta=recipe.evaluate.flip_tta,
         )
+        from attnpipe.evaluate.sharing import share_evaluation
+
+        share_evaluation(recipe, paths, payload, metrics, per_class, predictions, figures)
     return metrics
 
 
