@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from attnpipe.cli import main
-from attnpipe.config import parse_recipe
+from attnpipe.config import AugmentConfig, parse_recipe
 from attnpipe.data.layouts import LayoutError, read_layout, read_synsets
+from attnpipe.data.transforms import build_transform, resize_for_crop
 from attnpipe.paths import PipelinePaths
 from tests.conftest import write_project
 from tests.data.fake_kaggle import FakeKaggle, point_client_at
@@ -107,7 +110,8 @@ TINY = {
         "max_failures": 0,
     },
     "tracking": {"wandb": {"mode": "disabled"}},
-    "evaluate": {"batch_size": 16, "crop_ratio": 0.875},
+    # Evaluated larger than trained (as Attention-92 at 320): resize 46, centre-crop 40.
+    "evaluate": {"batch_size": 16, "crop_ratio": 0.875, "image_size": 40},
 }
 
 
@@ -189,3 +193,13 @@ def test_layout_errors_name_the_file(tmp_path: Path):
     (tmp_path / DATA / "train" / "n99999999").mkdir(parents=True)
     with pytest.raises(LayoutError, match="n99999999 are not synsets"):
         read_layout(recipe, tmp_path)
+
+
+def test_crop_ratio_resizes_the_shorter_side_then_centre_crops():
+    image = torch.from_numpy(RNG.integers(0, 256, (3, 300, 400), dtype=np.uint8))
+    protocol = build_transform(AugmentConfig(), 224, train=False, crop_ratio=0.875)
+    expected = v2.CenterCrop(224)(v2.Resize(256, antialias=True)(image))
+    assert torch.equal(protocol.augment(image), expected)
+    plain = build_transform(AugmentConfig(), 224, train=False)  # the default: as before
+    assert torch.equal(plain.augment(image), v2.CenterCrop(224)(v2.Resize(224)(image)))
+    assert resize_for_crop(320, 0.875) == 366 and resize_for_crop(32, 1.0) == 32

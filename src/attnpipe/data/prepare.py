@@ -142,6 +142,7 @@ def prepare(
     )
 
     _write_manifest(paths, kept, splits, folds, index.class_names)
+    release(paths.classes)
     paths.classes.write_text(json.dumps({"classes": index.class_names}, indent=2) + "\n")
     _write_rejected(paths.rejected, rejected)
     report = data_report(
@@ -425,6 +426,7 @@ def _write_manifest(
         "format": [s.info.format for s, _, _ in rows],
     }
     paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+    release(paths.manifest)
     table = pa.table(columns, schema=MANIFEST_SCHEMA)
     pq.write_table(table, paths.manifest, compression="zstd")
 
@@ -435,8 +437,16 @@ def read_manifest(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
+def release(path: Path) -> None:
+    """Remove an output before writing it anew. After `dvc repro` it may be a link to the one
+    copy in DVC's cache (.dvc/config cache.type: hardlink or symlink); writing into it would
+    change that copy (root ignores its read-only mode). A new file breaks the link instead."""
+    path.unlink(missing_ok=True)
+
+
 def _write_rejected(path: Path, rejected: list[Rejection]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    release(path)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "path", "reason"])
