@@ -177,14 +177,9 @@ def test_small_imagenet_from_kaggle_to_a_top5_report(tmp_path: Path, monkeypatch
 
 
 def test_layout_errors_name_the_file(tmp_path: Path):
-    recipe = parse_recipe(
-        {
-            "source": {"kind": "kaggle-competition", "competition": COMPETITION, "layout": "imagenet"},
-            "model": {"name": "attention56"},
-        },
-        name="imagenet",
-    )
-    with pytest.raises(LayoutError, match="LOC_synset_mapping.txt is missing"):
+    source = {"kind": "kaggle-competition", "competition": COMPETITION, "layout": "imagenet"}
+    recipe = parse_recipe({"source": source, "model": {"name": "attention56"}}, name="imagenet")
+    with pytest.raises(LayoutError, match=r"LOC_synset_mapping\.txt is missing"):
         read_layout(recipe, tmp_path)
     (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench\nn01440764 tench\n")
     with pytest.raises(LayoutError, match="listed twice"):

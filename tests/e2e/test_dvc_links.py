@@ -4,13 +4,12 @@ afterwards write new files instead of writing through a link into the cache."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import yaml
 
 from attnpipe.cli import main
-from tests.conftest import REPO, TINY_OVERRIDES, run_in, write_project
+from tests.conftest import ReproProject, run_in
 
 
 def _files(folder: Path) -> list[Path]:
@@ -40,28 +39,28 @@ def _damaged_cache_files(cache: Path) -> list[str]:
     return damaged
 
 
-def test_outputs_are_links_to_one_cached_copy_and_manual_stages_keep_the_cache_intact(
-    tmp_path: Path,
-):
-    root = tmp_path / "project"
-    root.mkdir()
-    write_project(root, TINY_OVERRIDES)
-    run_in(root, "git", "init", "-q")
-    run_in(root, "dvc", "init", "-q")
-    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    run_in(root, "dvc", "repro", "prepare@digits")
+def test_dvc_repro_keeps_one_copy_of_the_data(repro_project: ReproProject):
+    root = repro_project.root
     data, cache = root / "data" / "digits", root / ".dvc" / "cache"
+    workspace = _stored_bytes(data, root / "models" / "digits" / "model.pt")
+    assert workspace > 1_000_000
+    # The workspace's files are the cache's (hardlinks on this ext4 machine): no second copy.
+    assert _stored_bytes(data, root / "models" / "digits", cache / "files") < 1.01 * (
+        _stored_bytes(data, root / "models" / "digits")
+    )
+    for output in (data / "manifest.parquet", data / "raw" / "train.csv", data / "shards"):
+        first = output if output.is_file() else next(output.glob("*.tar"))
+        assert first.stat().st_nlink == 2, first
+        assert first.stat().st_mode & 0o222 == 0, first  # DVC protects linked outputs
 
-    # One copy: the workspace's files are the cache's (hardlinks on this ext4 machine).
-    workspace = _stored_bytes(data)
-    assert workspace > 500_000
-    assert _stored_bytes(data, cache / "files") < 1.01 * workspace
-    manifest = data / "manifest.parquet"
+
+def test_stages_run_by_hand_leave_the_cache_intact(repro_project: ReproProject, tmp_path: Path):
+    root = tmp_path / "project"
+    run_in(tmp_path, "cp", "-a", str(repro_project.root), str(root))  # keeps the hardlinks
+    manifest = root / "data" / "digits" / "manifest.parquet"
     assert manifest.stat().st_nlink == 2
-    assert manifest.stat().st_mode & 0o222 == 0  # DVC protects linked outputs: read-only
-
-    # Stages run by hand with other settings write new files; the cached copies are untouched
-    # (root ignores the read-only mode, so writing into a link would change the cache).
+    # Other settings, so that writing into a link would change the cached bytes (and root,
+    # which tests may run as, ignores the read-only mode).
     recipe_path = root / "pipelines" / "digits.yaml"
     recipe = yaml.safe_load(recipe_path.read_text())
     recipe["source"]["image_size"] = 24
@@ -69,9 +68,9 @@ def test_outputs_are_links_to_one_cached_copy_and_manual_stages_keep_the_cache_i
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     for stage in ("fetch", "prepare"):
         assert main(["--root", str(root), stage, "digits", "--no-progress"]) == 0
-    assert manifest.stat().st_nlink == 1
-    assert _damaged_cache_files(cache) == []
-    # And DVC puts the recorded outputs back from its cache, as they were.
+    assert manifest.stat().st_nlink == 1  # a new file, not the cached one
+    assert _damaged_cache_files(root / ".dvc" / "cache") == []
+    # DVC puts the recorded outputs back from its cache, as they were.
     run_in(root, "dvc", "checkout", "--force", "prepare@digits")
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["prepare@digits"]
     recorded = next(o["md5"] for o in lock["outs"] if o["path"].endswith("manifest.parquet"))
