@@ -18,7 +18,9 @@ from torchvision.transforms import v2
 
 from attnpipe.cli import main
 from attnpipe.config import AugmentConfig, parse_recipe
-from attnpipe.data.layouts import LayoutError, read_layout, read_synsets
+from attnpipe.data.images import ImageInfo
+from attnpipe.data.layouts import LayoutError, RawRecord, read_layout, read_synsets
+from attnpipe.data.prepare import Sample, _drop_duplicates
 from attnpipe.data.transforms import build_transform, resize_for_crop
 from attnpipe.paths import PipelinePaths
 from tests.conftest import write_project
@@ -198,3 +200,26 @@ def test_crop_ratio_resizes_the_shorter_side_then_centre_crops():
     plain = build_transform(AugmentConfig(), 224, train=False)  # the default: as before
     assert torch.equal(plain.augment(image), v2.CenterCrop(224)(v2.Resize(224)(image)))
     assert resize_for_crop(320, 0.875) == 366 and resize_for_crop(32, 1.0) == 32
+
+
+def _sample(image_id: str, split: str, sha: str) -> Sample:
+    info = ImageInfo(width=8, height=8, mode="RGB", format="JPEG", sha256=sha, bytes=10)
+    return Sample(RawRecord(image_id, Path(image_id), "n01440764", split=split), 0, info)
+
+
+def test_official_test_images_are_never_dropped_as_duplicates_but_training_copies_are():
+    samples = [
+        _sample("ILSVRC2012_val_00000002", "test", "same"),
+        _sample("ILSVRC2012_val_00000001", "test", "same"),
+        _sample("A_train_copy", "train", "same"),  # sorts first by id: kept without the rule
+        _sample("n01440764_1", "train", "other"),
+    ]
+    kept, dropped = _drop_duplicates(samples, "keep-first", official_test=True)
+    assert sorted(s.record.image_id for s in kept) == [
+        "ILSVRC2012_val_00000001", "ILSVRC2012_val_00000002", "n01440764_1",
+    ]  # fmt: skip
+    assert [(s.record.image_id, why) for s, why in dropped] == [
+        ("A_train_copy", "duplicate of ILSVRC2012_val_00000001")
+    ]
+    kept, _ = _drop_duplicates(samples, "keep-first")  # without an official split: by id
+    assert sorted(s.record.image_id for s in kept) == ["A_train_copy", "n01440764_1"]
