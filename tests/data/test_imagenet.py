@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 import zipfile
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from attnpipe.data.transforms import build_transform, resize_for_crop
 from attnpipe.paths import PipelinePaths
 from tests.conftest import write_project
 from tests.data.fake_kaggle import FakeKaggle, point_client_at
+from tests.wandb_offline import exit_code, history_rows, offline_runs, summary
 
 COMPETITION = "imagenet-object-localization-challenge"
 DATA = "ILSVRC/Data/CLS-LOC"
@@ -84,6 +86,18 @@ def imagenet_files() -> tuple[dict[str, bytes], dict[str, str]]:
     return files, val_classes
 
 
+def _finished_runs(folder: Path, count: int, timeout: float = 60.0) -> list:
+    """The offline runs under `folder` once `count` of them hold their exit record: W&B's
+    service writes the run file on its own, and may still be at it when `finish()` returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = offline_runs(folder)
+        done = [run for run in runs if exit_code(run.records) is not None]
+        if len(done) >= count or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True)
     return path
@@ -111,7 +125,7 @@ TINY = {
         "batch_size": 8,
         "max_failures": 0,
     },
-    "tracking": {"wandb": {"mode": "disabled"}},
+    "tracking": {"wandb": {"mode": "offline"}},
     # Evaluated larger than trained (as Attention-92 at 320): resize 46, centre-crop 40.
     "evaluate": {"batch_size": 16, "crop_ratio": 0.875, "image_size": 40},
 }
@@ -168,7 +182,7 @@ def test_small_imagenet_from_kaggle_to_a_top5_report(tmp_path: Path, monkeypatch
     assert len(train_val) == sum(TRAIN_COUNTS)
     assert {row["split"] for row in train_val} == {"train", "val"}
 
-    # Top-5 in validation (history, what W&B logs), the test metrics and the report page.
+    # Top-5 in validation (history and W&B), the test metrics, the report page and W&B.
     with paths.train_history.open() as handle:
         history = list(csv.DictReader(handle))
     assert len(history) == 1 and 0 <= float(history[0]["val_top5_accuracy"]) <= 1
@@ -176,6 +190,11 @@ def test_small_imagenet_from_kaggle_to_a_top5_report(tmp_path: Path, monkeypatch
     assert metrics["test_samples"] == len(val_classes)
     assert metrics["top5_accuracy"] >= metrics["accuracy"]
     assert "Top-5 accuracy" in paths.report_html.read_text()
+    runs = _finished_runs(root / "wandb", count=2)  # training's and evaluate's
+    logged = {key for run in runs for row in history_rows(run.records) for key in row}
+    assert any(key.startswith("val") and "top5_accuracy" in key for key in logged), logged
+    tests = [summary(run.records).get("test/top5_accuracy") for run in runs]
+    assert metrics["top5_accuracy"] in tests
 
 
 def test_layout_errors_name_the_file(tmp_path: Path):
