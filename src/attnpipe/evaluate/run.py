@@ -42,6 +42,11 @@ class EvaluateError(AttnpipeError, RuntimeError):
     pass
 
 
+def evaluation_size(recipe: Recipe, trained_size: int) -> int:
+    """`evaluate.image_size`, else the size the model was trained at."""
+    return recipe.evaluate.image_size or trained_size
+
+
 def evaluation_device(setting: str) -> torch.device:
     """`evaluate.device`: auto is the GPU when this machine has a usable one. Asking for cuda
     where CUDA cannot start is an error saying why, never a quiet CPU run."""
@@ -66,7 +71,8 @@ def run_split(
     for the attention overlays.
     """
     info = split_info(shard_location(recipe, paths), split)
-    names, size = list(payload["class_names"]), payload["input_size"]
+    names = list(payload["class_names"])
+    size = evaluation_size(recipe, payload["input_size"])
     if address:
         from attnpipe.evaluate.cluster import score_on_cluster
 
@@ -99,7 +105,9 @@ def split_images(
 ) -> torch.Tensor:
     """The first `count` images of `split` in shard order, transformed as evaluation does."""
     info = split_info(shard_location(recipe, paths), split)
-    transform = build_transform(recipe.augment, input_size, train=False)
+    transform = build_transform(
+        recipe.augment, input_size, train=False, crop_ratio=recipe.evaluate.crop_ratio
+    )
     stream = ShardStream(info.shards, rank=0, world_size=1, transform=transform, train=False)
     images: list[torch.Tensor] = []
     for batch, _, _ in make_loader(stream, count, workers=0):

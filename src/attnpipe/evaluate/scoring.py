@@ -259,7 +259,9 @@ def score_share(
     """Scores share `rank` of `world_size` of a split (every sample of it when 1 of 1) on
     `device`, with the recipe's loader workers (`train.loader_workers`), mixed precision
     (`train.amp`) and memory format (`train.channels_last`), as training validates."""
-    transform = build_transform(recipe.augment, input_size, train=False)
+    transform = build_transform(
+        recipe.augment, input_size, train=False, crop_ratio=recipe.evaluate.crop_ratio
+    )
     stream = ShardStream(shards, rank=rank, world_size=world_size, transform=transform, train=False)
     memory_format = memory_format_for(recipe.train.channels_last, device)
     if device.type == "cuda":  # the speed switches training uses on GPUs
