@@ -22,8 +22,6 @@ import jinja2
 import numpy as np
 import yaml
 
-from attnpipe.metrics import predict_classes
-
 if TYPE_CHECKING:
     from attnpipe.evaluate.run import FigureFile, SplitResult
 
@@ -100,7 +98,7 @@ def render_report(
         attention=[by_key[k] for k in ("attention_correct", "attention_wrong") if k in by_key],
         roc_pr=by_key.get("roc_pr"),
         calibration=by_key.get("calibration"),
-        mistakes=_mistakes(predictions, threshold),
+        mistakes=_mistakes(predictions),
         provenance=_provenance(payload, pipeline, threshold, flip_tta),
         recipe_yaml=yaml.safe_dump(payload.get("recipe", {}), sort_keys=False, width=88),
     )
@@ -201,19 +199,19 @@ def _macro_row(per_class: list[dict], metrics: dict[str, Any]) -> dict[str, str]
     }
 
 
-def _mistakes(predictions: SplitResult, threshold: float) -> dict[str, Any]:
-    predicted = predict_classes(predictions.probs, threshold)
+def _mistakes(predictions: SplitResult) -> dict[str, Any]:
+    predicted = predictions.predicted
     wrong = np.flatnonzero(predicted != predictions.labels)
     names = predictions.class_names
-    confidence = predictions.probs[wrong, predicted[wrong]]
-    order = wrong[np.argsort(-confidence, kind="stable")][:MAX_MISTAKES_LISTED]
+    # Most confident first; ties in id order (the results are sorted by id).
+    order = wrong[np.argsort(-predictions.confidence[wrong], kind="stable")][:MAX_MISTAKES_LISTED]
     rows = [
         {
             "id": predictions.ids[i],
             "true": names[predictions.labels[i]],
             "predicted": names[int(predicted[i])],
-            "p_predicted": f"{predictions.probs[i, int(predicted[i])]:.1%}",
-            "p_true": f"{predictions.probs[i, predictions.labels[i]]:.1%}",
+            "p_predicted": f"{predictions.confidence[i]:.1%}",
+            "p_true": f"{predictions.true_prob[i]:.1%}",
         }
         for i in order
     ]
