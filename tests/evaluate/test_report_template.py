@@ -21,7 +21,7 @@ def test_names_from_data_and_recipe_are_escaped():
         pipeline=f"p{HOSTILE}",
         metrics={"test_samples": 4, **classification_metrics(labels, probs, 0.5)},
         per_class=per_class_report(labels, probs, classes, 0.5),
-        predictions=SplitResult([f"id{HOSTILE}"] * 4, labels, probs, classes),
+        predictions=SplitResult.from_probs([f"id{HOSTILE}"] * 4, labels, probs, classes, 0.5),
         payload={
             "model_name": f"m{HOSTILE}",
             "input_size": 32,
