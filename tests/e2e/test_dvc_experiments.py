@@ -142,7 +142,7 @@ def queued(repro_project: ReproProject, tmp_path_factory: pytest.TempPathFactory
     print(f"both experiments ran in {time.monotonic() - started:.0f} s")
     logs = {name: run_in(root, "dvc", "queue", "logs", name) for name in EXPERIMENTS}
     # The README's table (shown with `pytest -s`).
-    keep = "Experiment|best_epoch|best.val_accuracy|test.accuracy|wandb.run_id|wandb.folder"
+    keep = "Experiment|best_epoch|best.val_accuracy|test.accuracy|.*:wandb.run_id"
     wide = {"COLUMNS": "300"}
     print(run_in(root, "dvc", "exp", "show", "--drop", ".*", "--keep", keep, env=wide))
     return root, states, logs, runs_before

@@ -22,6 +22,8 @@ from tests.conftest import REPO, ReproProject, run_in
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 RUN_HERE = [
+    # First: it needs the workspace as DVC built it (the commands below rewrite outputs).
+    "uv run dvc checkout --relink",
     "uv run attnpipe run digits",
     "uv run attnpipe predict -m models/digits/model.onnx "
     "data/digits/raw/train_images/digit_0001.png",
@@ -30,8 +32,7 @@ RUN_HERE = [
     "uv run dvc metrics show",
     "uv run dvc plots show",
     "uv run dvc exp show --drop '.*' --keep "
-    "'Experiment|best_epoch|best.val_accuracy|test.accuracy|wandb.run_id|wandb.folder'",
-    "uv run dvc checkout --relink",
+    "'Experiment|best_epoch|best.val_accuracy|test.accuracy|.*:wandb.run_id'",
     # Last: it changes the workspace (and checks that only the model stages re-run).
     "uv run dvc exp run -S pipelines/digits.yaml:train.epochs=1",
 ]
@@ -123,11 +124,20 @@ def test_readme_commands_run_as_written(repro_project: ReproProject, tmp_path):
     shutil.copytree(repro_project.root, root, symlinks=True)
     run_in(root, "git", "add", "-A")
     run_in(root, "git", "commit", "-q", "-m", "built")
-    outputs = {command: run_in(root, *_as_written(command)) for command in RUN_HERE}
-    assert "digit_0001.png" in outputs[RUN_HERE[1]]
-    assert "0.5" in outputs[RUN_HERE[2]] and "best epoch" in outputs[RUN_HERE[2]]
-    exp_show = next(out for command, out in outputs.items() if "exp show" in command)
-    assert "best_epoch" in exp_show and "wandb.run_id" in exp_show, exp_show
+    # A wide terminal, so that tables (`dvc exp show`) keep their column names whole.
+    wide = {"COLUMNS": "300"}
+    outputs = {command: run_in(root, *_as_written(command), env=wide) for command in RUN_HERE}
+
+    def output_of(part: str) -> str:
+        return next(out for command, out in outputs.items() if part in command)
+
+    assert "digit_0001.png" in output_of("attnpipe predict")
+    trained = output_of("attnpipe train")
+    assert "0.5" in trained and "best epoch" in trained
+    exp_show = output_of("exp show")
+    # Both W&B runs, training's and evaluation's (the same key in two files: DVC prefixes it).
+    assert "best_epoch" in exp_show and "train.json:wandb.run_id" in exp_show, exp_show
+    assert "metrics.json:wandb.run_id" in exp_show, exp_show
     stages = {
         line.split("'")[1]
         for line in outputs[RUN_HERE[-1]].splitlines()
