@@ -131,9 +131,9 @@ TINY = {
 }
 
 
-def test_small_imagenet_from_kaggle_to_a_top5_report(tmp_path: Path, monkeypatch):
+def test_small_imagenet_from_kaggle_to_a_top5_report(tmp_path: Path, monkeypatch, capsys):
     files, val_classes = imagenet_files()
-    server = FakeKaggle(competitions={COMPETITION: _zip(files)})
+    server = FakeKaggle(competitions={COMPETITION: _zip(files)}, rules_not_accepted={COMPETITION})
     root = write_project(_mkdir(tmp_path / "project"), TINY, name="imagenet")
     server.start()
     # The client's proxy settings only while fetching: Ray's own connections must not use them.
@@ -141,6 +141,11 @@ def test_small_imagenet_from_kaggle_to_a_top5_report(tmp_path: Path, monkeypatch
         point_client_at(server, tmp_path / "home", kaggle_env)
         kaggle_env.setenv("KAGGLE_USERNAME", "alice")
         kaggle_env.setenv("KAGGLE_KEY", "alice-key")
+        # The user's step first: accepting the rules, which the one error line points at.
+        assert main(["--root", str(root), "fetch", "imagenet", "--no-progress"]) != 0
+        rules = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
+        assert rules in capsys.readouterr().err
+        server.rules_not_accepted.clear()
         fetched = main(["--root", str(root), "fetch", "imagenet", "--no-progress"])
     server.stop()
     assert fetched == 0 and server.connects == []
