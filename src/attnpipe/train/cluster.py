@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +28,7 @@ class ClusterCapacity:
 
     alive: dict[str, float]
     autoscaler: dict[str, float] | None  # None: no autoscaler (a fixed cluster)
+    node_cpus: tuple[float, ...] = ()  # each alive node's CPUs (`workers: auto` without GPUs)
 
     def most(self, resource: str) -> float:
         alive = self.alive.get(resource, 0.0)
@@ -54,7 +55,60 @@ def cluster_capacity() -> ClusterCapacity:
         scaled = state.get_max_resources_from_cluster_config()
     except Exception:  # an older GCS without the autoscaler's config: treat as fixed
         scaled = None
-    return ClusterCapacity(alive, {k: float(v) for k, v in scaled.items()} if scaled else None)
+    node_cpus = tuple(
+        float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]
+    )
+    return ClusterCapacity(
+        alive, {k: float(v) for k, v in scaled.items()} if scaled else None, node_cpus
+    )
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many DDP ranks a run starts (a count, or (min, max) for an elastic run), on what."""
+
+    workers: int | tuple[int, int]
+    use_gpu: bool
+
+    @property
+    def fewest(self) -> int:
+        return self.workers[0] if isinstance(self.workers, tuple) else self.workers
+
+    @property
+    def most(self) -> int:
+        return self.workers[1] if isinstance(self.workers, tuple) else self.workers
+
+    def describe(self) -> str:
+        """E.g. '3 worker(s), GPU' or '1-2 worker(s), elastic, CPU'."""
+        device = "GPU" if self.use_gpu else "CPU"
+        if isinstance(self.workers, tuple):
+            return f"{self.fewest}-{self.most} worker(s), elastic, {device}"
+        return f"{self.workers} worker(s), {device}"
+
+
+Announce = Callable[[WorkerPlan], None] | None
+
+
+def plan_workers(
+    train: TrainConfig, use_gpu: bool, capacity: ClusterCapacity, where: str
+) -> int | tuple[int, int]:
+    """`train.workers` against the cluster: `auto` is one rank per GPU the cluster has or its
+    autoscaler can add (each rank `gpus_per_worker` whole GPUs), without GPUs one rank per
+    alive node that has a worker's CPUs; a number or an elastic range is kept as given."""
+    if train.workers != "auto":
+        return train.workers
+    if use_gpu:
+        ranks = int(capacity.most("GPU") // train.gpus_per_worker)
+        what = f"{train.gpus_per_worker:g} GPU(s) per rank, {capacity.describe('GPU')} GPUs"
+    else:
+        ranks = sum(cpus >= train.cpus_per_worker for cpus in capacity.node_cpus)
+        what = f"nodes with {train.cpus_per_worker:g} CPU(s): {ranks}"
+    if ranks < 1:
+        raise ClusterError(
+            f"train.workers: auto finds no room for a rank on the Ray cluster {where} ({what}): "
+            "add nodes, or lower train.gpus_per_worker or train.cpus_per_worker"
+        )
+    return ranks
 
 
 def resolve_use_gpu(train: TrainConfig, capacity: ClusterCapacity, where: str) -> bool:
@@ -86,9 +140,24 @@ def check_capacity(
         if needed > most + 1e-9:
             raise ClusterError(
                 f"{workers} worker(s) need {needed:g} {resource} but the Ray cluster {where} "
-                f"has {capacity.describe(resource)}: lower train.workers or "
-                f"train.{resource.lower()}s_per_worker, or add nodes"
+                f"has {capacity.describe(resource)}: {_fit_advice(train, resource, each, most)}"
             )
+
+
+def _fit_advice(train: TrainConfig, resource: str, each: float, most: float) -> str:
+    """What makes the ranks fit. Never a fraction of a GPU per rank: NCCL refuses two ranks
+    on one GPU ("Duplicate GPU detected")."""
+    fits = int(most // each)
+    if resource == "GPU":
+        if fits < 1:
+            return "add GPU nodes, or set train.use_gpu: false to train on CPUs"
+        return (
+            f"set train.workers: {fits} (or auto: one rank per GPU), or [1, {fits}] to run "
+            "elastic, or add GPU nodes"
+        )
+    if fits < 1:
+        return f"lower train.cpus_per_worker (to {most:g} at most), or add nodes"
+    return f"set train.workers: {fits} or auto, lower train.cpus_per_worker, or add nodes"
 
 
 def _probe() -> dict[str, Any]:
@@ -121,9 +190,13 @@ def probe_gpu_worker(train: TrainConfig) -> CudaStatus:
 
 
 @contextmanager
-def training_cluster(train: TrainConfig, workers: int, address: str | None) -> Iterator[bool]:
+def training_cluster(
+    train: TrainConfig, address: str | None, announce: Announce = None
+) -> Iterator[WorkerPlan]:
     """Connected to the cluster the workers run on (`address`, RAY_ADDRESS, one this process
-    already joined, else a private one on this machine); yields whether they use GPUs.
+    already joined, else a private one on this machine); yields how many ranks start and
+    whether they use GPUs. `announce` gets the plan as soon as it is made, before the GPU
+    probe (which may refuse the run), so that what was planned is said either way.
 
     A private cluster is decided before it starts, so that a misfit is one line without Ray's
     start-up output, and it is shut down on exit.
@@ -131,46 +204,55 @@ def training_cluster(train: TrainConfig, workers: int, address: str | None) -> I
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    cpus = int(workers * train.cpus_per_worker)
+    given = train.workers if train.workers != "auto" else 1
+    cpus = int((given[1] if isinstance(given, tuple) else given) * train.cpus_per_worker)
     private = not (address or ray.is_initialized())
     if private:
-        use_gpu = decide_local_devices(train, workers, max(os.cpu_count() or 1, cpus))
+        plan = decide_local_devices(train, max(os.cpu_count() or 1, cpus), announce)
     started_here = connect_ray(address, cpus)
     try:
-        yield use_gpu if private else decide_devices(train, workers, address)
+        yield plan if private else decide_devices(train, address, announce)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def decide_devices(train: TrainConfig, workers: int, address: str | None) -> bool:
-    """Whether the workers use GPUs, decided from the connected cluster; checks that they fit
+def decide_devices(
+    train: TrainConfig, address: str | None, announce: Announce = None
+) -> WorkerPlan:
+    """How many ranks on what, decided from the connected cluster; checks that they fit
     and, for GPUs, that CUDA starts where they will run. Call after `connect_ray`."""
     where = f"at {address}" if address else "(local)"
-    return _decide(train, workers, cluster_capacity(), where, probe=probe_gpu_worker)
+    return _decide(train, cluster_capacity(), where, probe_gpu_worker, announce)
 
 
-def decide_local_devices(train: TrainConfig, workers: int, cpus: int) -> bool:
+def decide_local_devices(train: TrainConfig, cpus: int, announce: Announce = None) -> WorkerPlan:
     """The same decision for a private cluster on this machine, made before Ray starts: the
     GPUs are the ones Ray would find here (through the NVIDIA driver, so a GPU whose CUDA
     cannot start is still seen, and reported, rather than silently skipped)."""
-    capacity = ClusterCapacity({"CPU": float(cpus), "GPU": float(nvidia_gpus())}, None)
-    return _decide(train, workers, capacity, "(local)", probe=_probe_here)
+    capacity = ClusterCapacity(
+        {"CPU": float(cpus), "GPU": float(nvidia_gpus())}, None, node_cpus=(float(cpus),)
+    )
+    return _decide(train, capacity, "(local)", _probe_here, announce)
 
 
 def _decide(
-    train: TrainConfig, workers: int, capacity: ClusterCapacity, where: str, probe: Any
-) -> bool:
+    train: TrainConfig, capacity: ClusterCapacity, where: str, probe: Any, announce: Announce
+) -> WorkerPlan:
     use_gpu = resolve_use_gpu(train, capacity, where)
-    if train.sync_batchnorm and workers > 1 and not use_gpu:
+    plan = WorkerPlan(plan_workers(train, use_gpu, capacity, where), use_gpu)
+    if train.sync_batchnorm and plan.most > 1 and not use_gpu:
         raise ClusterError(
             "train.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only) but "
             "this run trains on CPUs: set train.sync_batchnorm: false, or add GPU nodes"
         )
-    check_capacity(train, workers, use_gpu, capacity, where)
+    # An elastic run starts with what is there, down to its minimum.
+    check_capacity(train, plan.fewest, use_gpu, capacity, where)
+    if announce is not None:
+        announce(plan)
     if use_gpu:
         probe(train)
-    return use_gpu
+    return plan
 
 
 def _probe_here(train: TrainConfig) -> CudaStatus:
