@@ -6,16 +6,30 @@ from __future__ import annotations
 
 import pytest
 
-from attnpipe.config import ConfigError, TrainConfig, parse_recipe
-from attnpipe.data.loaders import plan_readers, train_batches
-from attnpipe.raycluster import ClusterError
-from attnpipe.train.cluster import (
+from attnpipe.capacity import (
     ClusterCapacity,
     WorkerPlan,
     _decide,
     check_capacity,
     plan_workers,
 )
+from attnpipe.config import ConfigError, TrainConfig, parse_recipe
+from attnpipe.data.loaders import plan_readers, train_batches
+from attnpipe.raycluster import ClusterError
+from attnpipe.train.cluster import worker_shape
+
+
+def plan(train: TrainConfig, use_gpu: bool, capacity: ClusterCapacity) -> int | tuple[int, int]:
+    return plan_workers(worker_shape(train), train.workers, use_gpu, capacity, "x")
+
+
+def fit(train: TrainConfig, workers: int, use_gpu: bool, capacity: ClusterCapacity) -> None:
+    check_capacity(worker_shape(train), workers, use_gpu, capacity, "at head:6379")
+
+
+def decide(train: TrainConfig, capacity: ClusterCapacity, announce=None) -> WorkerPlan:
+    return _decide(worker_shape(train), train.workers, capacity, "x", None, announce)
+
 
 RECIPE = {"source": {"kind": "sklearn-digits"}, "model": {"name": "attention56_cifar"}}
 
@@ -56,55 +70,54 @@ def test_tune_trials_of_several_ranks_take_whole_gpus():
 
 def test_auto_is_one_rank_per_gpu_the_cluster_has_or_can_add():
     alive = ClusterCapacity({"CPU": 8, "GPU": 3}, None)
-    assert plan_workers(TrainConfig(workers="auto"), True, alive, "x") == 3
+    assert plan(TrainConfig(workers="auto"), True, alive) == 3
     scaled = ClusterCapacity({"CPU": 4}, {"CPU": 192, "GPU": 16})
-    assert plan_workers(TrainConfig(workers="auto"), True, scaled, "x") == 16
+    assert plan(TrainConfig(workers="auto"), True, scaled) == 16
     two_each = TrainConfig(workers="auto", gpus_per_worker=2)
-    assert plan_workers(two_each, True, scaled, "x") == 8
-    assert plan_workers(TrainConfig(workers=[1, 4]), True, alive, "x") == (1, 4)
-    assert plan_workers(TrainConfig(workers=5), True, alive, "x") == 5
+    assert plan(two_each, True, scaled) == 8
+    assert plan(TrainConfig(workers=[1, 4]), True, alive) == (1, 4)
+    assert plan(TrainConfig(workers=5), True, alive) == 5
 
 
 def test_auto_without_gpus_is_one_rank_per_node_with_a_workers_cpus():
     # A head that schedules nothing (0 CPUs) and three workers, one too small for 2 CPUs.
     nodes = ClusterCapacity({"CPU": 6}, None, node_cpus=(0, 2, 2, 1))
-    assert plan_workers(TrainConfig(workers="auto"), False, nodes, "x") == 3
-    assert plan_workers(TrainConfig(workers="auto", cpus_per_worker=2), False, nodes, "x") == 2
-    with pytest.raises(ClusterError, match="finds no room for a rank"):
-        plan_workers(TrainConfig(workers="auto", cpus_per_worker=4), False, nodes, "x")
+    assert plan(TrainConfig(workers="auto"), False, nodes) == 3
+    assert plan(TrainConfig(workers="auto", cpus_per_worker=2), False, nodes) == 2
+    with pytest.raises(ClusterError, match="auto finds no room for a worker"):
+        plan(TrainConfig(workers="auto", cpus_per_worker=4), False, nodes)
 
 
 def test_more_ranks_than_gpus_are_refused_with_advice_that_fits():
     capacity = ClusterCapacity({"CPU": 8, "GPU": 3}, None)
     with pytest.raises(ClusterError) as refused:
-        check_capacity(TrainConfig(workers=4), 4, True, capacity, "at head:6379")
+        fit(TrainConfig(workers=4), 4, True, capacity)
     message = str(refused.value)
     assert message.startswith("4 worker(s) need 4 GPU but the Ray cluster at head:6379 has 3")
-    assert "set train.workers: 3 (or auto: one rank per GPU), or [1, 3]" in message
+    assert "set train.workers: 3 (or auto: one per GPU), or [1, 3] to run elastic" in message
     assert "gpus_per_worker" not in message  # never a fraction of a GPU per rank
     for advised in (3, "auto", [1, 3]):
         train = TrainConfig(workers=advised)
-        fewest = WorkerPlan(plan_workers(train, True, capacity, "x"), True).fewest
-        check_capacity(train, fewest, True, capacity, "x")  # fits
-    with pytest.raises(ClusterError, match="set train.use_gpu: false"):
-        check_capacity(
+        fewest = WorkerPlan(plan(train, True, capacity), True).fewest
+        fit(train, fewest, True, capacity)  # fits
+    with pytest.raises(ClusterError, match=r"lower train\.gpus_per_worker to 1, or add GPU"):
+        fit(
             TrainConfig(workers=1, gpus_per_worker=2),
             1,
             True,
             ClusterCapacity({"CPU": 4, "GPU": 1}, None),
-            "x",
         )
 
 
 def test_an_elastic_run_needs_room_for_its_minimum_only():
     capacity = ClusterCapacity({"CPU": 2}, None, node_cpus=(1, 1))
     plans: list[WorkerPlan] = []
-    plan = _decide(TrainConfig(workers=[2, 8], use_gpu=False), capacity, "x", None, plans.append)
-    assert plan == WorkerPlan((2, 8), False) and plans == [plan]
-    assert plan.describe() == "2-8 worker(s), elastic, CPU"
+    made = decide(TrainConfig(workers=[2, 8], use_gpu=False), capacity, plans.append)
+    assert made == WorkerPlan((2, 8), False) and plans == [made]
+    assert made.describe() == "2-8 worker(s), elastic, CPU"
     assert WorkerPlan(3, True).describe() == "3 worker(s), GPU"
     with pytest.raises(ClusterError, match="3 worker\\(s\\) need 3 CPU"):
-        _decide(TrainConfig(workers=[3, 8], use_gpu=False), capacity, "x", None, None)
+        decide(TrainConfig(workers=[3, 8], use_gpu=False), capacity)
 
 
 def test_the_trainer_is_elastic_for_a_range(digits_project):

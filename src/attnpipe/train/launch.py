@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attnpipe.capacity import WorkerPlan
 from attnpipe.codeversion import code_version
 from attnpipe.config import Recipe
 from attnpipe.data.shard_index import ShardError, read_index, shard_location
@@ -25,10 +26,9 @@ from attnpipe.paths import PipelinePaths
 from attnpipe.raycluster import configure_ray_environment
 from attnpipe.tracking import data_version, git_commit, import_wandb_runs, write_history
 from attnpipe.train.checkpoint import TrainingState, read_checkpoint
-from attnpipe.train.cluster import WorkerPlan, training_cluster
+from attnpipe.train.cluster import training_cluster
 from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.stop import create_stop_flag, run_stoppable
-
 
 # Seconds an elastic run's worker group may wait for its placement before it is sized again.
 ELASTIC_START_S = 30

@@ -42,6 +42,7 @@ from attnpipe.data.loaders import (
     split_info,
     train_batches,
 )
+from attnpipe.devices import describe_amp, resolve_amp
 from attnpipe.errors import AttnpipeError
 from attnpipe.metrics import classification_metrics
 from attnpipe.models import create_model
@@ -57,7 +58,6 @@ from attnpipe.train.checkpoint import (
 )
 from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.losses import build_loss
-from attnpipe.train.precision import describe_amp, resolve_amp
 from attnpipe.train.reporting import Tracer, epoch_line, say
 from attnpipe.train.schedules import LrSchedule, scaled_lr
 from attnpipe.train.session import RaySession, WorkerSession

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnpipe.train.precision import describe_amp, resolve_amp
+from attnpipe.devices import describe_amp, resolve_amp
 
 GPU = torch.device("cuda", 0)
 
