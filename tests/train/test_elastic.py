@@ -149,3 +149,24 @@ def test_every_world_size_sees_each_sample_at_most_once_per_epoch(workers):
             assert len(seen) == len(set(seen))  # at most once
             size, batches = train_batches(sum(counts), world, 32)
             assert len(seen) == world * size * batches > sum(counts) - world * 32
+
+
+def test_the_gpu_recipes_follow_the_hardware_and_the_demo_keeps_two_cpu_ranks():
+    """On 1 GPU or 16 the GPU recipes take every GPU, with the rate following the global batch
+    (the source's rate at the source's global batch); the offline demo keeps its 2 CPU ranks."""
+    from pathlib import Path
+
+    from attnpipe.config import load_recipe
+    from attnpipe.train.schedules import scaled_lr
+
+    root = Path(__file__).resolve().parents[2]
+    for name in ("cassava", "melanoma", "aircraft", "imagenet"):
+        if not (root / "pipelines" / f"{name}.yaml").is_file():
+            assert name == "imagenet", name  # imagenet's recipe may not have landed yet
+            continue
+        train = load_recipe(name, root).train
+        assert train.workers == "auto" and train.optimizer.scale_lr != "none", name
+        if name != "imagenet":  # the papers' rates were given for 2 GPUs
+            source_batch = 2 * train.batch_size * train.accumulate_steps
+            assert scaled_lr(train.optimizer, source_batch) == pytest.approx(train.optimizer.lr)
+    assert load_recipe("digits", root).train.workers == 2
