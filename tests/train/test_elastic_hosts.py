@@ -157,14 +157,18 @@ def _check_learning_rates(project: Path, rows: list[dict], resumed: int) -> None
         expected = scaled_lr(train.optimizer, world * train.batch_size) * lr_factor(
             position, total, 0, train.schedule
         )
-        assert row["lr"] == pytest.approx(expected, rel=1e-6), (row, position, total)
+        assert row["lr"] == pytest.approx(expected, rel=1e-5), (
+            row,
+            position,
+            total,
+        )  # CSV: 6 digits
     # ...which is not where counting epochs in the new world's steps would have put it.
     size, steps = train_batches(samples, 1, train.batch_size)
     first_alone = rows[resumed]
     by_epochs = scaled_lr(train.optimizer, train.batch_size) * lr_factor(
         (resumed + 1) * steps, steps * EPOCHS, 0, train.schedule
     )
-    assert not math.isclose(first_alone["lr"], by_epochs, rel_tol=1e-6)
+    assert not math.isclose(first_alone["lr"], by_epochs, rel_tol=1e-3)
 
 
 def _check_wandb(project: Path, rows: list[dict]) -> None:
