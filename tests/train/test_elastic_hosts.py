@@ -178,5 +178,5 @@ def _check_wandb(project: Path, rows: list[dict]) -> None:
     assert len({i for r in records for i in run_ids(r)}) == 1, runs
     logged = [row for r in records for row in history_rows(r) if "epoch" in row]
     assert sorted(row["epoch"] for row in logged) == list(range(1, EPOCHS + 1)), logged
-    by_epoch = {row["epoch"]: row["world_size"] for row in logged}
+    by_epoch = {row["epoch"]: row["train/world_size"] for row in logged}
     assert by_epoch == {row["epoch"]: row["world_size"] for row in rows}
