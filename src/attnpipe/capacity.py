@@ -238,16 +238,21 @@ def worker_plan_cluster(
     cpus = int((given[1] if isinstance(given, tuple) else given) * shape.cpus_per_worker)
     private = not (address or ray.is_initialized())
     if private:
-        plan = decide_local_devices(shape, workers, max(os.cpu_count() or 1, cpus), announce)
+        plan = plan_local_devices(shape, workers, max(os.cpu_count() or 1, cpus), announce)
     started_here = connect_ray(address, cpus)
     try:
-        yield plan if private else decide_devices(shape, workers, address, announce)
+        yield plan if private else plan_devices(shape, workers, address, announce)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def decide_devices(
+def decide_devices(shape: WorkerShape, workers: int, address: str | None) -> bool:
+    """Whether `workers` workers use GPUs (`plan_devices` for a fixed count)."""
+    return plan_devices(shape, workers, address).use_gpu
+
+
+def plan_devices(
     shape: WorkerShape, workers: Workers, address: str | None, announce: Announce = None
 ) -> WorkerPlan:
     """How many workers on what, decided from the connected cluster; checks that they fit
@@ -256,7 +261,7 @@ def decide_devices(
     return _decide(shape, workers, cluster_capacity(), where, probe_gpu_worker, announce)
 
 
-def decide_local_devices(
+def plan_local_devices(
     shape: WorkerShape, workers: Workers, cpus: int, announce: Announce = None
 ) -> WorkerPlan:
     """The same decision for a private cluster on this machine, made before Ray starts: the

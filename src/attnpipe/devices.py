@@ -188,6 +188,12 @@ def describe_amp(setting: str, dtype: torch.dtype | None, device: torch.device) 
     )
 
 
+def memory_format_for(setting: bool | str, device: torch.device) -> torch.memory_format:
+    """`train.channels_last`: auto = NHWC on GPUs (tensor cores want it), NCHW on CPUs."""
+    on = device.type == "cuda" if setting == "auto" else bool(setting)
+    return torch.channels_last if on else torch.contiguous_format
+
+
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text))
 
