@@ -14,8 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from attnpipe.metrics import MetricCounts, classification_metrics
+from attnpipe.train.loop import reduce_counts
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(300)
 
 
 def _split(classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -27,8 +28,6 @@ def _split(classes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    from attnpipe.train.loop import reduce_counts
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         found = {}
@@ -49,7 +48,10 @@ def test_two_ranks_reduce_counts_to_the_whole_splits_metrics(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(tmp_path / "rank")), nprocs=2, join=True)
+    # Forked: the ranks start with this process's imports instead of importing torch again.
+    mp.start_processes(
+        _rank, args=(port, str(tmp_path / "rank")), nprocs=2, join=True, start_method="fork"
+    )
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # the same numbers on every rank
     for classes in (2, 7):

@@ -59,8 +59,8 @@ def evaluation_workers(evaluate: EvaluateConfig, shape: WorkerShape, where: str)
     import ray
 
     capacity = cluster_capacity()
-    if resolve_use_gpu(shape, capacity, where):
-        return max(1, int(capacity.most("GPU") // max(shape.gpus_per_worker, 1e-9)))
+    if resolve_use_gpu(shape, capacity, where) and shape.gpus_per_worker > 0:
+        return max(1, int(capacity.most("GPU") // shape.gpus_per_worker))
     return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
 
 
@@ -82,8 +82,10 @@ def score_on_cluster(
     try:
         where = f"at {address}" if address else "(local)"
         workers = evaluation_workers(recipe.evaluate, shape, where)
+        # The plan first, so that a refusal (no fit, a GPU CUDA cannot use) follows it.
+        planned_gpu = resolve_use_gpu(shape, cluster_capacity(), where)
+        print(f"evaluating on {workers} Ray worker(s), {'GPU' if planned_gpu else 'CPU'}")
         use_gpu = decide_devices(shape, workers, address)
-        print(f"evaluating on {workers} Ray worker(s), {'GPU' if use_gpu else 'CPU'}")
         resources = worker_resources(shape, use_gpu)
         task = ray.remote(_score_worker).options(
             num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0), max_retries=1
