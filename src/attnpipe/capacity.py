@@ -173,13 +173,12 @@ def _fit_advice(shape: WorkerShape, resource: str, each: float, most: float) -> 
             return f"add GPU nodes, or set {shape.device_key}: {shape.device_others}"
         if fits < 1:
             return f"lower {shape.section}.gpus_per_worker to {int(most)}, or add GPU nodes"
-        return (
-            f"set {key}: {fits} (or auto: one per GPU), or [1, {fits}] to run elastic, "
-            "or add GPU nodes"
-        )
+        # Only training's ranks can be elastic.
+        elastic = f", or [1, {fits}] to run elastic" if shape.section == "train" else ""
+        return f"lower {key} to {fits} (or auto: one per GPU){elastic}, or add GPU nodes"
     if fits < 1:
         return f"lower {shape.section}.cpus_per_worker (to {most:g} at most), or add nodes"
-    return f"set {key}: {fits} or auto, lower {shape.section}.cpus_per_worker, or add nodes"
+    return f"lower {key} to {fits} (or auto), or {shape.section}.cpus_per_worker, or add nodes"
 
 
 def _probe() -> dict[str, Any]:

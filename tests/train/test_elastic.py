@@ -94,7 +94,7 @@ def test_more_ranks_than_gpus_are_refused_with_advice_that_fits():
         fit(TrainConfig(workers=4), 4, True, capacity)
     message = str(refused.value)
     assert message.startswith("4 worker(s) need 4 GPU but the Ray cluster at head:6379 has 3")
-    assert "set train.workers: 3 (or auto: one per GPU), or [1, 3] to run elastic" in message
+    assert "lower train.workers to 3 (or auto: one per GPU), or [1, 3] to run elastic" in message
     assert "gpus_per_worker" not in message  # never a fraction of a GPU per rank
     for advised in (3, "auto", [1, 3]):
         train = TrainConfig(workers=advised)

@@ -79,7 +79,7 @@ def test_more_ranks_than_gpus_are_refused_and_the_advice_fits(three_gpu_cluster,
     code, out, err = train_with(project, capsys, "4")
     assert code == 1 and len(err) == 1, err
     assert "4 worker(s) need 4 GPU but the Ray cluster (local) has 3 on alive nodes" in err[0]
-    assert "set train.workers: 3 (or auto: one per GPU), or [1, 3] to run elastic" in err[0]
+    assert "lower train.workers to 3 (or auto: one per GPU), or [1, 3] to run elastic" in err[0]
     assert "gpus_per_worker" not in err[0]  # never a fraction of a GPU per rank
     assert not any("worker(s), GPU)" in line for line in out)  # refused before any plan
     # Each piece of advice fits: the run gets as far as the GPU probe.
