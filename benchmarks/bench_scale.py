@@ -167,15 +167,16 @@ def inline_index_size(shards: Path) -> int:
 
 
 # --------------------------------------------------------------------------- baselines
-def floor_per_image(files: list[Path], work: Callable[[Path], object]) -> float:
-    """One core's seconds per image for `work`, in this process (best of two passes)."""
-    best = float("inf")
+def floor_per_image(files: list[Path], work: Callable[[Path], object]) -> tuple[float, float]:
+    """One core's (wall, CPU) seconds per image for `work`, in this process (best of two)."""
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(2):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for path in files:
             work(path)
         best = min(best, (time.perf_counter() - start) / len(files))
-    return best
+        best_cpu = min(best_cpu, (time.process_time() - cpu) / len(files))
+    return best, best_cpu
 
 
 def floors(paths: PipelinePaths, sample: int) -> dict:
@@ -188,9 +189,13 @@ def floors(paths: PipelinePaths, sample: int) -> dict:
         image = resize_shorter_side(load_rgb(path, 10**9, SHORT_SIDE), SHORT_SIDE)
         return encode_image(image, "jpg", 90)
 
+    prepare_wall, prepare_cpu = floor_per_image(files, lambda p: inspect(p, 10**9))
+    shard_wall, shard_cpu = floor_per_image(files, shard_one)
     return {
-        "prepare_floor_s": floor_per_image(files, lambda p: inspect(p, 10**9)),
-        "shard_floor_s": floor_per_image(files, shard_one),
+        "prepare_floor_s": prepare_wall,
+        "prepare_floor_cpu_s": prepare_cpu,
+        "shard_floor_s": shard_wall,
+        "shard_floor_cpu_s": shard_cpu,
     }
 
 
@@ -224,22 +229,30 @@ def summarize(runs: list[dict], base: dict, cores: int) -> dict:
     out: dict = {}
     for stage in ("prepare", "shard"):
         wall = slope(runs, lambda r, s=stage: r[s]["wall_s"])
+        cpu = slope(runs, lambda r, s=stage: r[s]["cpu_s"])
         memory = slope(runs, lambda r, s=stage: r[s]["peak_rss_mb"] * 2**20)
         fixed = runs[-1][stage]["peak_rss_mb"] - memory * runs[-1]["images"] / 2**20
         out[stage] = {
             "wall_per_image_s": wall,
             "ratio_to_one_core_floor": wall / base[f"{stage}_floor_s"],
+            # CPU seconds per image over the floor: the overhead beyond the image work itself,
+            # which a loaded machine does not inflate as it does the wall clock.
+            "cpu_per_image_over_floor": cpu / base[f"{stage}_floor_cpu_s"],
             "memory_per_image_bytes": memory,
             "hours_on_16_cores": {
                 str(n): wall * n * cores / NODE_CORES / 3600 for n in TARGETS
             },  # every core busy: the wall per image divides by the cores
             "peak_memory_gb": {str(n): (fixed * 2**20 + memory * n) / 2**30 for n in TARGETS},
         }
-    per_shard = slope(runs, lambda r: r["rank"]["index_bytes"]) * 1000
-    inline = slope(runs, lambda r: r["rank"]["inline_index_bytes"])
+    last = runs[-1]
+
+    def grown(key: str, n: int) -> float:  # the last size's bytes plus the slope to n, in MB
+        per_image = slope(runs, lambda r: r["rank"][key])
+        return (last["rank"][key] + per_image * (n - last["images"])) / 2**20
+
     out["index"] = {
-        "index_json_mb": {str(n): per_shard * n / 1000 / 2**20 for n in TARGETS},
-        "inline_index_json_mb": {str(n): inline * n / 2**20 for n in TARGETS},
+        "index_json_mb": {str(n): grown("index_bytes", n) for n in TARGETS},
+        "inline_index_json_mb": {str(n): grown("inline_index_bytes", n) for n in TARGETS},
         "offsets_read_per_rank_kb": {
             str(n): 8 * (n / RANKS + 2 * 1000 * LOADER_WORKERS) / 1024 for n in TARGETS
         },

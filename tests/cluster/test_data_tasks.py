@@ -175,6 +175,34 @@ def test_the_driver_moves_under_one_percent_of_the_image_bytes(two_nodes, tmp_pa
 
 
 @slow
+def test_tasks_read_images_from_and_write_shards_to_object_storage(s3_bucket, two_nodes, tmp_path):
+    """--shared-root s3://...: the raw images are only on S3 (moto on loopback); the tasks
+    read them there and write the tars and offsets there, the same bytes as a local run."""
+    from attnpipe import storage
+
+    address, _ = two_nodes
+    local, _ = _photos_project(tmp_path / "local", 24)
+    remote = PipelinePaths(tmp_path / "remote", "photos")
+    shutil.copytree(local.root, remote.root)
+    root = s3_bucket.url("project")
+    for path in sorted(remote.raw.rglob("*")):
+        if path.is_file():
+            storage.upload_file(path, storage.join(root, path.relative_to(remote.root).as_posix()))
+    shutil.rmtree(remote.raw / "train_images")  # the tasks cannot read them from here
+    for stage in ("prepare", "shard"):
+        assert main(["--root", str(local.root), stage, "photos", "--no-progress"]) == 0
+        argv = ["--root", str(remote.root), stage, "photos", "--no-progress"]
+        assert main([*argv, "--address", address, "--shared-root", root]) == 0
+    assert remote.manifest.read_bytes() == local.manifest.read_bytes()
+    published = storage.join(root, "data", "photos", "shards")
+    expected = {p.name: p.stat().st_size for p in local.shards.iterdir()}
+    assert storage.list_files(published) == expected
+    for name in expected:
+        data = storage.read_bytes(storage.join(published, name))
+        assert data == (local.shards / name).read_bytes(), name
+
+
+@slow
 def test_a_node_that_cannot_see_the_shared_folder_fails_in_one_line(
     digits_project, two_nodes, tmp_path, capsys
 ):

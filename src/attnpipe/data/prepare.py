@@ -95,16 +95,16 @@ def prepare(
     """
     config = recipe.prepare
     index = read_layout(recipe, paths.raw)
-    labelled = _resolve_labels(index, origin=str(paths.raw))
-    images = [record.path for record, _ in labelled]
+    labels = _resolve_labels(index, origin=str(paths.raw))
+    images = [record.path for record in index.records]
     shared = SharedProject(
         ray_tasks.shared_root(paths.root, shared_root), paths.root, _rel(paths.raw, paths.root)
     )
     facts = scan_images(images, config.max_pixels, config.workers, progress, address, shared)
     del images
-    total = len(labelled)
-    good, rejected = _sort_out(labelled, facts, paths.root)
-    del labelled
+    total = len(labels)
+    good, rejected = _sort_out(index.records, labels, facts, paths.root)
+    del labels
     if total and len(rejected) / total > config.max_reject_fraction:
         _write_rejected(paths.rejected, rejected)
         raise PrepareError(
@@ -154,12 +154,12 @@ def prepare(
 
 
 def _sort_out(
-    labelled: list[tuple[RawRecord, int]], facts: ScanFacts, root: Path
+    records: list[RawRecord], labels: np.ndarray, facts: ScanFacts, root: Path
 ) -> tuple[list[Sample], list[Rejection]]:
     """The usable images, and why each other one is not."""
     good: list[Sample] = []
     rejected: list[Rejection] = []
-    for row, (record, label) in enumerate(labelled):
+    for row, (record, label) in enumerate(zip(records, labels.tolist(), strict=True)):
         if row in facts.bad:
             rejected.append(Rejection(record.image_id, _rel(record.path, root), facts.bad[row]))
         else:
@@ -168,7 +168,8 @@ def _sort_out(
 
 
 # --------------------------------------------------------------------------- labels
-def _resolve_labels(index: RawIndex, origin: str) -> list[tuple[RawRecord, int]]:
+def _resolve_labels(index: RawIndex, origin: str) -> np.ndarray:
+    """Each record's class index (int32, in record order)."""
     by_value = {value: i for i, value in enumerate(index.label_values)}
     unknown = [
         (line, r) for line, r in enumerate(index.records, start=2) if r.label not in by_value
@@ -180,7 +181,7 @@ def _resolve_labels(index: RawIndex, origin: str) -> list[tuple[RawRecord, int]]
             f"{origin}: {len(unknown)} row(s) have labels outside the label map "
             f"{index.label_values}: {shown}{more}; fix the labels or the label map"
         )
-    return [(r, by_value[r.label]) for r in index.records]
+    return np.fromiter((by_value[r.label] for r in index.records), np.int32, len(index.records))
 
 
 # --------------------------------------------------------------------------- scanning

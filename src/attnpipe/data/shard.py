@@ -117,7 +117,9 @@ def plan_jobs(
         for i in range(count):
             job = ShardJob(
                 path=out / f"{split}-{i:05d}.tar",
-                rows=rows.slice(bounds[i], bounds[i + 1] - bounds[i]),
+                # A copy of just these rows: a slice would pickle (to a worker or a Ray task)
+                # with the whole split's buffers.
+                rows=rows.take(np.arange(bounds[i], bounds[i + 1])),
                 root=root,
                 image_size=config.image_size,
                 format=config.format,
@@ -155,7 +157,7 @@ def shard(
         target = SharedTarget(
             ray_tasks.shared_root(paths.root, shared_root),
             _relative(out, paths.root),
-            _relative(paths.manifest, paths.root),
+            _relative(paths.raw, paths.root),
         )
     workers = recipe.shard.workers
     results = write_shards([job for _, job in jobs], workers, progress, address, target)
