@@ -92,11 +92,12 @@ def plan_shard_counts(n: int, total_bytes: int, config: ShardConfig) -> int:
 def split_rows(manifest: pa.Table, split: str, seed: int) -> pa.Table:
     """A split's rows in shard order: by id; training pre-shuffled with the prepare seed (so
     that shard-level shuffling at read time mixes classes)."""
-    rows = manifest.filter(pc.equal(manifest["split"], split))
-    rows = rows.take(pc.sort_indices(rows["id"])).select(list(ROW_COLUMNS))
-    if split == "train" and rows.num_rows:
-        rows = rows.take(np.random.default_rng(seed).permutation(rows.num_rows))
-    return rows
+    chosen = pc.indices_nonzero(pc.equal(manifest["split"], split))
+    ids = manifest["id"].take(chosen)
+    order = chosen.take(pc.sort_indices(ids))  # manifest rows of the split, by id
+    if split == "train" and len(order):
+        order = order.take(np.random.default_rng(seed).permutation(len(order)))
+    return manifest.select(list(ROW_COLUMNS)).take(order)
 
 
 def plan_jobs(
@@ -109,8 +110,9 @@ def plan_jobs(
         rows = split_rows(manifest, split, recipe.prepare.seed)
         if not rows.num_rows:
             continue
-        total_bytes = pc.sum(manifest.filter(pc.equal(manifest["split"], split))["bytes"])
-        count = plan_shard_counts(rows.num_rows, total_bytes.as_py() or 0, config)
+        in_split = pc.equal(manifest["split"], split)
+        total_bytes = pc.sum(pc.if_else(in_split, manifest["bytes"], 0)).as_py() or 0
+        count = plan_shard_counts(rows.num_rows, total_bytes, config)
         if count < config.min_shards:
             print(f"warning: split '{split}' has only {rows.num_rows} samples: {count} shard(s)")
         bounds = np.linspace(0, rows.num_rows, count + 1).round().astype(int)
@@ -144,7 +146,7 @@ def shard(
     images from the project folder as the nodes see it (`shared_root`, see `ray_tasks`) and
     writing its tar there itself; the files are the same, byte for byte.
     """
-    manifest = read_manifest(paths.manifest)
+    manifest = read_manifest(paths.manifest).select([*ROW_COLUMNS, "split", "bytes"])
     classes = json.loads(paths.classes.read_text())["classes"]
     out = paths.shards
     if out.exists():
