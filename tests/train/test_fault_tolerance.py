@@ -71,7 +71,7 @@ def test_worker_killed_in_epoch_2_restarts_from_epoch_1(digits_project, tmp_path
     assert len(ids) == 2 and ids[0] == ids[1] and len(ids[0]) == 1
     logged = [[row["epoch"] for row in history_rows(r) if "epoch" in row] for r in records]
     assert logged == [[1], [2, 3]]
-    assert any(key.startswith("attention_overlays/") for key in history_rows(records[1])[-1])
+    assert any(key.startswith("val/attention_overlays/") for key in history_rows(records[1])[-1])
 
 
 def test_killed_train_command_resumes_with_the_same_wandb_run(digits_project, tmp_path):

@@ -64,9 +64,16 @@ class SplitResult:
     candidates: list[Candidate] = field(default_factory=list)
 
 
+def evaluation_size(recipe: Recipe, trained_size: int) -> int:
+    """`evaluate.image_size`, else the size the model was trained at."""
+    return recipe.evaluate.image_size or trained_size
+
+
 def _eval_stream(recipe: Recipe, paths: PipelinePaths, split: str, input_size: int):
     info = split_info(shard_location(recipe, paths), split)
-    transform = build_transform(recipe.augment, input_size, train=False)
+    transform = build_transform(
+        recipe.augment, input_size, train=False, crop_ratio=recipe.evaluate.crop_ratio
+    )
     return info, ShardStream(info.shards, rank=0, world_size=1, transform=transform, train=False)
 
 
@@ -91,7 +98,8 @@ def run_split(
     With `examples_per_class`, also keeps that many correct and wrong inputs per class (as
     uint8 pixels) for the attention overlays.
     """
-    info, stream = _eval_stream(recipe, paths, split, payload["input_size"])
+    size = evaluation_size(recipe, payload["input_size"])
+    info, stream = _eval_stream(recipe, paths, split, size)
     device = next(model.parameters()).device
     loader = make_loader(stream, recipe.evaluate.batch_size, workers=0, device=device)
     keeper = CandidateKeeper(len(payload["class_names"]), examples_per_class, recipe)
@@ -200,6 +208,9 @@ def evaluate(recipe: Recipe, paths: PipelinePaths, report: bool = True) -> dict:
             threshold=threshold,
             flip_tta=recipe.evaluate.flip_tta,
         )
+        from attnpipe.evaluate.sharing import share_evaluation
+
+        share_evaluation(recipe, paths, payload, metrics, per_class, predictions, figures)
     return metrics
 
 

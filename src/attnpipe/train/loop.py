@@ -46,12 +46,13 @@ from attnpipe.metrics import classification_metrics
 from attnpipe.models import create_model
 from attnpipe.overlays import attention_examples
 from attnpipe.predictions import Predictions, predict_batches
-from attnpipe.tracking import WandbRun, export_wandb_run
+from attnpipe.tracking import WandbRun, artifact_aliases, export_wandb_run
 from attnpipe.train.checkpoint import (
     TrainingState,
     read_checkpoint,
     restore_rng,
     rng_state,
+    write_best_model,
     write_checkpoint,
 )
 from attnpipe.train.loop_config import LoopConfig
@@ -95,7 +96,7 @@ def run_training(config: LoopConfig, session: WorkerSession) -> None:
         if state.record(row, run.train.monitor):
             state.best_weights = _cpu_copy(run.eval_model.state_dict())
         images = overlays_if_last_epoch(run, state, tracker)
-        tracker.log(row, step=state.epoch, images={"attention_overlays": images})
+        tracker.log_epoch(row, step=state.epoch, images={"val/attention_overlays": images})
         if run.rank == 0:
             per_epoch = (time.perf_counter() - started) / (state.epoch - first_epoch)
             say(epoch_line(row, state, run.train, per_epoch * (run.train.epochs - state.epoch)))
@@ -513,19 +514,23 @@ def _gather_rng_states(world: int, device: torch.device) -> list[dict[str, Any]]
 
 # --------------------------------------------------------------------------- tracking
 def start_tracking(run: Run) -> WandbRun:
-    """World rank 0's W&B run (a no-op handle on the other ranks)."""
+    """World rank 0's W&B run (a no-op handle on the other ranks), with the shards as input."""
     if run.rank != 0:
         return WandbRun(None)
     config = run.config
-    return WandbRun.start(
+    tracker = WandbRun.start(
         config.recipe.tracking.wandb,
         run_id=config.wandb_run_id,
         name=config.run_name,
         directory=Path(config.wandb_parent),
         run_config=config.run_config,
-        group=config.wandb_group,
+        # Its own group unless a sweep's: evaluate and export join it there.
+        group=config.wandb_group or config.wandb_run_id,
         system_metrics=run.device.type == "cuda",
+        job_type="train",
     )
+    tracker.use_data(config.recipe.name, config.shards, config.run_config["data_version"])
+    return tracker
 
 
 def stop_on_request(run: Run, state: TrainingState, tracker: WandbRun, epoch: int) -> None:
@@ -538,19 +543,23 @@ def stop_on_request(run: Run, state: TrainingState, tracker: WandbRun, epoch: in
 
 
 def finish(run: Run, state: TrainingState, tracker: WandbRun) -> None:
-    """Rank 0: the W&B summary and the best weights as a model artifact."""
+    """Rank 0: the best epoch's numbers as the W&B summary, and model.pt (the same file the
+    driver writes, usable by `predict` as downloaded) as a model artifact."""
     if run.rank != 0:
         return
-    monitor = run.train.monitor
-    tracker.summary({"best_epoch": state.best_epoch, f"best_{monitor}": state.best})
     if tracker.run is not None and state.best_weights is not None:
+        tracker.summarise_best(next(r for r in state.history if r["epoch"] == state.best_epoch))
         with tempfile.TemporaryDirectory() as folder:
-            weights = Path(folder) / "best_weights.pt"
-            torch.save(state.best_weights, weights)
+            model_file = Path(folder) / "model.pt"
+            write_best_model(model_file, run.config, state, run.classes)
+            settings = run.config.run_config
             tracker.log_model(
-                weights,
+                model_file,
                 name=f"model-{run.config.run_name}",
-                metadata={"epoch": state.best_epoch, monitor: state.best},
+                metadata={"epoch": state.best_epoch, run.train.monitor: state.best},
+                aliases=artifact_aliases(
+                    "best", settings.get("git_commit"), settings.get("dvc_experiment")
+                ),
             )
     _finish_wandb(run, tracker, preempted=False)
 
