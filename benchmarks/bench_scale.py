@@ -1,6 +1,8 @@
-"""Data stages at ImageNet scale: per-image cost and memory at growing sizes, extrapolated.
+"""Scale benchmarks for ImageNet-sized work (issue 20), in parts (`--part data|metrics|all`).
 
     uv run python benchmarks/bench_scale.py --part data --sizes 2000 10000 --cores 2
+    uv run python benchmarks/bench_scale.py --part metrics     # validation/evaluation metrics
+    uv run python benchmarks/bench_scale.py --part metrics --samples 5000 --classes 100  # quick
 
 Part `data`: synthetic ImageNet-shaped data (photo-sized 400x300 JPEGs, 1,000 classes, the
 cassava layout) at each size in --sizes; for each, `prepare` and `shard` (shorter side 256,
@@ -15,8 +17,9 @@ core's worth of work; 1/cores: every core busy), added peak memory per image; an
 extrapolation to 1.28M and 12.8M images on a 16-core node (the slope scaled by cores/16: the
 stages use every core), with the index sizes and a rank's start-up.
 
-Part `metrics` (validation/evaluation metrics at 50,000 x 1,000 over 8 simulated ranks) is
-added by the evaluation work; `--part all` runs every part present.
+Part `metrics`: validation and evaluation metrics at 50,000 x 1,000 over 8 simulated ranks,
+per-rank time and memory, against the old gather-everything way as the baseline in the same
+run (benchmarks/scale_metrics.py). `--part all` runs both. Results: docs/benchmarks.md.
 
 The images are distinct files (each a photo from a pool of 64 with its own JPEG comment), so
 prepare's duplicate check keeps them all; decoding costs what a photo of that size costs.
@@ -40,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_data import synthetic_photo
+from scale_metrics import metrics_report
 
 from attnpipe.config import parse_recipe
 from attnpipe.paths import PipelinePaths
@@ -276,15 +280,27 @@ def summarize(runs: list[dict], base: dict, cores: int) -> dict:
     return out
 
 
+def metrics_part(args: argparse.Namespace) -> dict:
+    report = metrics_report(args.samples, args.classes, args.ranks, args.repeats)
+    print("## metrics\n")
+    print(report)
+    return {"report": report}
+
+
 PARTS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "data": lambda args: data_part(args.sizes, args.cores, args.workdir),
+    "metrics": metrics_part,
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["data", "metrics", "all"], default="all")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000], help="data")
+    parser.add_argument("--samples", type=int, default=50_000, help="metrics: split size")
+    parser.add_argument("--classes", type=int, default=1_000, help="metrics: classes")
+    parser.add_argument("--ranks", type=int, default=8, help="metrics: simulated ranks")
+    parser.add_argument("--repeats", type=int, default=3, help="metrics: alternating runs")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -295,11 +311,9 @@ def main() -> None:
         print(json.dumps(run_stage(args.run_stage, args.root)))
         return
     parts = list(PARTS) if args.part == "all" else [args.part]
-    missing = [part for part in parts if part not in PARTS]
-    if missing:
-        parser.error(f"part {missing[0]!r} is not in this version of the benchmark")
     results = {part: PARTS[part](args) for part in parts}
-    print(json.dumps({part: r.get("summary", r) for part, r in results.items()}, indent=2))
+    if "data" in results:
+        print(json.dumps(results["data"]["summary"], indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -367,6 +367,20 @@ class EvaluateConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where evaluate runs the model; auto: the GPU when there is one"
     )
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="with --address: Ray workers scoring the split; auto: one per GPU the "
+        "cluster has or can add, else one per node",
+    )
+    cpus_per_worker: float | None = Field(None, gt=0, description="default: train's")
+    gpus_per_worker: float | None = Field(None, ge=0, description="default: train's")
+
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("evaluate.workers must be auto or at least 1")
+        return value
 
 
 class SearchDimension(Strict):
