@@ -28,8 +28,12 @@ def worker_resources(train: TrainConfig, use_gpu: bool) -> dict[str, float]:
 
 
 @contextmanager
-def training_cluster(train: TrainConfig, workers: int, address: str | None) -> Iterator[bool]:
-    """Connected to the cluster the ranks run on; yields whether they use GPUs (see
-    `attnpipe.capacity.worker_cluster`)."""
-    with capacity.worker_cluster(worker_shape(train), workers, address) as use_gpu:
-        yield use_gpu
+def training_cluster(
+    train: TrainConfig, address: str | None, announce: capacity.Announce = None
+) -> Iterator[capacity.WorkerPlan]:
+    """Connected to the cluster the ranks run on; yields how many start (`train.workers`:
+    auto counted, an elastic range kept) and whether they use GPUs (see
+    `attnpipe.capacity.worker_plan_cluster`)."""
+    shape = worker_shape(train)
+    with capacity.worker_plan_cluster(shape, train.workers, address, announce) as plan:
+        yield plan

@@ -134,12 +134,12 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
     storage = recipe.train.storage_path or str(paths.tune_storage.resolve())
     one_trial = trial_recipe(recipe, {}).train
     # Decided once, from the cluster: every trial trains where `train` would.
-    with training_cluster(one_trial, sweep.workers_per_trial, address) as use_gpu:
+    with training_cluster(one_trial, address) as plan:
         trial_settings = {
             "root": str(paths.root.resolve()),
             "experiment": name,
             "storage": join(storage, "trials"),
-            "use_gpu": use_gpu,
+            "use_gpu": plan.use_gpu,
         }
         tuner = build_tuner(recipe, name, storage, trial_settings)
         with _stop_signals_end_the_sweep_gracefully() as interrupted:
