@@ -4,6 +4,7 @@ on loopback: fetch, prepare, shard, one epoch of training (1 Ray worker), evalua
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import time
@@ -21,7 +22,7 @@ from attnpipe.cli import main
 from attnpipe.config import AugmentConfig, parse_recipe
 from attnpipe.data.images import ImageInfo
 from attnpipe.data.layouts import LayoutError, RawRecord, read_layout, read_synsets
-from attnpipe.data.prepare import Sample, _drop_duplicates
+from attnpipe.data.prepare import Sample, ScanFacts, _drop_duplicates
 from attnpipe.data.transforms import build_transform, resize_for_crop
 from attnpipe.evaluate.export import onnx_metadata
 from attnpipe.evaluate.predict import Predictor, predict_files
@@ -228,26 +229,34 @@ def test_crop_ratio_resizes_the_shorter_side_then_centre_crops():
     assert resize_for_crop(320, 0.875) == 366 and resize_for_crop(32, 1.0) == 32
 
 
-def _sample(image_id: str, split: str, sha: str) -> Sample:
-    info = ImageInfo(width=8, height=8, mode="RGB", format="JPEG", sha256=sha, bytes=10)
-    return Sample(RawRecord(image_id, Path(image_id), "n01440764", split=split), 0, info)
+def _samples(*specs: tuple[str, str, str]) -> tuple[list[Sample], ScanFacts]:
+    """(image id, split, content) -> samples and their scan facts (equal content: equal sha)."""
+    infos = [
+        ImageInfo(8, 8, "RGB", "JPEG", hashlib.sha256(content.encode()).hexdigest(), 10)
+        for _, _, content in specs
+    ]
+    samples = [
+        Sample(RawRecord(image_id, Path(image_id), "n01440764", split=split), 0, row)
+        for row, (image_id, split, _) in enumerate(specs)
+    ]
+    return samples, ScanFacts.of(infos)
 
 
 def test_official_test_images_are_never_dropped_as_duplicates_but_training_copies_are():
-    samples = [
-        _sample("ILSVRC2012_val_00000002", "test", "same"),
-        _sample("ILSVRC2012_val_00000001", "test", "same"),
-        _sample("A_train_copy", "train", "same"),  # sorts first by id: kept without the rule
-        _sample("n01440764_1", "train", "other"),
-    ]
-    kept, dropped = _drop_duplicates(samples, "keep-first", official_test=True)
+    samples, facts = _samples(
+        ("ILSVRC2012_val_00000002", "test", "same"),
+        ("ILSVRC2012_val_00000001", "test", "same"),
+        ("A_train_copy", "train", "same"),  # sorts first by id: kept without the rule
+        ("n01440764_1", "train", "other"),
+    )
+    kept, dropped = _drop_duplicates(samples, "keep-first", facts, official_test=True)
     assert sorted(s.record.image_id for s in kept) == [
         "ILSVRC2012_val_00000001", "ILSVRC2012_val_00000002", "n01440764_1",
     ]  # fmt: skip
     assert [(s.record.image_id, why) for s, why in dropped] == [
         ("A_train_copy", "duplicate of ILSVRC2012_val_00000001")
     ]
-    kept, _ = _drop_duplicates(samples, "keep-first")  # without an official split: by id
+    kept, _ = _drop_duplicates(samples, "keep-first", facts)  # no official split: by id
     assert sorted(s.record.image_id for s in kept) == ["A_train_copy", "n01440764_1"]
 
 
