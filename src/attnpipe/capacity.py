@@ -35,6 +35,8 @@ class WorkerShape:
     device_gpu: str = "true"  # ...its value asking for them...
     device_others: str = "auto or false"  # ...and its other values
     sync_batchnorm: bool = False  # needs GPUs when there is more than one worker
+    workers_key: str = ""  # the worker count's key, when not `<section>.workers`
+    workers_auto: bool = True  # whether that key takes `auto`
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ def check_capacity(
 def _fit_advice(shape: WorkerShape, resource: str, each: float, most: float) -> str:
     """What makes the workers fit. Never a fraction of a GPU per worker: NCCL refuses two DDP
     ranks on one GPU ("Duplicate GPU detected")."""
-    fits, key = int(most // each), f"{shape.section}.workers"
+    fits, key = int(most // each), shape.workers_key or f"{shape.section}.workers"
     if resource == "GPU":
         if most < 1:
             return f"add GPU nodes, or set {shape.device_key}: {shape.device_others}"
@@ -175,10 +177,12 @@ def _fit_advice(shape: WorkerShape, resource: str, each: float, most: float) -> 
             return f"lower {shape.section}.gpus_per_worker to {int(most)}, or add GPU nodes"
         # Only training's ranks can be elastic.
         elastic = f", or [1, {fits}] to run elastic" if shape.section == "train" else ""
-        return f"lower {key} to {fits} (or auto: one per GPU){elastic}, or add GPU nodes"
+        auto = " (or auto: one per GPU)" if shape.workers_auto else ""
+        return f"lower {key} to {fits}{auto}{elastic}, or add GPU nodes"
     if fits < 1:
         return f"lower {shape.section}.cpus_per_worker (to {most:g} at most), or add nodes"
-    return f"lower {key} to {fits} (or auto), or {shape.section}.cpus_per_worker, or add nodes"
+    auto = " (or auto)" if shape.workers_auto else ""
+    return f"lower {key} to {fits}{auto}, or {shape.section}.cpus_per_worker, or add nodes"
 
 
 def _probe() -> dict[str, Any]:

@@ -425,7 +425,7 @@ class EvaluateConfig(Strict):
     workers: int | Literal["auto"] = Field(
         "auto",
         description="with --address: Ray workers scoring the split; auto: one per GPU the "
-        "cluster has or can add, else one per node",
+        "cluster has or can add, else one per node with the CPUs for one",
     )
     cpus_per_worker: float | None = Field(None, gt=0, description="default: train's")
     gpus_per_worker: float | None = Field(None, ge=0, description="default: train's")

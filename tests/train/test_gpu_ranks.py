@@ -87,3 +87,26 @@ def test_more_ranks_than_gpus_are_refused_and_the_advice_fits(three_gpu_cluster,
         code, out, err = train_with(project, capsys, advised)
         assert code == 1 and f"({plan})" in "\n".join(out), (advised, out, err)
         assert "cannot use its GPU" in err[0], err
+
+
+def test_a_sweep_of_more_ranks_per_trial_than_gpus_names_the_tune_keys(three_gpu_cluster, project):
+    from attnpipe.config import apply_overrides, load_recipe
+    from attnpipe.raycluster import ClusterError
+    from attnpipe.train.tune import tune
+
+    recipe = apply_overrides(
+        load_recipe("digits", project.root),
+        {
+            "tracking.wandb.mode": "disabled",
+            "tune.space": {"train.optimizer.lr": {"type": "choice", "values": [0.001]}},
+            "tune.num_samples": 1,
+            "tune.workers_per_trial": 4,
+        },
+        "test",
+    )
+    with pytest.raises(ClusterError) as refused:
+        tune(recipe, project)
+    message = str(refused.value)
+    assert "4 worker(s) need 4 GPU" in message
+    assert "lower tune.workers_per_trial to 3, or add GPU nodes" in message  # no auto there
+    assert "elastic" not in message and not project.tune_storage.exists()
