@@ -22,7 +22,7 @@ from tests.conftest import REPO, ReproProject, run_in
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 RUN_HERE = [
-    # First: it needs the workspace as DVC built it (the commands below rewrite outputs).
+    # First, while the copied project's outputs (copies, not links) are still dvc.lock's.
     "uv run dvc checkout --relink",
     "uv run attnpipe run digits",
     "uv run attnpipe predict -m models/digits/model.onnx "
