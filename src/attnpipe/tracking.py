@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -81,10 +83,15 @@ def redact(value: Any) -> Any:
 
 
 class WandbRun:
-    """A thin handle on a W&B run; every method is a no-op when tracking is disabled."""
+    """A thin handle on a W&B run; every method is a no-op when tracking is disabled.
 
-    def __init__(self, run: Any | None):
+    `logged_steps`: the steps this W&B run already holds from earlier attempts (see
+    `logged_steps`); `log` skips them, so a resumed attempt never logs an epoch twice.
+    """
+
+    def __init__(self, run: Any | None, logged_steps: set[int] | None = None):
         self.run = run
+        self.logged_steps: set[int] = set(logged_steps or ())
 
     @classmethod
     def start(
@@ -96,9 +103,11 @@ class WandbRun:
         run_config: dict,
         group: str | None = None,
         system_metrics: bool = False,
+        export: str | None = None,
     ) -> WandbRun:
         """`system_metrics`: W&B's CPU/GPU sampling (on for GPU runs, where utilisation and
-        memory are worth watching; off on CPU, where it only takes time from training)."""
+        memory are worth watching; off on CPU, where it only takes time from training).
+        `export`: where offline runs of this id are kept (their steps count as logged)."""
         if config.mode == "disabled":
             return cls(None)
         mode = config.mode
@@ -127,7 +136,7 @@ class WandbRun:
                 x_transaction_log_flush_interval=FLUSH_INTERVAL_S,
             ),
         )
-        return cls(run)
+        return cls(run, logged_steps=logged_steps(directory / "wandb", run_id, export))
 
     @property
     def directory(self) -> Path | None:
@@ -145,7 +154,8 @@ class WandbRun:
         `images`: key -> (image, caption) pairs, logged in the same row (keys without pairs
         are left out).
         """
-        if self.run:
+        if self.run and step not in self.logged_steps:
+            self.logged_steps.add(step)
             row = dict(metrics)
             media = {key: pairs for key, pairs in (images or {}).items() if pairs}
             if media:
@@ -179,6 +189,59 @@ class WandbRun:
 
 
 WANDB_EXPORT_FOLDER = "wandb"
+
+
+def logged_steps(wandb_dir: Path, run_id: str, export: str | None = None) -> set[int]:
+    """The history steps that the offline files of W&B run `run_id` under `wandb_dir` (and
+    those kept under `<export>/wandb/`) hold: what earlier attempts of a resumed run logged and
+    W&B wrote to disk. A row still in a killed process's memory is not there, and is logged
+    again."""
+    blobs = [p.read_bytes() for p in sorted(wandb_dir.glob(f"*-{run_id}/run-{run_id}.wandb"))]
+    if export:
+        source = storage.join(export, WANDB_EXPORT_FOLDER)
+        blobs += [
+            storage.read_bytes(storage.join(source, relative))
+            for relative in storage.list_tree(source)
+            if relative.endswith(f"/run-{run_id}.wandb")
+        ]
+    steps: set[int] = set()
+    for blob in blobs:
+        steps |= _history_steps(blob)
+    return steps
+
+
+_BLOCK = 32 * 1024  # W&B's run file: LevelDB-style log of 32 KiB blocks after a 7-byte header
+
+
+def _history_steps(blob: bytes) -> set[int]:
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2
+
+    steps, position, pending = set(), 7, b""
+    while position + 7 <= len(blob):
+        if _BLOCK - position % _BLOCK < 7:  # no room for a chunk header: padding
+            position += _BLOCK - position % _BLOCK
+            continue
+        _crc, length, kind = struct.unpack("<IHB", blob[position : position + 7])
+        if position + 7 + length > len(blob):  # cut off by a kill mid-write
+            break
+        pending += blob[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind not in (1, 4):  # 2 first, 3 middle: the record goes on; 0: padding
+            pending = pending if kind in (2, 3) else b""
+            continue
+        record = wandb_internal_pb2.Record()
+        try:
+            record.ParseFromString(pending)
+        except DecodeError:
+            continue
+        finally:
+            pending = b""
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                if (item.key or "/".join(item.nested_key)) == "_step":
+                    steps.add(int(json.loads(item.value_json)))
+    return steps
 
 
 def export_wandb_run(run_dir: Path, destination: str) -> str:

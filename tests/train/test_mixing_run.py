@@ -26,7 +26,7 @@ class LocalSession:
     def __init__(self) -> None:
         self.reports: list[tuple[dict[str, float], list[str]]] = []
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
         return model
 
     @contextmanager

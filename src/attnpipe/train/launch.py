@@ -23,8 +23,9 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.modelfile import Provenance, write_model_file
 from attnpipe.paths import PipelinePaths
 from attnpipe.raycluster import configure_ray_environment
+from attnpipe.storage import join as storage_join
 from attnpipe.tracking import data_version, git_commit, import_wandb_runs, write_history
-from attnpipe.train.checkpoint import TrainingState, read_checkpoint
+from attnpipe.train.checkpoint import TrainingState, load_best_weights, read_checkpoint
 from attnpipe.train.cluster import training_cluster
 from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.stop import create_stop_flag, run_stoppable
@@ -62,10 +63,12 @@ def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> LoopConfig:
     data_ver = data_version(paths.root, recipe.name, shards)
     code_ver = code_version("train")
     run_name, wandb_id = run_identity(recipe, data_ver, code_ver)
+    storage = recipe.train.storage_path or str(paths.checkpoints.resolve())
     return LoopConfig(
         recipe=recipe,
         shards=shards,
         run_name=run_name,
+        best_weights_dir=best_weights_dir(storage, run_name),
         wandb_run_id=wandb_id,
         wandb_parent=str(paths.wandb_parent.resolve()),
         run_config={
@@ -83,6 +86,11 @@ def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> LoopConfig:
     )
 
 
+def best_weights_dir(storage: str, run_name: str) -> str:
+    """Beside the run's checkpoint folders, outside Ray's: `num_to_keep` never deletes it."""
+    return storage_join(storage, run_name, "best")
+
+
 def build_trainer(
     loop: LoopConfig,
     storage: str,
@@ -97,6 +105,7 @@ def build_trainer(
     from attnpipe.train.loop import train_loop_per_worker
 
     train_cfg = loop.recipe.train
+    loop = loop.with_changes(best_weights_dir=best_weights_dir(storage, loop.run_name))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
@@ -147,6 +156,7 @@ def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> T
     if loop.wandb_export:
         import_wandb_runs(loop.wandb_export, paths.wandb_parent)
     state = TrainingState.from_dict(saved["state"])
+    load_best_weights(state)
     if stop_requested and not state.finished(train_cfg):
         raise KeyboardInterrupt(f"run '{loop.run_name}' stopped after epoch {state.epoch}")
     return write_outputs(recipe, paths, loop, state)

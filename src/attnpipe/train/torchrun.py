@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = parse_assignments(args.set)
     recipe = apply_overrides(recipe, overrides, origin="--set") if overrides else recipe
     config = build_loop_config(recipe, PipelinePaths(args.root.resolve(), args.pipeline))
+    config = config.with_changes(best_weights_dir=str(args.storage.resolve() / "best"))
     run_training(config, TorchrunSession(args.storage, use_gpu=recipe.train.use_gpu))
 
 
