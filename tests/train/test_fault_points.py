@@ -66,7 +66,7 @@ def test_a_kill_before_between_and_after_row_and_checkpoint_repeats_and_loses_no
     # so row 2 is in the third file (never logged again) or, lost with the process, in the
     # fourth: either way each epoch exactly once.
     assert logged[:2] == [[], []] and logged[2][0] == 1
-    assert sorted(sum(logged, [])) == [1, 2, 3]
+    assert sorted(epoch for launch in logged for epoch in launch) == [1, 2, 3]
 
     newest = sorted(storage.glob("checkpoint_*"))[-1]
     state = read_checkpoint(newest)["state"]

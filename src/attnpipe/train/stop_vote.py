@@ -19,7 +19,7 @@ import torch.distributed as dist
 from attnpipe.train.session import WorkerSession
 
 # Steps between checks: a check is a tiny asynchronous all-reduce.
-STOP_CHECK_STEPS = 10
+STOP_CHECK_STEPS = 5
 
 
 @dataclass
