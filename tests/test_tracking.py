@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from attnpipe.tracking import git_commit
+from attnpipe.tracking import artifact_aliases, git_commit, wandb_keys
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
 
@@ -34,3 +34,24 @@ def test_commit_is_dirty_for_source_changes_not_for_pipeline_outputs(tmp_path):
     assert git_commit(tmp_path) == head
     (tmp_path / "src.py").write_text("v2\n")
     assert git_commit(tmp_path) == f"{head}-dirty"
+
+
+def test_history_columns_get_wandb_names_by_split():
+    row = {"epoch": 3, "train_loss": 0.5, "lr": 0.1, "val_accuracy": 0.9, "epoch_seconds": 2.0}
+    assert wandb_keys(row) == {
+        "epoch": 3,
+        "train/loss": 0.5,
+        "train/lr": 0.1,
+        "val/accuracy": 0.9,
+        "train/epoch_seconds": 2.0,
+    }
+
+
+def test_artifact_aliases_drop_missing_and_characters_wandb_refuses():
+    assert artifact_aliases("best", "abc-dirty", "exp/one:two") == [
+        "best",
+        "abc-dirty",
+        "exp-one-two",
+    ]
+    assert artifact_aliases(None, "abc", None) == ["abc"]
+    assert artifact_aliases("best", "best", "") == ["best"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -78,3 +79,56 @@ def run_config(records: list[wandb_internal_pb2.Record]) -> dict:
 
 def run_ids(records: list[wandb_internal_pb2.Record]) -> set[str]:
     return {r.run.run_id for r in records if r.WhichOneof("record_type") == "run"}
+
+
+def summary(records: list[wandb_internal_pb2.Record]) -> dict:
+    """The run's summary as W&B ends it: every summary update in order (nested keys joined
+    with '/', so a logged table or chart appears as `<key>/_type` etc.)."""
+    values: dict = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                key = item.key or "/".join(item.nested_key)
+                values[key] = json.loads(item.value_json)
+    return values
+
+
+def artifacts(records: list[wandb_internal_pb2.Record]) -> list:
+    """The artifact records (name, type, aliases, manifest, use_after_commit)."""
+    return [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+
+
+def run_info(records: list[wandb_internal_pb2.Record]):
+    """The last run record: id, group, job type, tags as the run ends."""
+    return [r.run for r in records if r.WhichOneof("record_type") == "run"][-1]
+
+
+def exit_code(records: list[wandb_internal_pb2.Record]) -> int | None:
+    """The run's exit code; None when the file has no exit record (a killed run: W&B shows
+    it as crashed)."""
+    exits = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    return exits[-1].exit_code if exits else None
+
+
+@dataclass(frozen=True)
+class OfflineRun:
+    folder: Path
+    records: list
+
+    @property
+    def info(self):
+        return run_info(self.records)
+
+
+def offline_runs(wandb_dir: Path) -> list[OfflineRun]:
+    """Every offline run folder under `wandb_dir`, oldest first (the order `wandb sync`
+    replays them in; a run resumed offline has one folder per session)."""
+    files = sorted(wandb_dir.glob("offline-run-*/run-*.wandb"))
+    return [OfflineRun(f.parent, read_records(f)) for f in files]
+
+
+def final_state(runs: list[OfflineRun], run_id: str) -> OfflineRun:
+    """The latest session of `run_id`: what W&B shows once every folder is synced."""
+    sessions = [r for r in runs if r.info.run_id == run_id]
+    assert sessions, f"no offline run {run_id}"
+    return sessions[-1]

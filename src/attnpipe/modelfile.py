@@ -37,6 +37,9 @@ class Provenance:
     data_version: str
     run_name: str
     code_version: str = "unknown"
+    # The W&B training run and its group: evaluate and export join that group.
+    wandb_run_id: str = ""
+    wandb_group: str = ""
 
 
 def write_model_file(
@@ -66,6 +69,8 @@ def write_model_file(
         "code_version": provenance.code_version,
         "data_version": provenance.data_version,
         "run_name": provenance.run_name,
+        "wandb_run_id": provenance.wandb_run_id,
+        "wandb_group": provenance.wandb_group,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)

@@ -13,6 +13,8 @@ import json
 import os
 import struct
 import subprocess
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +88,7 @@ class WandbRun:
     """A thin handle on a W&B run; every method is a no-op when tracking is disabled.
 
     `logged_steps`: the steps this W&B run already holds from earlier attempts (see
-    `logged_steps`); `log` skips them, so a resumed attempt never logs an epoch twice.
+    `logged_steps`); `log_epoch` skips them, so a resumed attempt never logs an epoch twice.
     """
 
     def __init__(self, run: Any | None, logged_steps: set[int] | None = None):
@@ -103,10 +105,13 @@ class WandbRun:
         run_config: dict,
         group: str | None = None,
         system_metrics: bool = False,
+        job_type: str | None = None,
+        tags: list[str] | None = None,
         export: str | None = None,
     ) -> WandbRun:
         """`system_metrics`: W&B's CPU/GPU sampling (on for GPU runs, where utilisation and
         memory are worth watching; off on CPU, where it only takes time from training).
+        `job_type`: train, evaluate, export or sweep: W&B's filter within a group.
         `export`: where offline runs of this id are kept (their steps count as logged)."""
         if config.mode == "disabled":
             return cls(None)
@@ -123,6 +128,8 @@ class WandbRun:
             id=run_id,
             name=name,
             group=group,
+            job_type=job_type,
+            tags=tags,
             dir=str(directory),
             mode=mode,
             resume="allow",
@@ -154,8 +161,7 @@ class WandbRun:
         `images`: key -> (image, caption) pairs, logged in the same row (keys without pairs
         are left out).
         """
-        if self.run and step not in self.logged_steps:
-            self.logged_steps.add(step)
+        if self.run:
             row = dict(metrics)
             media = {key: pairs for key, pairs in (images or {}).items() if pairs}
             if media:
@@ -167,17 +173,92 @@ class WandbRun:
                 }
             self.run.log(row, step=step, commit=True)
 
+    def log_epoch(
+        self,
+        row: dict[str, Any],
+        step: int,
+        images: dict[str, list[tuple[Any, str]]] | None = None,
+    ) -> None:
+        """A history row of train_history.csv, under W&B's names (`train/`, `val/`); never
+        twice for one step (`logged_steps`), so a resumed attempt can log what W&B lacks."""
+        if step in self.logged_steps:
+            return
+        self.logged_steps.add(step)
+        self.log(wandb_keys(row), step=step, images=images)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.run:
             self.run.summary.update(values)
 
-    def log_model(self, path: Path, name: str, metadata: dict) -> None:
+    def summarise_best(self, best_row: dict[str, Any]) -> None:
+        """The best epoch's numbers as the summary: W&B would otherwise show the last epoch's
+        `val/*`, not those of the weights kept in model.pt. Also under `best/`, with the epoch."""
+        named = wandb_keys(best_row)
+        best = {f"best/{k}": v for k, v in named.items() if k.startswith("val/")}
+        self.summary({**named, **best, "best/epoch": best_row["epoch"]})
+
+    def log_model(
+        self, path: Path, name: str, metadata: dict, aliases: list[str] | None = None
+    ) -> None:
+        """A version of the model artifact `name` holding the file at `path` (as named)."""
         if self.run:
             import wandb
 
             artifact = wandb.Artifact(name, type="model", metadata=redact(metadata))
             artifact.add_file(str(path))
-            self.run.log_artifact(artifact)
+            self.run.log_artifact(artifact, aliases=aliases or [])
+
+    def use_data(self, pipeline: str, location: str, version: str) -> None:
+        """Record the shards as the run's input: a dataset artifact by reference (where the
+        shards are and their DVC hash, not their bytes), so W&B draws data -> run -> model.
+
+        `run.use_artifact` refuses offline runs; a draft artifact logged with
+        `use_after_commit` is what `use_artifact` itself sends for one (online), and what
+        `wandb sync` turns into an input of the run. The same goes into the config, readable
+        without a server.
+        """
+        if not self.run:
+            return
+        artifact = data_artifact(pipeline, location, version)
+        if self.run.offline:
+            self.run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+        else:
+            self.run.use_artifact(artifact)
+        self.run.config.update(
+            {"data_artifact": {"name": artifact.name, "location": location, "version": version}},
+            allow_val_change=True,
+        )
+
+    def log_evaluation(self, scored: EvaluationLog) -> None:
+        """Test metrics as the summary; the confusion matrix, tables, images and the report
+        page in one history row; the page also as a `report` artifact."""
+        if not self.run:
+            return
+        import wandb
+
+        self.summary({f"test/{k}": v for k, v in scored.metrics.items() if _is_number(v)})
+        row: dict[str, Any] = {
+            "test/confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=scored.labels, preds=scored.predicted, class_names=scored.class_names
+            ),
+            "test/per_class": _table(scored.per_class),
+            "test/most_confident_mistakes": _table(scored.mistakes),
+            "test/report": wandb.Html(scored.report.read_text(encoding="utf-8")),
+        }
+        for key, (path, caption) in scored.figures.items():
+            row[f"test/figures/{key}"] = wandb.Image(str(path), caption=caption)
+        self.log(row, step=0, images={"test/mistake_images": scored.mistake_images})
+        report = wandb.Artifact(f"report-{scored.pipeline}", type="report")
+        report.add_file(str(scored.report), name="index.html")
+        self.run.log_artifact(report, aliases=scored.aliases)
+
+    def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        if self.run:
+            self.run.log({key: _table(rows)}, commit=True)
+
+    def tag(self, *tags: str) -> None:
+        if self.run:
+            self.run.tags = tuple(dict.fromkeys([*self.run.tags, *tags]))
 
     def finish(self, preempted: bool = False) -> None:
         """End the run; `preempted`: stopped on request, to be resumed (W&B shows it so)."""
@@ -186,6 +267,136 @@ class WandbRun:
                 self.run.mark_preempting()
             self.run.finish(exit_code=130 if preempted else 0)
             self.run = None
+
+
+@dataclass(frozen=True)
+class EvaluationLog:
+    """What `evaluate` shares on W&B, as plain values (tracking knows nothing of evaluate)."""
+
+    pipeline: str
+    metrics: dict[str, Any]
+    class_names: list[str]
+    labels: list[int]  # true class of every test sample
+    predicted: list[int]  # the model's decision for each
+    per_class: list[dict[str, Any]]
+    mistakes: list[dict[str, Any]]  # the most confident mistakes, surest first
+    report: Path  # the self-contained report page
+    figures: dict[str, tuple[Path, str]] = field(default_factory=dict)  # key -> (PNG, caption)
+    mistake_images: list[tuple[Any, str]] = field(default_factory=list)  # (pixels, caption)
+    aliases: list[str] = field(default_factory=list)
+
+
+def wandb_keys(row: dict[str, Any]) -> dict[str, Any]:
+    """train_history.csv's columns under W&B names: `train_loss` -> `train/loss`,
+    `val_accuracy` -> `val/accuracy`, the other training numbers (lr, speed) under `train/`;
+    `epoch` stays as it is."""
+    named = {}
+    for key, value in row.items():
+        prefix, _, rest = key.partition("_")
+        if key == "epoch":
+            named[key] = value
+        elif prefix in ("train", "val", "test") and rest:
+            named[f"{prefix}/{rest}"] = value
+        else:
+            named[f"train/{key}"] = value
+    return named
+
+
+def experiment_name() -> str | None:
+    """The DVC experiment this process runs in (`dvc exp run` sets DVC_EXP_NAME), if any."""
+    return os.environ.get("DVC_EXP_NAME") or None
+
+
+def artifact_aliases(
+    first: str | None, git_commit: str | None, experiment: str | None
+) -> list[str]:
+    """Aliases of an artifact version: its role (e.g. best), the commit, the experiment.
+    W&B refuses '/' and ':' in aliases."""
+    chosen = [first, git_commit, experiment]
+    cleaned = [str(a).replace("/", "-").replace(":", "-") for a in chosen if a]
+    return list(dict.fromkeys(cleaned))
+
+
+def data_artifact(pipeline: str, location: str, version: str) -> Any:
+    """The shards as a W&B dataset artifact: a reference to their location (nothing
+    uploaded) and a few bytes naming their version, so a new DVC hash is a new version."""
+    import wandb
+
+    artifact = wandb.Artifact(
+        f"data-{pipeline}",
+        type="dataset",
+        metadata={"location": location, "data_version": version},
+    )
+    uri = location if "://" in location else Path(location).resolve().as_uri()
+    artifact.add_reference(uri, name="shards", checksum=False)
+    with artifact.new_file("data_version.json") as handle:
+        json.dump({"location": location, "data_version": version}, handle)
+    return artifact
+
+
+def follow_up_run(
+    config: WandbConfig,
+    directory: Path,
+    payload: dict[str, Any],
+    job_type: str,
+    run_config: dict[str, Any],
+) -> WandbRun:
+    """A run that scores or converts a trained model: in the W&B group of the training run
+    that made `payload` (model.pt's values), with its own id, so it never rewrites the
+    training run's history (offline runs cannot resume one another before `wandb sync`)."""
+    training = payload.get("wandb_run_id") or payload.get("run_name") or "model"
+    group = payload.get("wandb_group") or training
+    return WandbRun.start(
+        config,
+        run_id=f"{training}-{job_type}-{uuid.uuid4().hex[:6]}",
+        name=f"{training}-{job_type}",
+        directory=directory,
+        run_config={**run_config, "trained_by": training},
+        group=group,
+        job_type=job_type,
+    )
+
+
+def close_runs(
+    config: WandbConfig, directory: Path, group: str, runs: dict[str, dict[str, Any]]
+) -> None:
+    """Reopen runs of `group` (`run id -> {"tags": [...], "summary": {...}}`) to tag them
+    and give them a summary, then finish each with exit code 0. For sweeps: trials that ASHA
+    stopped (their workers were killed mid-run, so W&B would call them crashed) and the best
+    trial, known only once every trial ended."""
+    for run_id, change in runs.items():
+        run = WandbRun.start(
+            config,
+            run_id=run_id,
+            name=run_id,
+            directory=directory,
+            run_config={},
+            group=group,
+            job_type="train",
+        )
+        run.tag(*change.get("tags", []))
+        run.summary(change.get("summary", {}))
+        run.finish()
+
+
+def _table(rows: list[dict[str, Any]]) -> Any:
+    import wandb
+
+    columns = list(rows[0]) if rows else ["empty"]
+    return wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def finish_and_say(run: WandbRun) -> None:
+    """Finish a driver-side run and say where an offline one is (and how to share it)."""
+    directory = run.directory
+    offline = run.run is not None and run.run.offline
+    run.finish()
+    if offline and directory is not None:
+        print(f"W&B offline run: {directory}  (share it: wandb sync {directory})")
 
 
 WANDB_EXPORT_FOLDER = "wandb"

@@ -21,7 +21,7 @@ from attnpipe.config import (
     parse_recipe,
 )
 from attnpipe.data.batch_augment import BatchAugment
-from attnpipe.data.loaders import _RandomFlip, _RandomResizedCrop, build_transform
+from attnpipe.data.transforms import _RandomFlip, _RandomResizedCrop, build_transform
 from tests.conftest import REPO
 
 SIZE = 32

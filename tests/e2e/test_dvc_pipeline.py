@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
+import yaml
+from PIL import Image
 
-from tests.conftest import TINY_OVERRIDES, ReproProject, run_in
+from attnpipe.cli import main
+from tests.conftest import REPO, TINY_OVERRIDES, ReproProject, run_in
+from tests.wandb_offline import artifacts, exit_code, history_rows, offline_runs, summary
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -93,3 +98,82 @@ def test_a_change_to_model_code_retrains_a_new_run_and_tests_or_docs_change_noth
     assert "Running stage 'train@digits'" in output and "resuming" not in output
     new_runs = {p.name for p in (root / "models/digits/checkpoints").iterdir()} - old_runs
     assert len(new_runs) == 1, output[-2000:]
+
+
+def test_the_shared_wandb_group_holds_training_test_results_model_and_data(
+    repro_project: ReproProject, tmp_path
+):
+    """Acceptance: after the pipeline, the offline W&B runs of one group tell the whole story:
+    the training history, test accuracy, a confusion matrix, the report page, a model
+    artifact whose file `predict` accepts, and the data artifact both runs used."""
+    root = repro_project.root
+    runs = offline_runs(root / "wandb")
+    [train] = [r for r in runs if r.info.job_type == "train"]
+    group = train.info.run_group
+    assert group == train.info.run_id
+    in_group = {r.info.job_type: r for r in runs if r.info.run_group == group}
+    assert set(in_group) == {"train", "evaluate", "export"}
+    assert all(exit_code(r.records) == 0 for r in in_group.values())
+    assert len(history_rows(train.records)) == TINY_OVERRIDES["train"]["epochs"]
+
+    evaluation = summary(in_group["evaluate"].records)
+    metrics = json.loads((root / "reports/digits/metrics.json").read_text())["test"]
+    assert evaluation["test/accuracy"] == metrics["accuracy"]
+    assert evaluation["test/confusion_matrix_table/_type"] == "table-file"
+    [row] = history_rows(in_group["evaluate"].records)
+    assert row["test/report/_type"] == "html-file"
+    assert any(a.type == "report" for a in artifacts(in_group["evaluate"].records))
+
+    # The data: one reference artifact (the DVC hash of the shards), an input of both runs.
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    shards_md5 = lock["stages"]["shard@digits"]["outs"][0]["md5"]
+    for job in ("train", "evaluate"):
+        [data] = [a for a in artifacts(in_group[job].records) if a.type == "dataset"]
+        assert data.name == "data-digits" and data.use_after_commit
+        assert json.loads(data.metadata)["data_version"] == f"dvc:{shards_md5}"
+        assert all(c.ref.startswith("file://") or c.size < 200 for c in data.manifest.contents)
+
+    # The model: model.pt with aliases, which `predict` takes as downloaded (here: as staged).
+    [model] = [a for a in artifacts(train.records) if a.type == "model"]
+    assert {"best", lock_commit(root)} <= set(model.aliases)
+    [entry] = model.manifest.contents
+    assert entry.path == "model.pt"
+    downloaded = tmp_path / "artifact" / "model.pt"
+    downloaded.parent.mkdir()
+    shutil.copy(entry.local_path, downloaded)
+    Image.new("RGB", (8, 8), (200, 200, 200)).save(tmp_path / "digit.png")
+    for model_file, out in (
+        (downloaded, "artifact.csv"),
+        (root / "models/digits/model.pt", "stage.csv"),
+    ):
+        code = main(
+            [
+                "predict",
+                str(tmp_path / "digit.png"),
+                "-m",
+                str(model_file),
+                "-o",
+                str(tmp_path / out),
+            ]
+        )
+        assert code == 0
+    assert (tmp_path / "artifact.csv").read_text() == (tmp_path / "stage.csv").read_text()
+    [onnx] = [a for a in artifacts(in_group["export"].records) if a.type == "model"]
+    assert onnx.name == model.name and "onnx" in onnx.aliases
+
+
+def lock_commit(root) -> str:
+    return run_in(root, "git", "rev-parse", "HEAD").strip()
+
+
+def test_the_readme_wandb_figure_is_drawn_from_the_offline_runs(
+    repro_project: ReproProject, tmp_path
+):
+    """README's `python docs/wandb_story.py . docs/images/wandb_story.png`, on the demo build."""
+    figure = tmp_path / "wandb_story.png"
+    output = run_in(
+        repro_project.root, sys.executable, str(REPO / "docs/wandb_story.py"), ".", str(figure)
+    )
+    assert f"wrote {figure}" in output
+    with Image.open(figure) as image:
+        assert image.format == "PNG" and image.width > 800

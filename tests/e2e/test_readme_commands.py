@@ -38,11 +38,22 @@ RUN_IN_REPO = ["make lint", "make help"]
 # --no-progress); `attnpipe models` is run by tests/test_cli_help.py.
 STAGES = ("fetch", "prepare", "shard", "train", "evaluate", "export")
 BY_DVC_REPRO = [f"uv run attnpipe {stage} digits" for stage in STAGES]
-ELSEWHERE = {"uv run attnpipe models": "tests/test_cli_help.py::test_models_help_and_table"}
+ELSEWHERE = {
+    "uv run attnpipe models": "tests/test_cli_help.py::test_models_help_and_table",
+    "uv run python docs/wandb_story.py . docs/images/wandb_story.png": (
+        "tests/e2e/test_dvc_pipeline.py::test_the_readme_wandb_figure_is_drawn_from_the_offline_runs"
+    ),
+}
+WANDB_ACCOUNT = (
+    "needs a W&B account and wandb.ai (no network here); offline runs are read back by tests"
+)
 
 CLUSTER = "needs a cloud account and a running Ray cluster (tests/cluster runs `attnpipe submit` and `jobs` against a local Ray head)"  # noqa: E501
 DOWNLOAD = "downloads a dataset (no network here); tests/data runs the sources against local fakes"
 NOT_HERE = {
+    "uv run wandb sync wandb/offline-run-*": WANDB_ACCOUNT,
+    "uv run wandb login": WANDB_ACCOUNT,
+    "uv run attnpipe train digits --set tracking.wandb.mode=online": WANDB_ACCOUNT,
     "make demo": "this suite's `dvc repro` build is the demo with tiny settings",
     "make test": "this is make test",
     "make format": "rewrites the working tree; `make lint`, its check, runs here",

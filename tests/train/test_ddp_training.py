@@ -18,7 +18,7 @@ from attnpipe.metrics import classification_metrics, softmax
 from attnpipe.modelfile import load_model_file
 from attnpipe.paths import PipelinePaths
 from tests.conftest import SECRET, ReproProject
-from tests.wandb_offline import history_rows, read_records, run_config
+from tests.wandb_offline import history_rows, offline_runs, run_config, summary
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -106,19 +106,29 @@ def test_model_file_loads_without_ray_and_names_its_classes(trained):
 
 def test_offline_wandb_run_matches_the_history_file(trained):
     recipe, paths, _ = trained
-    runs = sorted((paths.root / "wandb").glob("offline-run-*/run-*.wandb"))
+    runs = [r for r in offline_runs(paths.root / "wandb") if r.info.job_type == "train"]
     assert len(runs) == 1  # two workers, one run (rank 0 only)
-    records = read_records(runs[0])
+    records = runs[0].records
     rows = history_rows(records)
     with paths.train_history.open() as handle:
         expected = list(csv.DictReader(handle))
     assert len(rows) == len(expected) == recipe.train.epochs
     for logged, written in zip(rows, expected, strict=True):
         assert logged["epoch"] == int(written["epoch"])
-        for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1"):
-            assert logged[key] == pytest.approx(float(written[key]), rel=1e-5), key
+        for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr"):
+            wandb_key = key.replace("_", "/", 1) if "_" in key else f"train/{key}"
+            assert logged[wandb_key] == pytest.approx(float(written[key]), rel=1e-5), key
     # Images of the best model, logged at the end (W&B stores media as nested keys).
-    assert any(key.startswith("attention_overlays/") for key in rows[-1])
+    assert any(key.startswith("val/attention_overlays/") for key in rows[-1])
+    # The summary is the best epoch's (the weights in model.pt), not the last epoch's.
+    payload = torch.load(paths.model_file, weights_only=True)
+    best = next(r for r in expected if int(r["epoch"]) == payload["epoch"])
+    values = summary(records)
+    assert values["best/epoch"] == payload["epoch"]
+    for key in ("val_accuracy", "val_loss"):
+        wandb_key = key.replace("_", "/", 1)
+        assert values[wandb_key] == pytest.approx(float(best[key]), rel=1e-5)
+        assert values[f"best/{wandb_key}"] == values[wandb_key]
     config = run_config(records)
     assert config["model"]["name"] == "attention56_cifar"
     assert config["git_commit"] and config["data_version"].startswith(("dvc:", "index:"))

@@ -13,17 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnpipe.cli import main
-from attnpipe.config import TrainConfig, apply_overrides
-from attnpipe.devices import DeviceError, cuda_status, explain, require_cuda, required_driver
-from attnpipe.paths import PipelinePaths
-from attnpipe.raycluster import ClusterError
-from attnpipe.train.cluster import (
+from attnpipe.capacity import (
     ClusterCapacity,
     check_capacity,
     cluster_capacity,
     resolve_use_gpu,
 )
+from attnpipe.cli import main
+from attnpipe.config import TrainConfig, apply_overrides
+from attnpipe.devices import DeviceError, cuda_status, explain, require_cuda, required_driver
+from attnpipe.paths import PipelinePaths
+from attnpipe.raycluster import ClusterError
+from attnpipe.train.cluster import worker_shape
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -133,16 +134,18 @@ def test_capacity_counts_alive_nodes_and_the_autoscalers_node_types(gpu_node_clu
 def test_the_decisions_by_hand():
     none = ClusterCapacity({"CPU": 8}, None)
     later = ClusterCapacity({"CPU": 4}, {"CPU": 96, "GPU": 8})
-    assert resolve_use_gpu(TrainConfig(use_gpu="auto"), none, "x") is False
-    assert resolve_use_gpu(TrainConfig(use_gpu="auto"), later, "x") is True
-    assert resolve_use_gpu(TrainConfig(use_gpu=False), later, "x") is False
-    with pytest.raises(ClusterError, match="has no GPUs"):
-        resolve_use_gpu(TrainConfig(use_gpu=True), none, "x")
-    with pytest.raises(ClusterError, match="need 16 GPU"):
-        check_capacity(
-            TrainConfig(gpus_per_worker=1), 16, True, ClusterCapacity({"CPU": 64}, None), "x"
-        )
-    check_capacity(TrainConfig(cpus_per_worker=4), 2, True, later, "x")
+
+    def shape(**settings):
+        return worker_shape(TrainConfig(**settings))
+
+    assert resolve_use_gpu(shape(use_gpu="auto"), none, "x") is False
+    assert resolve_use_gpu(shape(use_gpu="auto"), later, "x") is True
+    assert resolve_use_gpu(shape(use_gpu=False), later, "x") is False
+    with pytest.raises(ClusterError, match=r"train.use_gpu is true but .* has no GPUs"):
+        resolve_use_gpu(shape(use_gpu=True), none, "x")
+    with pytest.raises(ClusterError, match=r"need 16 GPU.*lower train.workers or train.gpus_per"):
+        check_capacity(shape(gpus_per_worker=1), 16, True, ClusterCapacity({"CPU": 64}, None), "x")
+    check_capacity(shape(cpus_per_worker=4), 2, True, later, "x")
 
 
 def test_driver_messages_say_what_was_found_what_is_needed_and_what_to_do():

@@ -65,7 +65,7 @@ def test_worker_killed_in_epoch_2_restarts_from_epoch_1(digits_project, tmp_path
     logged = [[row["epoch"] for row in history_rows(r) if "epoch" in row] for r in records]
     assert [epoch for attempt in logged for epoch in attempt] == [1, 2, 3]
     assert logged[1][-2:] == [2, 3]
-    assert any(key.startswith("attention_overlays/") for key in history_rows(records[1])[-1])
+    assert any(key.startswith("val/attention_overlays/") for key in history_rows(records[1])[-1])
 
 
 def test_killed_train_command_resumes_with_the_same_wandb_run(digits_project, tmp_path):

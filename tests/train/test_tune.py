@@ -14,6 +14,7 @@ import yaml
 
 from attnpipe.paths import PipelinePaths
 from tests.train.trace import events, start_attnpipe
+from tests.wandb_offline import exit_code, final_state, offline_runs, summary
 
 # A short sweep: a few minutes on an idle 2-core machine, more when it is shared.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -26,7 +27,7 @@ def _sweep_project(digits_project, root: Path, epochs: int, concurrent: int) -> 
     shutil.copytree(built.root, root)
     recipe_path = root / "pipelines" / "digits.yaml"
     data = yaml.safe_load(recipe_path.read_text())
-    data["tracking"] = {"wandb": {"mode": "disabled"}}
+    data["tracking"] = {"wandb": {"mode": "offline", "project": "attnpipe"}}
     data["tune"] = {
         "space": {"train.optimizer.lr": {"type": "grid", "values": LEARNING_RATES}},
         "num_samples": 1,
@@ -98,3 +99,27 @@ def test_interrupted_sweep_resumes_then_asha_stops_bad_trials_and_reports_the_be
     best_params = yaml.safe_load((paths.reports / "best_params.yaml").read_text())
     assert best_params == {"train.optimizer.lr": float(best_trial["train.optimizer.lr"])}
     assert float(best_trial["train.optimizer.lr"]) in (0.003, 0.002)  # not the 1e-6 trial
+    _check_wandb_sweep(paths, trials, best_trial)
+
+
+def _check_wandb_sweep(paths: PipelinePaths, trials: list[dict], best: dict) -> None:
+    """On W&B (offline, read back from the run files as `wandb sync` would replay them): every
+    trial a finished run of the sweep's group, ASHA's cut marked, the best tagged, and a
+    summary run holding the trials table."""
+    runs = offline_runs(paths.root / "wandb")
+    trial_ids = {r.info.run_id for r in runs if r.info.job_type == "train"}
+    assert len(trial_ids) == len(trials) == 4
+    groups = {r.info.run_group for r in runs}
+    assert len(groups) == 1, groups  # trials and the summary: one group, the sweep's
+    by_trial = {t["trial_id"]: t for t in trials}
+    for run_id in trial_ids:
+        last = final_state(runs, run_id)
+        assert exit_code(last.records) == 0, run_id  # finished, not crashed
+        trial = next(t for key, t in by_trial.items() if run_id.endswith(key))
+        tags = set(last.info.tags)
+        assert ("stopped-early" in tags) == (trial["stopped_early"] == "True"), (run_id, tags)
+        assert ("best" in tags) == (trial is best), (run_id, tags)
+    [sweep] = [r for r in runs if r.info.job_type == "sweep"]
+    values = summary(sweep.records)
+    assert values["trials/nrows"] == 4
+    assert values["best/trial_run"].endswith(best["trial_id"])

@@ -8,10 +8,14 @@ re-runs only the data stages (see `attnpipe.codeversion`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from attnpipe import storage
 from attnpipe.config import Recipe
+from attnpipe.data.tar_reader import ShardFormatError
 from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 
@@ -47,3 +51,82 @@ def shard_urls(shards_dir: Path | str, index: dict, split: str) -> list[str]:
         raise ShardError(f"no '{split}' shards in {shards_dir}; check prepare.splits")
     location = str(shards_dir).rstrip("/")
     return [f"{location}/{entry['name']}" for entry in index["splits"][split]["shards"]]
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard of a split, as `index.json` describes it.
+
+    `offsets[i]`: where sample i's first header starts in the tar; `end_offset`: where the
+    end-of-archive marker starts. Both None for indexes written before they were recorded.
+    """
+
+    url: str
+    samples: int
+    offsets: tuple[int, ...] | None = None
+    end_offset: int | None = None
+
+    @classmethod
+    def from_index(cls, url: str, entry: dict[str, Any]) -> ShardEntry:
+        offsets = entry.get("offsets")
+        if offsets is not None and len(offsets) != entry["samples"]:
+            raise ShardFormatError(
+                f"{url}: index.json lists {len(offsets)} offsets for {entry['samples']} samples: "
+                "re-run `attnpipe shard`"
+            )
+        return cls(
+            url=url,
+            samples=entry["samples"],
+            offsets=tuple(offsets) if offsets is not None else None,
+            end_offset=entry.get("end_offset") if offsets is not None else None,
+        )
+
+    def byte_range(self, start: int, stop: int) -> tuple[int, int | None]:
+        """Where samples `start` to `stop - 1` begin and end in the tar (end None: unknown)."""
+        if self.offsets is None:
+            raise ValueError(f"{self.url}: index.json has no sample offsets")
+        end = self.offsets[stop] if stop < self.samples else self.end_offset
+        return self.offsets[start], end
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    urls: list[str]
+    samples: int
+    classes: list[str]
+    class_counts: list[int]
+    shards: list[ShardEntry]
+
+
+def split_info(shards_dir: Path | str, split: str) -> SplitInfo:
+    index = read_index(shards_dir)
+    urls = shard_urls(shards_dir, index, split)
+    entries = index["splits"][split]["shards"]
+    counts = dict.fromkeys(index["classes"], 0)
+    for entry in entries:
+        for name, count in entry["classes"].items():
+            counts[name] += count
+    return SplitInfo(
+        urls=urls,
+        samples=index["splits"][split]["samples"],
+        classes=index["classes"],
+        class_counts=[counts[name] for name in index["classes"]],
+        shards=[ShardEntry.from_index(u, e) for u, e in zip(urls, entries, strict=True)],
+    )
+
+
+def shard_entries(urls: Sequence[str]) -> list[ShardEntry]:
+    """The index entries of shards given by URL (each folder's `index.json` is read once)."""
+    indexes: dict[str, dict[str, tuple[str, dict]]] = {}
+    found = []
+    for url in urls:
+        folder, _, name = str(url).rpartition("/")
+        if folder not in indexes:
+            index = read_index(folder)
+            indexes[folder] = {
+                e["name"]: e for block in index["splits"].values() for e in block["shards"]
+            }
+        if name not in indexes[folder]:
+            raise ShardFormatError(f"{url}: not in {folder}/index.json; re-run `attnpipe shard`")
+        found.append(ShardEntry.from_index(str(url), indexes[folder][name]))
+    return found

@@ -200,7 +200,7 @@ def export(
             torch_ms = latency_ms(lambda: model(images[:1]))
     finally:
         torch.set_num_threads(threads)
-    return ExportResult(
+    result = ExportResult(
         path=paths.onnx_file,
         size_bytes=len(data),
         samples_checked=len(images),
@@ -209,6 +209,45 @@ def export(
         torch_latency_ms=torch_ms,
         opset=opset,
     )
+    share_export(recipe, paths, payload, result)
+    return result
+
+
+def share_export(
+    recipe: Recipe, paths: PipelinePaths, payload: dict[str, Any], result: ExportResult
+) -> None:
+    """The ONNX file as a new version of the training run's model artifact (alias "onnx"),
+    from a run of job type "export" in that run's group; the check's numbers as its summary."""
+    from attnpipe import tracking
+
+    config = recipe.tracking.wandb
+    if config.mode == "disabled":
+        return
+    run = tracking.follow_up_run(
+        config,
+        paths.wandb_parent,
+        payload,
+        "export",
+        {"pipeline": recipe.name, "opset": result.opset},
+    )
+    run.summary(
+        {
+            "export/size_bytes": result.size_bytes,
+            "export/samples_checked": result.samples_checked,
+            "export/max_abs_diff": result.max_abs_diff,
+            "export/onnx_latency_ms": result.onnx_latency_ms,
+            "export/torch_latency_ms": result.torch_latency_ms,
+        }
+    )
+    run.log_model(
+        result.path,
+        name=f"model-{payload.get('run_name') or recipe.name}",
+        metadata={"format": "onnx", "opset": result.opset, "epoch": payload.get("epoch")},
+        aliases=tracking.artifact_aliases(
+            "onnx", payload.get("git_commit"), tracking.experiment_name()
+        ),
+    )
+    tracking.finish_and_say(run)
 
 
 def format_size(size: int) -> str:

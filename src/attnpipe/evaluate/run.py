@@ -200,6 +200,9 @@ def evaluate(recipe: Recipe, paths: PipelinePaths, report: bool = True) -> dict:
             threshold=threshold,
             flip_tta=recipe.evaluate.flip_tta,
         )
+        from attnpipe.evaluate.sharing import share_evaluation
+
+        share_evaluation(recipe, paths, payload, metrics, per_class, predictions, figures)
     return metrics
 
 

@@ -16,12 +16,16 @@ from __future__ import annotations
 import io
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnpipe import storage
 from attnpipe.config import TrainConfig
+from attnpipe.modelfile import Provenance, write_model_file
+
+if TYPE_CHECKING:
+    from attnpipe.train.loop_config import LoopConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -149,3 +153,29 @@ def restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
     with a fresh scale instead of failing."""
     if saved and scaler.is_enabled():
         scaler.load_state_dict(saved)
+
+
+def write_best_model(
+    path: Path, loop: LoopConfig, state: TrainingState, classes: list[str]
+) -> dict[str, float]:
+    """`model.pt` from the best epoch's weights (the driver's output, and rank 0's W&B model
+    artifact: the same file); returns the best epoch's validation metrics."""
+    best_row = next(r for r in state.history if r["epoch"] == state.best_epoch)
+    best_metrics = {k: v for k, v in best_row.items() if k.startswith("val_")}
+    write_model_file(
+        path,
+        recipe=loop.recipe,
+        state_dict=load_best_weights(state),
+        class_names=classes,
+        provenance=Provenance(
+            epoch=state.best_epoch,
+            metrics=best_metrics,
+            git_commit=loop.run_config["git_commit"],
+            code_version=loop.run_config["code_version"],
+            data_version=loop.run_config["data_version"],
+            run_name=loop.run_name,
+            wandb_run_id=loop.wandb_run_id,
+            wandb_group=loop.wandb_group or loop.wandb_run_id,
+        ),
+    )
+    return best_metrics

@@ -20,12 +20,17 @@ from attnpipe.codeversion import code_version
 from attnpipe.config import Recipe
 from attnpipe.data.shard_index import ShardError, read_index, shard_location
 from attnpipe.errors import AttnpipeError
-from attnpipe.modelfile import Provenance, write_model_file
 from attnpipe.paths import PipelinePaths
 from attnpipe.raycluster import configure_ray_environment
 from attnpipe.storage import join as storage_join
-from attnpipe.tracking import data_version, git_commit, import_wandb_runs, write_history
-from attnpipe.train.checkpoint import TrainingState, load_best_weights, read_checkpoint
+from attnpipe.tracking import (
+    data_version,
+    experiment_name,
+    git_commit,
+    import_wandb_runs,
+    write_history,
+)
+from attnpipe.train.checkpoint import TrainingState, read_checkpoint, write_best_model
 from attnpipe.train.cluster import training_cluster
 from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.stop import create_stop_flag, run_stoppable
@@ -77,6 +82,7 @@ def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> LoopConfig:
             "code_version": code_ver,
             "data_version": data_ver,
             "run_name": run_name,
+            "dvc_experiment": experiment_name(),
         },
         # Explicit storage may be on other machines than this one: keep an offline W&B run
         # there (an online one is on wandb.ai already).
@@ -156,7 +162,6 @@ def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> T
     if loop.wandb_export:
         import_wandb_runs(loop.wandb_export, paths.wandb_parent)
     state = TrainingState.from_dict(saved["state"])
-    load_best_weights(state)
     if stop_requested and not state.finished(train_cfg):
         raise KeyboardInterrupt(f"run '{loop.run_name}' stopped after epoch {state.epoch}")
     return write_outputs(recipe, paths, loop, state)
@@ -200,22 +205,7 @@ def write_outputs(
 ) -> TrainResult:
     """`model.pt` from the best epoch's weights, and the history CSV."""
     classes = read_index(loop.shards)["classes"]
-    best_row = next(r for r in state.history if r["epoch"] == state.best_epoch)
-    best_metrics = {k: v for k, v in best_row.items() if k.startswith("val_")}
-    write_model_file(
-        paths.model_file,
-        recipe=recipe,
-        state_dict=state.best_weights,
-        class_names=classes,
-        provenance=Provenance(
-            epoch=state.best_epoch,
-            metrics=best_metrics,
-            git_commit=loop.run_config["git_commit"],
-            code_version=loop.run_config["code_version"],
-            data_version=loop.run_config["data_version"],
-            run_name=loop.run_name,
-        ),
-    )
+    best_metrics = write_best_model(paths.model_file, loop, state, classes)
     write_history(paths.train_history, state.history)
     return TrainResult(
         loop.run_name,

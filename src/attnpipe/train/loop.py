@@ -10,7 +10,7 @@ Ray starts one copy per worker (`train_loop_per_worker`); `torchrun` can run the
         validate(run)                    every validation sample once, gathered from all ranks
                                          (meanwhile the loader workers read the next epoch)
         save_checkpoint(run, state)      rank 0 writes, every rank reports (a barrier)
-        tracker.log(row)                 rank 0's W&B row: only after its checkpoint
+        tracker.log_epoch(row)           rank 0's W&B row: only after its checkpoint
     finish(run, state)                   W&B summary, model artifact, offline run kept
 
 A restarted worker group, or a re-launched run, continues from the latest checkpoint. A row
@@ -51,7 +51,7 @@ from attnpipe.metrics import classification_metrics
 from attnpipe.models import create_model
 from attnpipe.overlays import attention_examples
 from attnpipe.predictions import Predictions, predict_batches
-from attnpipe.tracking import WandbRun, export_wandb_run
+from attnpipe.tracking import WandbRun, artifact_aliases, export_wandb_run
 from attnpipe.train.checkpoint import (
     TrainingState,
     load_best_weights,
@@ -60,6 +60,7 @@ from attnpipe.train.checkpoint import (
     restore_rng,
     restore_scaler,
     rng_state,
+    write_best_model,
     write_best_weights,
     write_checkpoint,
 )
@@ -92,7 +93,7 @@ def run_training(config: LoopConfig, session: WorkerSession) -> None:
     state = resume(run)
     tracker = start_tracking(run)
     for row in state.history:  # rows an earlier attempt checkpointed but W&B never got
-        tracker.log(row, step=row["epoch"])
+        tracker.log_epoch(row, step=row["epoch"])
     run.tracer.event("start", state.epoch)
     clock = (time.perf_counter(), state.epoch)
     vote = StopVote(session)
@@ -142,7 +143,7 @@ def end_epoch(
     save_checkpoint(run, state, row, improved)
     fault_point("checkpointed", state.epoch, run.rank)
     images = overlays_if_last_epoch(run, state, tracker)
-    tracker.log(row, step=state.epoch, images={"attention_overlays": images})
+    tracker.log_epoch(row, step=state.epoch, images={"val/attention_overlays": images})
     if run.rank == 0:
         started, first_epoch = clock
         per_epoch = (time.perf_counter() - started) / (state.epoch - first_epoch)
@@ -564,20 +565,24 @@ def _gather_rng_states(world: int, device: torch.device) -> list[dict[str, Any]]
 
 # --------------------------------------------------------------------------- tracking
 def start_tracking(run: Run) -> WandbRun:
-    """World rank 0's W&B run (a no-op handle on the other ranks)."""
+    """World rank 0's W&B run (a no-op handle on the other ranks), with the shards as input."""
     if run.rank != 0:
         return WandbRun(None)
     config = run.config
-    return WandbRun.start(
+    tracker = WandbRun.start(
         config.recipe.tracking.wandb,
         run_id=config.wandb_run_id,
         name=config.run_name,
         directory=Path(config.wandb_parent),
         run_config=config.run_config,
-        group=config.wandb_group,
+        # Its own group unless a sweep's: evaluate and export join it there.
+        group=config.wandb_group or config.wandb_run_id,
         system_metrics=run.device.type == "cuda",
+        job_type="train",
         export=config.wandb_export,
     )
+    tracker.use_data(config.recipe.name, config.shards, config.run_config["data_version"])
+    return tracker
 
 
 def stop_on_request(run: Run, state: TrainingState, tracker: WandbRun, epoch: int) -> None:
@@ -590,19 +595,23 @@ def stop_on_request(run: Run, state: TrainingState, tracker: WandbRun, epoch: in
 
 
 def finish(run: Run, state: TrainingState, tracker: WandbRun) -> None:
-    """Rank 0: the W&B summary and the best weights as a model artifact."""
+    """Rank 0: the best epoch's numbers as the W&B summary, and model.pt (the same file the
+    driver writes, usable by `predict` as downloaded) as a model artifact."""
     if run.rank != 0:
         return
-    monitor = run.train.monitor
-    tracker.summary({"best_epoch": state.best_epoch, f"best_{monitor}": state.best})
     if tracker.run is not None and load_best_weights(state) is not None:
+        tracker.summarise_best(next(r for r in state.history if r["epoch"] == state.best_epoch))
         with tempfile.TemporaryDirectory() as folder:
-            weights = Path(folder) / "best_weights.pt"
-            torch.save(state.best_weights, weights)
+            model_file = Path(folder) / "model.pt"
+            write_best_model(model_file, run.config, state, run.classes)
+            settings = run.config.run_config
             tracker.log_model(
-                weights,
+                model_file,
                 name=f"model-{run.config.run_name}",
-                metadata={"epoch": state.best_epoch, monitor: state.best},
+                metadata={"epoch": state.best_epoch, run.train.monitor: state.best},
+                aliases=artifact_aliases(
+                    "best", settings.get("git_commit"), settings.get("dvc_experiment")
+                ),
             )
     _finish_wandb(run, tracker, preempted=False)
 

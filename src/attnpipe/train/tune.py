@@ -32,7 +32,7 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 from attnpipe.raycluster import configure_ray_environment
 from attnpipe.storage import join
-from attnpipe.tracking import data_version
+from attnpipe.tracking import WandbRun, close_runs, data_version
 from attnpipe.train.cluster import training_cluster
 from attnpipe.train.stop import StopSignal, stop_signals
 
@@ -101,11 +101,11 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     recipe = trial_recipe(Recipe.model_validate(base), config[PARAMS_KEY])
     trial = tune.get_context().get_trial_id()
     name = f"{sweep['experiment']}-{trial}"
-    # One W&B run per trial, grouped under the sweep.
+    # One W&B run per trial (id: trial_run_id), grouped under the sweep.
     loop = build_loop_config(recipe, PipelinePaths(Path(sweep["root"]), recipe.name))
     loop = loop.with_changes(
         run_name=name,
-        wandb_run_id=name,
+        wandb_run_id=trial_run_id(sweep["experiment"], trial),
         wandb_group=sweep["experiment"],
         use_gpu=sweep["use_gpu"],
     )
@@ -113,6 +113,10 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
         loop, sweep["storage"], checkpoints_to_keep=1, callbacks=[TuneReportCallback()]
     )
     trainer.fit()
+
+
+def trial_run_id(experiment: str, trial_id: str) -> str:
+    return f"{experiment}-{trial_id}"
 
 
 def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> SweepResult:
@@ -152,6 +156,7 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
     write_trials(paths, trials)  # first: it holds each trial's error if none succeeded
     best = pick_best(trials, sweep.mode)
     write_best_params(paths, best)
+    share_sweep(recipe, paths, name, trials, best)
     return SweepResult(name, trials, best)
 
 
@@ -253,6 +258,52 @@ def pick_best(trials: list[dict[str, Any]], mode: str) -> dict[str, Any]:
     if not finished:
         raise TuneError(f"no trial reported {metric_key[5:]}: see tune_trials.csv for errors")
     return (max if mode == "max" else min)(finished, key=lambda t: t[metric_key])
+
+
+def share_sweep(
+    recipe: Recipe,
+    paths: PipelinePaths,
+    experiment: str,
+    trials: list[dict[str, Any]],
+    best: dict[str, Any],
+) -> None:
+    """The sweep on W&B, once every trial ended: trials ASHA stopped are closed as finished
+    runs tagged "stopped-early" (Tune killed their workers, so W&B would call them crashed),
+    the best trial is tagged "best", and one run of job type "sweep" holds the trials table."""
+    config = recipe.tracking.wandb
+    if config.mode == "disabled":
+        return
+    metric = recipe.tune.metric
+    closing: dict[str, dict[str, Any]] = {}
+    for trial in trials:
+        tags = ["stopped-early"] if trial["stopped_early"] else []
+        if trial["trial_id"] == best["trial_id"]:
+            tags.append("best")
+        if tags:
+            summary = {"epochs": trial["epochs"], f"best/{metric}": trial[f"best_{metric}"]}
+            closing[trial_run_id(experiment, trial["trial_id"])] = {
+                "tags": tags,
+                "summary": summary,
+            }
+    close_runs(config, paths.wandb_parent, experiment, closing)
+    summary = WandbRun.start(
+        config,
+        run_id=f"{experiment}-summary",
+        name=f"{experiment}-summary",
+        directory=paths.wandb_parent,
+        run_config={"tune": recipe.tune.model_dump(mode="json"), "pipeline": recipe.name},
+        group=experiment,
+        job_type="sweep",
+    )
+    summary.log_table("trials", [{k: _plain(v) for k, v in t.items()} for t in trials])
+    summary.summary(
+        {
+            "best/trial_run": trial_run_id(experiment, best["trial_id"]),
+            f"best/{metric}": _plain(best[f"best_{metric}"]),
+            **{f"best/{k}": _plain(v) for k, v in best.items() if "." in k},
+        }
+    )
+    summary.finish()
 
 
 def write_trials(paths: PipelinePaths, trials: list[dict[str, Any]]) -> None:
