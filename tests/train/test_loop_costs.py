@@ -244,3 +244,27 @@ def test_a_stop_requested_mid_epoch_ends_the_run_after_the_next_check(
         torch.set_num_threads(threads)
     assert session.reports == []  # stopped before the epoch ended: nothing checkpointed
     assert steps[-1] == 9
+
+
+def test_the_next_epoch_is_requested_from_the_loader_workers_before_validation(digits_project):
+    """`iter(loader)` (what the loop does before validating) sends the persistent workers the
+    next epoch's first requests at once; the old lazy iterator sent nothing until the first
+    batch was asked for, so every epoch began with an empty pipeline."""
+    from attnpipe.data.loaders import split_info
+
+    recipe, paths = digits_project
+    recipe = apply_overrides(recipe, {"train.loader_workers": 1}, origin="test")
+    config = build_loop_config(recipe, paths)
+    session = ResumableSession(Path("unused"))
+    shards = split_info(config.shards, "train").shards
+    stream = loop_module._stream(recipe, shards, session, train=True)
+    loader = loop_module._loader(
+        stream, 256, recipe.train, session, torch.contiguous_format, purpose=0
+    )
+    first = sum(1 for _ in loader)  # epoch 0, whole
+    stream.set_epoch(1)
+    batches = iter(loader)
+    workers = loader.dataloader._iterator  # the persistent workers' iterator, reset
+    # Reset for the new epoch (nothing received yet), its workers running, requests out.
+    assert workers._rcvd_idx == 0 and all(workers._workers_status) and workers._send_idx > 0
+    assert sum(1 for _ in batches) == first == len(loader)

@@ -84,6 +84,8 @@ class EmptySplitError(AttnpipeError, ValueError):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point: one call per worker."""
     loop: LoopConfig = config["loop"]
+    # First thing in the worker: cuBLAS reads its workspace setting when CUDA starts.
+    apply_determinism(loop.recipe.train.deterministic)
     run_training(loop, RaySession(stop_name=loop.stop_name, use_gpu=loop.use_gpu))
 
 
