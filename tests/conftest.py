@@ -133,7 +133,8 @@ def repro_project(tmp_path_factory: pytest.TempPathFactory) -> ReproProject:
     (root / ".gitignore").write_text("wandb/\n")
     run_in(root, "git", "init", "-q")
     run_in(root, "dvc", "init", "-q")
-    run_in(root, "dvc", "config", "core.analytics", "false")
+    # The project's DVC settings, as `make demo` has them (hardlinked cache, no analytics).
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
     run_in(root, "git", "add", "-A")
     run_in(root, "git", "commit", "-q", "-m", "pipeline")
     secrets = {name: SECRET for name in ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "KAGGLE_KEY")}

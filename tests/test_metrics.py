@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -186,3 +187,65 @@ def test_flip_tta_by_hand():
         lambda b: model(torch.from_numpy(b)).softmax(1).numpy(), image.numpy(), flip_tta=True
     )
     assert as_numpy[0] == pytest.approx([0.5, 0.5])
+
+
+def _sklearn_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
+    """The definitions metrics.py had before it streamed: sklearn on the whole N x C matrix."""
+    from sklearn import metrics as skm
+
+    predicted = (probs[:, 1] >= threshold).astype(int) if probs.shape[1] == 2 else probs.argmax(1)
+    classes = np.arange(probs.shape[1])
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        labels, predicted, labels=classes, average="macro", zero_division=0
+    )
+    result = {
+        "accuracy": skm.accuracy_score(labels, predicted),
+        "balanced_accuracy": skm.recall_score(
+            labels, predicted, labels=np.unique(labels), average="macro", zero_division=0
+        ),
+        "macro_precision": precision,
+        "macro_recall": recall,
+        "macro_f1": f1,
+    }
+    if probs.shape[1] > 5:
+        result["top5_accuracy"] = skm.top_k_accuracy_score(labels, probs, k=5, labels=classes)
+    if probs.shape[1] == 2:
+        result["roc_auc"] = skm.roc_auc_score(labels, probs[:, 1])
+        result["pr_auc"] = skm.average_precision_score(labels, probs[:, 1])
+    return result
+
+
+@pytest.mark.parametrize("classes", [2, 7, 30])
+def test_streamed_counts_merged_across_workers_equal_sklearn_on_the_whole_matrix(classes):
+    """Batches of uneven size, split over 3 'workers' whose counts are merged (once through the
+    all-reduce vector): the same metrics as sklearn on all samples at once, ties included
+    (probabilities rounded to 0.05 tie often, which is where top-5 ranking is subtle)."""
+    from attnpipe.metrics import MetricCounts
+
+    rng = np.random.default_rng(classes)
+    n = 500
+    labels = rng.integers(0, classes, n)
+    labels[:classes] = np.arange(classes)  # every class present
+    probs = np.round(rng.dirichlet(np.ones(classes) * 0.5, n) / 0.05) * 0.05 + 1e-3
+    probs /= probs.sum(1, keepdims=True)
+    log_probs = np.log(probs).astype(np.float32)
+    workers = [MetricCounts(classes, threshold=0.4) for _ in range(3)]
+    cuts = [0, 17, 18, 140, 333, 334, n]
+    for i, (start, stop) in enumerate(itertools.pairwise(cuts)):
+        part = slice(start, stop)
+        workers[i % 3].add(labels[part], probs[part], log_probs[part])
+    merged = workers[0].merge(workers[1])
+    reduced = MetricCounts(classes, threshold=0.4)
+    reduced.from_vector(merged.to_vector() + workers[2].to_vector())
+    reduced.positive, reduced.positive_labels = merged.positive, merged.positive_labels
+    reduced.positive += workers[2].positive
+    reduced.positive_labels += workers[2].positive_labels
+    got = reduced.metrics()
+    expected = _sklearn_metrics(labels, probs, 0.4)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+    assert got["ece"] == pytest.approx(expected_calibration_error(labels, probs), abs=1e-12)
+    picked = log_probs[np.arange(n), labels].astype(np.float64)
+    assert reduced.loss() == pytest.approx(-picked.mean(), rel=1e-12)
+    assert reduced.samples == n
+    assert reduced.matrix.sum(axis=1).tolist() == np.bincount(labels, minlength=classes).tolist()

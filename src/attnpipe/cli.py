@@ -194,6 +194,13 @@ def _add_stage_commands(commands: argparse._SubParsersAction) -> None:
                 help="Ray cluster to join, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, "
                 "else a new local cluster)",
             )
+        if name == "evaluate":
+            sub.add_argument(
+                "--address",
+                help="Ray cluster to score the test split on: evaluate.workers Ray workers "
+                "(auto: one per GPU), each a share of the shards (default: RAY_ADDRESS, else "
+                "this process on evaluate.device)",
+            )
         if name == "export":
             _export_options(sub)
         sub.set_defaults(handler=handlers[name])
@@ -516,7 +523,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _evaluate_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths) -> None:
     from attnpipe.evaluate.run import evaluate
 
-    metrics = evaluate(recipe, paths)
+    metrics = evaluate(recipe, paths, address=getattr(args, "address", None))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     print(f"test ({metrics['test_samples']} samples): {shown}")
     print(f"metrics: {paths.metrics}")

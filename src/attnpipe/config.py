@@ -51,7 +51,16 @@ class KaggleCompetitionSource(Strict):
 
     kind: Literal["kaggle-competition"]
     competition: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="the name in the URL")
-    layout: Literal["cassava"] = "cassava"
+    layout: Literal["cassava", "imagenet"] = Field(
+        "cassava",
+        description="cassava: train.csv + train_images/; imagenet: the ILSVRC CLS-LOC files of "
+        "imagenet-object-localization-challenge (its validation images are the test split)",
+    )
+    include: tuple[str, ...] = Field(
+        (),
+        description="glob patterns of the archive members to extract (none: all); the rest "
+        "is never written to disk",
+    )
     exclude: tuple[str, ...] = Field(
         (), description="glob patterns of archive members not to extract (e.g. train_tfrecords/*)"
     )
@@ -63,6 +72,9 @@ class KaggleDatasetSource(Strict):
     kind: Literal["kaggle-dataset"]
     dataset: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="owner/slug")
     layout: Literal["melanoma"] = "melanoma"
+    include: tuple[str, ...] = Field(
+        (), description="glob patterns of the archive members to extract (none: all)"
+    )
     exclude: tuple[str, ...] = Field(
         (), description="glob patterns of archive members not to extract"
     )
@@ -133,8 +145,9 @@ class PrepareConfig(Strict):
     splits: SplitRatios = SplitRatios()
     test_split: Literal["stratified", "official"] = Field(
         "stratified",
-        description="official: the dataset's own test set (CIFAR, FGVC-Aircraft) is the test "
-        "split and the rest is split train/val by their ratio (splits.test is ignored)",
+        description="official: the dataset's own test set (CIFAR, FGVC-Aircraft, ImageNet's "
+        "50,000 validation images) is the test split and the rest is split train/val by their "
+        "ratio, stratified (splits.test is ignored)",
     )
     seed: int = 0
     folds: int = Field(0, ge=0, description="0 = no k-fold column; else k-fold over train+val")
@@ -342,9 +355,37 @@ class EvaluateConfig(Strict):
     batch_size: int = Field(128, ge=1)
     threshold: float = Field(0.5, gt=0, lt=1, description="binary tasks: positive if p >= this")
     flip_tta: bool = False
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        description="the side evaluation feeds the model; default model.input_size (the paper "
+        "tests Attention-92 at 320 after training at 224: its pooling is global)",
+    )
+    crop_ratio: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="resize the shorter side to image_size / crop_ratio, then centre-crop "
+        "image_size (0.875: ImageNet's resize-256 / crop-224 protocol; 1.0: resize to "
+        "image_size and crop only the longer side)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where evaluate runs the model; auto: the GPU when there is one"
     )
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="with --address: Ray workers scoring the split; auto: one per GPU the "
+        "cluster has or can add, else one per node",
+    )
+    cpus_per_worker: float | None = Field(None, gt=0, description="default: train's")
+    gpus_per_worker: float | None = Field(None, ge=0, description="default: train's")
+
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("evaluate.workers must be auto or at least 1")
+        return value
 
 
 class SearchDimension(Strict):

@@ -143,6 +143,28 @@ def require_cuda(context: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
+    """'auto' means bf16 on GPUs that have it, fp16 on older GPUs, and full precision on CPU.
+
+    Shared by training and evaluation (`train.amp`), so both run the model in the same
+    precision."""
+    if setting == "off":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp16":
+        return torch.float16
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def memory_format_for(setting: bool | str, device: torch.device) -> torch.memory_format:
+    """`train.channels_last`: auto = NHWC on GPUs (tensor cores want it), NCHW on CPUs."""
+    on = device.type == "cuda" if setting == "auto" else bool(setting)
+    return torch.channels_last if on else torch.contiguous_format
+
+
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text))
 

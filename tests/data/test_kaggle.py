@@ -18,7 +18,7 @@ from attnpipe.data.kaggle_source import KaggleError
 from attnpipe.data.layouts import read_layout
 from attnpipe.data.sources import MARKER_NAME, fetch
 from tests.conftest import write_project
-from tests.data.fake_kaggle import FakeKaggle
+from tests.data.fake_kaggle import FakeKaggle, point_client_at
 
 CASSAVA = "cassava-leaf-disease-classification"
 MELANOMA = "shonenkov/melanoma-merged-external-data-512x512-jpeg"
@@ -80,19 +80,7 @@ def kaggle_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A fake Kaggle on 127.0.0.1 that the real client reaches, and a throwaway home folder."""
     server = FakeKaggle(competitions={CASSAVA: cassava_zip()}, datasets={MELANOMA: melanoma_zip()})
     server.start()
-    home = tmp_path / "home"
-    (home / ".kaggle").mkdir(parents=True)
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / ".kaggle"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    monkeypatch.setenv("KAGGLE_API_ENVIRONMENT", "LOCALHOST")  # http://localhost/api/v1/...
-    for name in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_KERNEL_RUN_TYPE"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    proxy = f"http://127.0.0.1:{server.port}"
-    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.setenv(name, proxy)
+    point_client_at(server, tmp_path / "home", monkeypatch)
     yield server
     server.stop()
     assert server.connects == []  # nothing tried to leave for the real Kaggle

@@ -29,6 +29,7 @@ RUN_HERE = [
     "--set 'model.kwargs={width_multiplier: 0.5}'",
     "uv run dvc metrics show",
     "uv run dvc plots show",
+    "uv run dvc checkout --relink",
     # Last: it changes the workspace (and checks that only the model stages re-run).
     "uv run dvc exp run -S pipelines/digits.yaml:train.epochs=1",
 ]
@@ -50,6 +51,10 @@ WANDB_ACCOUNT = (
 
 CLUSTER = "needs a cloud account and a running Ray cluster (tests/cluster runs `attnpipe submit` and `jobs` against a local Ray head)"  # noqa: E501
 DOWNLOAD = "downloads a dataset (no network here); tests/data runs the sources against local fakes"
+IMAGENET = (
+    DOWNLOAD + " (tests/data/test_imagenet.py runs every stage on a small ImageNet in the Kaggle "
+    "layout, fetched from a fake Kaggle)"
+)
 NOT_HERE = {
     "uv run wandb sync wandb/offline-run-*": WANDB_ACCOUNT,
     "uv run wandb login": WANDB_ACCOUNT,
@@ -71,6 +76,10 @@ NOT_HERE = {
     "--kaggle-submission --sample-submission data/cassava/raw/sample_submission.csv": DOWNLOAD
     + " (tests/evaluate/test_predict.py runs --kaggle-submission on the digits)",
     "uv run attnpipe run cassava": DOWNLOAD,
+    "uv run attnpipe fetch imagenet": IMAGENET,
+    "uv run attnpipe prepare imagenet": IMAGENET,
+    "uv run attnpipe shard imagenet": IMAGENET,
+    "uv run attnpipe submit imagenet --address http://127.0.0.1:8265": CLUSTER,
     "uv run attnpipe fetch cifar10": DOWNLOAD,
     "uv run dvc exp run -S 'params.yaml:pipelines=[cassava]'": DOWNLOAD,
     "uv run attnpipe tune cifar10": DOWNLOAD,

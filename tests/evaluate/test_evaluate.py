@@ -120,7 +120,9 @@ def test_report_shows_binary_metrics_at_the_threshold(tmp_path):
         pipeline="melanoma",
         metrics=metrics,
         per_class=per_class_report(labels, probs, ["benign", "malignant"], 0.3),
-        predictions=SplitResult([f"img{i}" for i in range(7)], labels, probs, ["b", "m"]),
+        predictions=SplitResult.from_probs(
+            [f"img{i}" for i in range(7)], labels, probs, ["b", "m"], 0.3
+        ),
         payload={
             "model_name": "attnvgg16",
             "input_size": 224,
@@ -148,17 +150,33 @@ def test_flip_tta_averages_the_image_and_its_mirror(trained_project):
     model, payload = load_model_file(paths.model_file)
     plain = run_split(model, payload, recipe, paths, "test")
     tta = run_split(model, payload, tta_recipe, paths, "test")
-    assert tta.ids == plain.ids
-    # By hand on the first test images (same shard order): the mean of the softmax of the
-    # image and of its mirror.
-    images = split_images(recipe, paths, payload["input_size"], 8)
+    assert tta.ids == plain.ids == sorted(plain.ids)
+    # By hand on the first test images: the mean of the softmax of the image and of its
+    # mirror, at the true class and at the predicted one.
+    images, ids = _first_test_images(recipe, paths, payload["input_size"], 8)
     with torch.no_grad():
         once = model(images).softmax(1)
         mirrored = model(images.flip(-1)).softmax(1)
-    np.testing.assert_allclose(plain.probs[:8], once.numpy(), atol=1e-6)
-    np.testing.assert_allclose(tta.probs[:8], ((once + mirrored) / 2).numpy(), atol=1e-6)
-    assert not np.allclose(tta.probs, plain.probs, atol=1e-3)
-    np.testing.assert_allclose(tta.probs.sum(1), 1, atol=1e-6)
+    both = (once + mirrored) / 2
+    rows = [plain.ids.index(i) for i in ids]
+    labels = plain.labels[rows]
+    for result, probs in ((plain, once), (tta, both)):
+        expected = probs.numpy()
+        np.testing.assert_allclose(result.true_prob[rows], expected[range(8), labels], atol=1e-6)
+        np.testing.assert_array_equal(result.predicted[rows], expected.argmax(1))
+        np.testing.assert_allclose(result.confidence[rows], expected.max(1), atol=1e-6)
+    assert not np.allclose(tta.true_prob, plain.true_prob, atol=1e-3)
+
+
+def _first_test_images(recipe, paths, input_size: int, count: int):
+    """The first `count` test images in shard order, transformed as evaluation does, and ids."""
+    from attnpipe.data.loaders import ShardStream, build_transform, make_loader, split_info
+
+    info = split_info(paths.shards, "test")
+    transform = build_transform(recipe.augment, input_size, train=False)
+    stream = ShardStream(info.shards, rank=0, world_size=1, transform=transform, train=False)
+    images, _, ids = next(iter(make_loader(stream, count)))
+    return images, list(ids)
 
 
 def test_attention_overlay_blends_the_map_where_it_is_high():
@@ -264,3 +282,28 @@ def test_evaluate_runs_on_the_gpu_when_there_is_one_and_never_quietly_on_the_cpu
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match=r"evaluate\.device is cuda: no NVIDIA driver"):
             evaluation_device("cuda")
+
+
+def test_evaluate_scores_with_the_recipes_amp_memory_format_and_loader_workers(trained_project):
+    """`train.amp: bf16`, `channels_last: true` and 2 loader workers reach evaluate (on this CPU:
+    autocast to bfloat16 changes the probabilities a little, not the answers much), and the
+    2 readers still give every test sample once."""
+    from attnpipe.config import apply_overrides
+
+    recipe, paths = trained_project
+    model, payload = load_model_file(paths.model_file)
+    plain = run_split(model, payload, recipe, paths, "test")
+    fast = apply_overrides(
+        recipe, {"train.amp": "bf16", "train.channels_last": True, "train.loader_workers": 2}, "t"
+    )
+    seen: list[torch.Tensor] = []
+    hook = model.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    try:
+        mixed = run_split(model, payload, fast, paths, "test")
+    finally:
+        hook.remove()
+    assert mixed.ids == plain.ids and len(set(mixed.ids)) == len(plain.ids)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
+    assert not np.array_equal(mixed.true_prob, plain.true_prob)  # bf16 did run
+    np.testing.assert_allclose(mixed.true_prob, plain.true_prob, atol=0.1)
+    assert (mixed.predicted == plain.predicted).mean() > 0.9

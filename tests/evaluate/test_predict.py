@@ -223,7 +223,7 @@ def test_predict_and_evaluate_decide_a_binary_task_with_the_same_threshold(
     confusion = tmp_path / "confusion.csv"
     probs = np.tile([0.3, 0.7], (3, 1))
     write_confusion_rows(
-        confusion, SplitResult(images, np.array([1, 1, 1]), probs, names), threshold=0.9
+        confusion, SplitResult.from_probs(images, np.array([1, 1, 1]), probs, names, 0.9)
     )
     assert {row["predicted"] for row in _read_csv(confusion)} == {"benign"}
     for model_path in (model_file, onnx_file):

@@ -1,4 +1,4 @@
-"""Two DDP workers on CPU (gloo) under a real Ray: disjoint data, exact gathered validation.
+"""Two DDP workers on CPU (gloo) under a real Ray: disjoint data, exact validation from counts.
 
 The run checked is the training stage of the digits pipeline that `dvc repro` built (the
 session's `repro_project`), so these tests add no training of their own.

@@ -112,6 +112,39 @@ def test_tune_trials_get_the_same_devices(gpu_node_cluster, digits_project, tmp_
     assert not paths.tune_storage.exists()
 
 
+def test_evaluate_on_the_cluster_plans_a_worker_per_gpu_and_stops_where_cuda_cannot_start(
+    gpu_node_cluster, digits_project, tmp_path, capsys
+):
+    """`evaluate --address` makes training's device decision (attnpipe.capacity): auto workers
+    are one per GPU of the cluster, GPUs because the worker node has one, and the probe placed
+    like a worker stops the run with the CUDA message before any scoring."""
+    from attnpipe.evaluate.run import evaluate
+    from attnpipe.modelfile import Provenance, write_model_file
+    from attnpipe.models import create_model
+
+    recipe, paths = _project(digits_project, tmp_path / "project")
+    recipe = apply_overrides(recipe, {"tracking.wandb.mode": "disabled"}, "test")
+    names = [str(i) for i in range(10)]
+    model = create_model(recipe.model.name, 10, **recipe.model.kwargs)
+    write_model_file(
+        paths.model_file, recipe, model.state_dict(), names, Provenance(1, {}, "", "", "")
+    )
+    assert recipe.evaluate.workers == "auto" and recipe.evaluate.device == "auto"
+    with pytest.raises(ClusterError) as failed:
+        evaluate(recipe, paths, address=gpu_node_cluster.address)
+    assert "evaluating on 1 Ray worker(s), GPU" in capsys.readouterr().out
+    message = str(failed.value)
+    assert "cannot use its GPU" in message and "no NVIDIA driver found" in message
+    assert not paths.metrics.exists()
+    # Before the next test tells the cluster about autoscaler node types with 16 GPUs.
+    with pytest.raises(ClusterError, match=r"2 worker\(s\) need 2 GPU .* lower evaluate.workers"):
+        evaluate(
+            apply_overrides(recipe, {"evaluate.workers": 2}, "test"),
+            paths,
+            address=gpu_node_cluster.address,
+        )
+
+
 def test_capacity_counts_alive_nodes_and_the_autoscalers_node_types(gpu_node_cluster):
     import ray
     from ray.core.generated import autoscaler_pb2

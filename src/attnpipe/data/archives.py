@@ -45,12 +45,20 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root + os.sep)
 
 
+def _wanted(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    if include and not any(fnmatch.fnmatch(name, pattern) for pattern in include):
+        return False
+    return not any(fnmatch.fnmatch(name, pattern) for pattern in exclude)
+
+
 def safe_extract_zip(
-    archive: Path, target: Path, exclude: Sequence[str] = ()
+    archive: Path, target: Path, exclude: Sequence[str] = (), include: Sequence[str] = ()
 ) -> tuple[list[str], int]:
     """Extract `archive` under `target`; return the member names written and the skipped count.
 
-    Members matching a glob in `exclude` are skipped. Raises `UnsafeArchiveError` (before writing
+    With `include`, only members matching one of its globs are written (ImageNet's archive holds
+    its unlabelled test images and XML boxes too: 17 GB a classifier never reads). Members
+    matching a glob in `exclude` are skipped. Raises `UnsafeArchiveError` (before writing
     anything) for absolute paths, `..`, and symlinks whose target leaves `target`.
     """
     target.mkdir(parents=True, exist_ok=True)
@@ -68,7 +76,7 @@ def safe_extract_zip(
             parts = _member_parts(info.filename)
             if not parts:
                 continue
-            if exclude and any(fnmatch.fnmatch("/".join(parts), p) for p in exclude):
+            if not _wanted("/".join(parts), include, exclude):
                 skipped += 1
                 continue
             if _is_symlink(info):

@@ -171,7 +171,7 @@ def fetch_kaggle(
     if not archives:
         raise KaggleError(f"Kaggle sent no zip archive for {what} (got: {_listing(download)})")
     for archive in archives:
-        safe_extract_zip(archive, raw_dir, exclude=source.exclude)
+        safe_extract_zip(archive, raw_dir, exclude=source.exclude, include=source.include)
     shutil.rmtree(download)
 
 

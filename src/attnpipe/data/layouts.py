@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +77,90 @@ def read_melanoma(raw_dir: Path) -> RawIndex:
     )
 
 
+IMAGENET_DATA = "ILSVRC/Data/CLS-LOC"
+IMAGENET_SYNSETS = "LOC_synset_mapping.txt"
+IMAGENET_VAL_LABELS = "LOC_val_solution.csv"
+
+
+def read_imagenet(raw_dir: Path) -> RawIndex:
+    """ImageNet-1k as Kaggle's imagenet-object-localization-challenge serves it.
+
+    Classes: LOC_synset_mapping.txt, index i = line i (torchvision's and timm's order, so an
+    ImageNet-initialised classifier lines up). Training images: train/<wnid>/*. The 50,000
+    validation images (val/, classes from the first token of LOC_val_solution.csv's
+    PredictionString) are marked as the official test split; test/ has no labels and is never
+    read here.
+    """
+    wnids, names = read_synsets(raw_dir / IMAGENET_SYNSETS)
+    records = _imagenet_train(raw_dir / IMAGENET_DATA / "train", set(wnids))
+    records += _imagenet_val(raw_dir / IMAGENET_VAL_LABELS, raw_dir / IMAGENET_DATA / "val")
+    return RawIndex(records=records, class_names=names, label_values=wnids)
+
+
+def read_synsets(path: Path) -> tuple[list[str], list[str]]:
+    """(wnids, names) in file order. A name is the first of the synset's words; the few that
+    repeat (two synsets are both "crane") get their wnid added, so every name is unique."""
+    if not path.is_file():
+        raise LayoutError(f"{path} is missing: run `attnpipe fetch` first")
+    wnids, names = [], []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        wnid, _, words = line.strip().partition(" ")
+        if not wnid.startswith("n") or not words:
+            raise LayoutError(
+                f"{path}, line {line_number}: expected '<wnid> <names>', got {line.strip()!r}"
+            )
+        wnids.append(wnid)
+        names.append(words.split(",")[0].strip())
+    if len(set(wnids)) != len(wnids):
+        raise LayoutError(f"{path}: a wnid is listed twice; the download looks damaged")
+    counts = Counter(names)
+    unique = [f"{n} ({w})" if counts[n] > 1 else n for w, n in zip(wnids, names, strict=True)]
+    return wnids, unique
+
+
+def _imagenet_train(train_dir: Path, wnids: set[str]) -> list[RawRecord]:
+    if not train_dir.is_dir():
+        raise LayoutError(f"{train_dir} is missing: run `attnpipe fetch` first")
+    folders = sorted(p for p in train_dir.iterdir() if p.is_dir())
+    strangers = [p.name for p in folders if p.name not in wnids]
+    if strangers:
+        raise LayoutError(
+            f"{train_dir}: folder(s) {', '.join(strangers[:10])} are not synsets of "
+            f"{IMAGENET_SYNSETS}; remove them or fetch again"
+        )
+    return [
+        RawRecord(image_id=file.stem, path=file, label=folder.name, split="train")
+        for folder in folders
+        for file in sorted(folder.iterdir())
+        if file.is_file()
+    ]
+
+
+def _imagenet_val(csv_path: Path, val_dir: Path) -> list[RawRecord]:
+    if not csv_path.is_file():
+        raise LayoutError(f"{csv_path} is missing: run `attnpipe fetch` first")
+    records = []
+    with csv_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or []):
+            raise LayoutError(
+                f"{csv_path}: expected columns ImageId,PredictionString; found "
+                f"{', '.join(reader.fieldnames or [])}"
+            )
+        for line, row in enumerate(reader, start=2):
+            tokens = row["PredictionString"].split()
+            if not tokens:
+                raise LayoutError(f"{csv_path}, line {line}: {row['ImageId']} has no class")
+            image_id = row["ImageId"].strip()
+            path = val_dir / f"{image_id}.JPEG"
+            records.append(RawRecord(image_id=image_id, path=path, label=tokens[0], split="test"))
+    return records
+
+
 # The named layouts of Kaggle downloads (`source.layout` in the recipe).
-NAMED_LAYOUTS = {"cassava": read_cassava, "melanoma": read_melanoma}
+NAMED_LAYOUTS = {"cassava": read_cassava, "melanoma": read_melanoma, "imagenet": read_imagenet}
 
 
 def read_named_layout(

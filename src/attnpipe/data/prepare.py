@@ -109,7 +109,9 @@ def prepare(
             f"{paths.rejected} for each file and reason, fix or remove them, or raise the limit"
         )
 
-    kept, duplicates = _drop_duplicates(good, config.duplicates)
+    kept, duplicates = _drop_duplicates(
+        good, config.duplicates, official_test=config.test_split == "official"
+    )
     rejected.extend(
         Rejection(dup.record.image_id, _rel(dup.record.path, paths.root), reason)
         for dup, reason in duplicates
@@ -121,7 +123,8 @@ def prepare(
         if "test" not in official:
             raise PrepareError(
                 f"prepare.test_split is 'official' but {paths.raw} marks no image as test "
-                "(only the torchvision sources carry an official split); use 'stratified'"
+                "(the torchvision sources and the imagenet layout carry an official split); use "
+                "'stratified'"
             )
     splits = assign_splits(
         labels=[s.label for s in kept],
@@ -139,6 +142,7 @@ def prepare(
     )
 
     _write_manifest(paths, kept, splits, folds, index.class_names)
+    release(paths.classes)
     paths.classes.write_text(json.dumps({"classes": index.class_names}, indent=2) + "\n")
     _write_rejected(paths.rejected, rejected)
     report = data_report(
@@ -246,14 +250,22 @@ def _scan_task(
 
 
 def _drop_duplicates(
-    samples: list[Sample], policy: str
+    samples: list[Sample], policy: str, official_test: bool = False
 ) -> tuple[list[Sample], list[tuple[Sample, str]]]:
-    """Keep the first (by id) of each set of byte-identical files; say why each other went."""
+    """Keep the first (by id) of each set of byte-identical files; say why each other went.
+
+    With `official_test`, the dataset's test images come first and are all kept: the test split
+    stays exactly as published, and a training copy of a test image is dropped (it would leak).
+    """
+
+    def is_test(sample: Sample) -> bool:
+        return official_test and sample.record.split == "test"
+
     first_by_hash: dict[str, Sample] = {}
     kept, duplicates = [], []
-    for sample in sorted(samples, key=lambda s: s.record.image_id):
+    for sample in sorted(samples, key=lambda s: (not is_test(s), s.record.image_id)):
         first = first_by_hash.setdefault(sample.info.sha256, sample)
-        if first is sample:
+        if first is sample or is_test(sample):
             kept.append(sample)
             continue
         reason = f"duplicate of {first.record.image_id}"
@@ -414,6 +426,7 @@ def _write_manifest(
         "format": [s.info.format for s, _, _ in rows],
     }
     paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+    release(paths.manifest)
     table = pa.table(columns, schema=MANIFEST_SCHEMA)
     pq.write_table(table, paths.manifest, compression="zstd")
 
@@ -424,8 +437,16 @@ def read_manifest(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
+def release(path: Path) -> None:
+    """Remove an output before writing it anew. After `dvc repro` it may be a link to the one
+    copy in DVC's cache (.dvc/config cache.type: hardlink or symlink); writing into it would
+    change that copy (root ignores its read-only mode). A new file breaks the link instead."""
+    path.unlink(missing_ok=True)
+
+
 def _write_rejected(path: Path, rejected: list[Rejection]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    release(path)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "path", "reason"])

@@ -50,6 +50,9 @@ def fetch(recipe: Recipe, raw_dir: Path, progress: bool = True, root: Path | Non
     kind = source_kind(source.kind)
     root = root or Path.cwd()
     if not kind.marker:
+        # Fresh files, never writes into old ones: after `dvc repro` they are links to DVC's
+        # cache (.dvc/config cache.type), and writing through one would change the cache.
+        clear_raw(raw_dir)
         resolve(kind.fetch)(source, raw_dir, progress=progress, root=root)
         return raw_dir
     identity = source_identity(source, root)

@@ -75,8 +75,19 @@ class _RandomFlip:
         return image.flip(self.dim) if torch.rand(1).item() < self.p else image
 
 
-def build_transform(augment: AugmentConfig, input_size: int, train: bool) -> ImageTransform:
+def resize_for_crop(crop: int, crop_ratio: float) -> int:
+    """The shorter side to resize to before a centre crop of `crop` (224 at 0.875: 256)."""
+    return max(crop, round(crop / crop_ratio))
+
+
+def build_transform(
+    augment: AugmentConfig, input_size: int, train: bool, crop_ratio: float = 1.0
+) -> ImageTransform:
     """uint8 CHW tensor -> normalised float CHW tensor of `input_size`.
+
+    Evaluation: the shorter side resized to `input_size / crop_ratio`, then the centre
+    `input_size` square (`crop_ratio` 0.875 at 224: resize 256, crop 224, the protocol every
+    ImageNet number is quoted with; 1.0 crops only the longer side).
 
     Training: the random crop, then flips, rotation, RandAugment or TrivialAugmentWide and
     colour jitter, each only when the recipe turns it on (so the default pipeline, and the
@@ -85,7 +96,7 @@ def build_transform(augment: AugmentConfig, input_size: int, train: bool) -> Ima
     """
     if not train:
         steps: list[Callable] = [
-            v2.Resize(input_size, antialias=True),
+            v2.Resize(resize_for_crop(input_size, crop_ratio), antialias=True),
             v2.CenterCrop(input_size),
         ]
         return ImageTransform(v2.Compose(steps), augment.mean, augment.std)

@@ -51,7 +51,9 @@ class ExportResult:
     opset: int
 
 
-def onnx_metadata(payload: dict[str, Any], flip_tta: bool, threshold: float) -> dict[str, Any]:
+def onnx_metadata(
+    payload: dict[str, Any], flip_tta: bool, threshold: float, crop_ratio: float = 1.0
+) -> dict[str, Any]:
     """What `predict` needs to use the ONNX file alone, with evaluate's decision rule."""
     return {
         "model_name": payload["model_name"],
@@ -61,6 +63,7 @@ def onnx_metadata(payload: dict[str, Any], flip_tta: bool, threshold: float) -> 
         "mean": list(payload["mean"]),
         "std": list(payload["std"]),
         "flip_tta": bool(flip_tta),
+        "crop_ratio": float(crop_ratio),
         "threshold": float(threshold),
         "epoch": payload.get("epoch"),
         "git_commit": payload.get("git_commit"),
@@ -172,7 +175,12 @@ def export(
         model,
         size,
         opset=opset,
-        metadata=onnx_metadata(payload, recipe.evaluate.flip_tta, recipe.evaluate.threshold),
+        metadata=onnx_metadata(
+            payload,
+            recipe.evaluate.flip_tta,
+            recipe.evaluate.threshold,
+            recipe.evaluate.crop_ratio,
+        ),
     )
     images = split_images(recipe, paths, size, samples)
     if not len(images):

@@ -16,7 +16,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
-from attnpipe.metrics import calibration_bins
 from attnpipe.overlays import AttentionExample, attention_overlays
 
 INK = "#1f2937"
@@ -197,9 +196,11 @@ def training_curves_figure(history: Sequence[Mapping[str, str | float]], best_ep
     return fig
 
 
-def calibration_figure(labels: np.ndarray, probs: np.ndarray, ece: float, bins: int = 15):
-    """Reliability diagram (accuracy against confidence per bin) over a confidence histogram."""
-    mean_conf, accuracy, counts = calibration_bins(labels, probs, bins)
+def calibration_figure(binned: tuple[np.ndarray, np.ndarray, np.ndarray], ece: float):
+    """Reliability diagram (accuracy against confidence per bin) over a confidence histogram;
+    `binned` is (mean confidence, accuracy, count) per bin (`MetricCounts.calibration_bins`)."""
+    mean_conf, accuracy, counts = binned
+    bins = len(counts)
     edges = np.linspace(0, 1, bins + 1)
     centres, width = (edges[:-1] + edges[1:]) / 2, 1 / bins
     fig = Figure(figsize=(5.2, 5.0))

@@ -26,10 +26,12 @@ def flip_tta_numpy(
     return probs
 
 
-def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+def eval_transform(
+    input_size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float = 1.0
+) -> Callable:
     """Evaluation's transform (resize the shorter side, centre-crop, normalise)."""
     augment = AugmentConfig(mean=tuple(mean), std=tuple(std))
-    return build_transform(augment, input_size, train=False)
+    return build_transform(augment, input_size, train=False, crop_ratio=crop_ratio)
 
 
 def load_image_tensor(path: Path, transform: Callable) -> torch.Tensor:

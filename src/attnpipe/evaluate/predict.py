@@ -50,6 +50,7 @@ class Predictor:
     source: Path
     class_names: list[str]
     input_size: int
+    crop_ratio: float  # evaluate.crop_ratio: resize to input_size / crop_ratio, centre-crop
     mean: list[float]
     std: list[float]
     flip_tta: bool
@@ -74,6 +75,7 @@ class TorchPredictor(Predictor):
         self.mean, self.std = list(payload["mean"]), list(payload["std"])
         recipe = payload.get("recipe") or {}
         self.flip_tta = bool(recipe.get("evaluate", {}).get("flip_tta", False))
+        self.crop_ratio = float(recipe.get("evaluate", {}).get("crop_ratio", 1.0))
         self.threshold = decision_threshold(payload)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
@@ -95,6 +97,7 @@ class OnnxPredictor(Predictor):
         self.input_size = int(meta["input_size"])
         self.mean, self.std = list(meta["mean"]), list(meta["std"])
         self.flip_tta = bool(meta.get("flip_tta", False))
+        self.crop_ratio = float(meta.get("crop_ratio", 1.0))
         self.threshold = float(meta.get("threshold", 0.5))
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
@@ -133,7 +136,9 @@ def predict_files(
     predictor: Predictor, files: Sequence[Path], batch_size: int = 32
 ) -> list[Prediction]:
     """One `Prediction` per file, in order; unusable files carry `error`."""
-    transform = eval_transform(predictor.input_size, predictor.mean, predictor.std)
+    transform = eval_transform(
+        predictor.input_size, predictor.mean, predictor.std, predictor.crop_ratio
+    )
     results: list[Prediction] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]

@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from attnpipe.metrics import predict_classes
-
 if TYPE_CHECKING:
     from attnpipe.evaluate.run import FigureFile, SplitResult
 
@@ -362,7 +360,7 @@ def _calibration_and_mistakes(
 
 
 def _mistakes(predictions: SplitResult, threshold: float) -> str:
-    predicted = predict_classes(predictions.probs, threshold)
+    predicted = predictions.predicted
     wrong = np.flatnonzero(predicted != predictions.labels)
     names = predictions.class_names
     title = (
@@ -371,8 +369,8 @@ def _mistakes(predictions: SplitResult, threshold: float) -> str:
     )
     if not len(wrong):
         return f'<div id="mistakes">{title}.</p></div>'
-    confidence = predictions.probs[wrong, predicted[wrong]]
-    order = wrong[np.argsort(-confidence, kind="stable")][:MAX_MISTAKES_LISTED]
+    # Most confident first; ties in id order (the results are sorted by id).
+    order = wrong[np.argsort(-predictions.confidence[wrong], kind="stable")][:MAX_MISTAKES_LISTED]
     rows = []
     for i in order:
         guess = int(predicted[i])
@@ -380,8 +378,8 @@ def _mistakes(predictions: SplitResult, threshold: float) -> str:
             f'<tr><td class="mono">{escape(predictions.ids[i])}</td>'
             f"<td>{escape(names[predictions.labels[i]])}</td>"
             f'<td><span class="tag bad">{escape(names[guess])}</span></td>'
-            f'<td class="num">{predictions.probs[i, guess]:.1%}</td>'
-            f'<td class="num">{predictions.probs[i, predictions.labels[i]]:.1%}</td></tr>'
+            f'<td class="num">{predictions.confidence[i]:.1%}</td>'
+            f'<td class="num">{predictions.true_prob[i]:.1%}</td></tr>'
         )
     shown = f"; the {len(order)} the model was surest about" if len(wrong) > len(order) else ""
     return (

@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,51 +24,27 @@ from attnpipe.data.loaders import ShardStream, build_transform, make_loader, spl
 from attnpipe.data.shard_index import shard_location
 from attnpipe.devices import require_cuda
 from attnpipe.errors import AttnpipeError
-from attnpipe.metrics import (
-    classification_metrics,
-    confusion,
-    per_class_report,
-    predict_classes,
+from attnpipe.evaluate.scoring import (
+    EXAMPLES_PER_CLASS,
+    MAX_EXAMPLE_CLASSES,
+    Candidate,
+    SplitResult,
+    score_share,
 )
 from attnpipe.modelfile import load_model_file
-from attnpipe.overlays import AttentionExample, compute_attention_examples, denormalize
+from attnpipe.overlays import AttentionExample, compute_attention_examples
 from attnpipe.paths import PipelinePaths
-from attnpipe.predictions import Predictions, iter_predictions
 
-# Attention overlays: up to this many correct and this many wrong test images per class...
-EXAMPLES_PER_CLASS = 2
-# ...for at most this many classes per figure.
-MAX_EXAMPLE_CLASSES = 10
+__all__ = ["EXAMPLES_PER_CLASS", "MAX_EXAMPLE_CLASSES", "SplitResult", "evaluate", "run_split"]
 
 
 class EvaluateError(AttnpipeError, RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class Candidate:
-    sample_id: str
-    pixels: np.ndarray  # uint8 (H, W, 3): the transformed input, kept small until chosen
-    label: int
-    predicted: int
-    confidence: float
-
-
-@dataclass(frozen=True)
-class SplitResult:
-    """A split scored by the model: every sample once, in shard order."""
-
-    ids: list[str]
-    labels: np.ndarray  # N
-    probs: np.ndarray  # N x C, float64
-    class_names: list[str]
-    candidates: list[Candidate] = field(default_factory=list)
-
-
-def _eval_stream(recipe: Recipe, paths: PipelinePaths, split: str, input_size: int):
-    info = split_info(shard_location(recipe, paths), split)
-    transform = build_transform(recipe.augment, input_size, train=False)
-    return info, ShardStream(info.shards, rank=0, world_size=1, transform=transform, train=False)
+def evaluation_size(recipe: Recipe, trained_size: int) -> int:
+    """`evaluate.image_size`, else the size the model was trained at."""
+    return recipe.evaluate.image_size or trained_size
 
 
 def evaluation_device(setting: str) -> torch.device:
@@ -85,23 +62,34 @@ def run_split(
     paths: PipelinePaths,
     split: str = "test",
     examples_per_class: int = 0,
+    address: str | None = None,
 ) -> SplitResult:
-    """Probabilities for every sample of `split` exactly once (checked against the shard index).
+    """Every sample of `split` scored exactly once (checked against the shard index): in this
+    process on the model's device, or with `address` by the Ray cluster's workers.
 
-    With `examples_per_class`, also keeps that many correct and wrong inputs per class (as
-    uint8 pixels) for the attention overlays.
+    With `examples_per_class`, also keeps a few correct and wrong inputs (as uint8 pixels)
+    for the attention overlays.
     """
-    info, stream = _eval_stream(recipe, paths, split, payload["input_size"])
-    device = next(model.parameters()).device
-    loader = make_loader(stream, recipe.evaluate.batch_size, workers=0, device=device)
-    keeper = CandidateKeeper(len(payload["class_names"]), examples_per_class, recipe)
-    parts = []
-    for (images, labels, ids), log_probs in iter_predictions(
-        model, loader, flip_tta=recipe.evaluate.flip_tta
-    ):
-        parts.append(Predictions(list(ids), labels.cpu().numpy(), log_probs.numpy()))
-        keeper.offer(images, parts[-1])
-    scored = Predictions.concatenate(parts)
+    info = split_info(shard_location(recipe, paths), split)
+    names = list(payload["class_names"])
+    size = evaluation_size(recipe, payload["input_size"])
+    if address:
+        from attnpipe.evaluate.cluster import score_on_cluster
+
+        scored = score_on_cluster(
+            paths.model_file, recipe, info.shards, names, size, examples_per_class, address
+        )
+    else:
+        device = next(model.parameters()).device
+        scored = score_share(
+            model,
+            recipe,
+            info.shards,
+            names,
+            size,
+            device=device,
+            examples_per_class=examples_per_class,
+        )
     if not scored.ids:
         raise EvaluateError(f"the {split} split is empty: give prepare.splits.{split} a share")
     if len(scored.ids) != info.samples or len(set(scored.ids)) != len(scored.ids):
@@ -109,47 +97,18 @@ def run_split(
             f"the {split} split should give each of its {info.samples} samples once; got "
             f"{len(scored.ids)} predictions for {len(set(scored.ids))} distinct ids"
         )
-    return SplitResult(
-        scored.ids, scored.labels, scored.probs, list(payload["class_names"]), keeper.kept
-    )
-
-
-class CandidateKeeper:
-    """Keeps up to `per_class` correct and `per_class` wrong inputs of each true class."""
-
-    def __init__(self, num_classes: int, per_class: int, recipe: Recipe) -> None:
-        self.per_class = per_class
-        self.count = {(c, ok): 0 for c in range(num_classes) for ok in (True, False)}
-        self.threshold = recipe.evaluate.threshold
-        self.mean, self.std = recipe.augment.mean, recipe.augment.std
-        self.kept: list[Candidate] = []
-
-    def offer(self, images: torch.Tensor, batch: Predictions) -> None:
-        if not self.per_class:
-            return
-        probs = batch.probs
-        predicted = predict_classes(probs, self.threshold)
-        chosen = []
-        for i, (label, guess) in enumerate(zip(batch.labels.tolist(), predicted, strict=True)):
-            key = (label, bool(label == guess))
-            if self.count[key] < self.per_class:
-                self.count[key] += 1
-                chosen.append(i)
-        if not chosen:
-            return
-        pixels = denormalize(images[chosen], self.mean, self.std)
-        for row, i in enumerate(chosen):
-            guess = int(predicted[i])
-            self.kept.append(
-                Candidate(batch.ids[i], pixels[row], int(batch.labels[i]), guess, probs[i, guess])
-            )
+    return scored
 
 
 def split_images(
     recipe: Recipe, paths: PipelinePaths, input_size: int, count: int, split: str = "test"
 ) -> torch.Tensor:
     """The first `count` images of `split` in shard order, transformed as evaluation does."""
-    _, stream = _eval_stream(recipe, paths, split, input_size)
+    info = split_info(shard_location(recipe, paths), split)
+    transform = build_transform(
+        recipe.augment, input_size, train=False, crop_ratio=recipe.evaluate.crop_ratio
+    )
+    stream = ShardStream(info.shards, rank=0, world_size=1, transform=transform, train=False)
     images: list[torch.Tensor] = []
     for batch, _, _ in make_loader(stream, count, workers=0):
         images.append(batch)
@@ -160,30 +119,33 @@ def split_images(
     return torch.cat(images)[:count]
 
 
-def evaluate(recipe: Recipe, paths: PipelinePaths, report: bool = True) -> dict:
+def evaluate(
+    recipe: Recipe, paths: PipelinePaths, report: bool = True, address: str | None = None
+) -> dict:
     """Compute and write the test metrics (and, with `report`, the figures and index.html).
 
-    The model runs on `evaluate.device` (the GPU when there is one); the metrics are the same
-    definitions as validation's, over every test sample once, wherever it runs.
+    The model runs on `evaluate.device` (the GPU when there is one), or with `address` (or
+    RAY_ADDRESS) on the Ray cluster's workers; the metrics are the same definitions as
+    validation's, over every test sample once, wherever it runs.
     """
+    address = address or os.environ.get("RAY_ADDRESS")
     model, payload = load_model_file(paths.model_file)
-    model = model.to(evaluation_device(recipe.evaluate.device))
+    if not address:  # on a cluster the driver (often a GPU-less head) only draws figures
+        model = model.to(evaluation_device(recipe.evaluate.device))
     predictions = run_split(
-        model, payload, recipe, paths, "test", EXAMPLES_PER_CLASS if report else 0
+        model, payload, recipe, paths, "test", EXAMPLES_PER_CLASS if report else 0, address
     )
     threshold = recipe.evaluate.threshold
     metrics: dict[str, Any] = {
         "test_samples": len(predictions.ids),
-        **classification_metrics(predictions.labels, predictions.probs, threshold),
+        **predictions.counts.metrics(),
     }
     if len(predictions.class_names) == 2:
         metrics["threshold"] = threshold
-    per_class = per_class_report(
-        predictions.labels, predictions.probs, predictions.class_names, threshold
-    )
+    per_class = predictions.counts.per_class(predictions.class_names)
     paths.reports.mkdir(parents=True, exist_ok=True)
     paths.metrics.write_text(json.dumps({"test": json_safe(metrics)}, indent=2) + "\n")
-    write_confusion_rows(paths.confusion, predictions, threshold)
+    write_confusion_rows(paths.confusion, predictions)
     write_per_class(paths.per_class, per_class)
     if report:
         from attnpipe.evaluate.report import write_report
@@ -219,19 +181,6 @@ class FigureFile:
     path: Path
 
 
-def choose_examples(
-    candidates: list[Candidate], correct: bool, per_class: int, max_classes: int
-) -> list[Candidate]:
-    """Up to `per_class` candidates of each true class, class by class; for mistakes, the
-    classes with the most kept mistakes first, else in class order."""
-    by_class: dict[int, list[Candidate]] = {}
-    for candidate in candidates:
-        if (candidate.label == candidate.predicted) == correct:
-            by_class.setdefault(candidate.label, []).append(candidate)
-    order = sorted(by_class, key=lambda c: (-len(by_class[c]), c) if not correct else c)
-    return [x for c in order[:max_classes] for x in by_class[c][:per_class]]
-
-
 def write_figures(
     model: torch.nn.Module,
     payload: dict[str, Any],
@@ -255,10 +204,10 @@ def write_figures(
         path = fig.save_png(figure, paths.figures / f"{key}.png")
         written.append(FigureFile(key, title, caption, path))
 
-    matrix = confusion(predictions.labels, predictions.probs, threshold)
+    counts = predictions.counts
     save(
         "confusion",
-        fig.confusion_figure(matrix, names),
+        fig.confusion_figure(counts.matrix, names),
         "Confusion matrix",
         "Test samples by true class (rows) and predicted class (columns); colour is the share "
         "of the true class, so the diagonal reads as per-class recall.",
@@ -274,26 +223,24 @@ def write_figures(
         )
     save(
         "calibration",
-        fig.calibration_figure(predictions.labels, predictions.probs, metrics["ece"]),
+        fig.calibration_figure(counts.calibration_bins(), metrics["ece"]),
         "Calibration",
         "Accuracy of the test predictions against their confidence in 15 equal-width bins; "
         "bars below the diagonal are over-confident. ECE is the sample-weighted mean gap.",
     )
-    if len(names) == 2 and len(np.unique(predictions.labels)) == 2:
+    labels, positive = counts.binary_scores()
+    if len(names) == 2 and len(np.unique(labels)) == 2:
         save(
             "roc_pr",
-            fig.roc_pr_figure(predictions.labels, predictions.probs[:, 1], threshold),
+            fig.roc_pr_figure(labels, positive, threshold),
             "ROC and precision-recall",
             f"Positive class: {names[1]}. The dot is the operating point at the recipe's "
             f"threshold {threshold:g} (evaluate.threshold).",
         )
-    for correct, key, title in (
-        (True, "attention_correct", "Attention: correct predictions"),
-        (False, "attention_wrong", "Attention: mistakes"),
+    for chosen, key, title in (
+        (predictions.correct_examples, "attention_correct", "Attention: correct predictions"),
+        (predictions.wrong_examples, "attention_wrong", "Attention: the surest mistakes"),
     ):
-        chosen = choose_examples(
-            predictions.candidates, correct, EXAMPLES_PER_CLASS, MAX_EXAMPLE_CLASSES
-        )
         if not chosen:
             continue
         examples = _attention_examples(model, recipe, chosen)
@@ -334,9 +281,9 @@ def _attention_examples(
     return examples
 
 
-def write_confusion_rows(path: Path, predictions: SplitResult, threshold: float) -> None:
+def write_confusion_rows(path: Path, predictions: SplitResult) -> None:
     """One row per sample, the shape DVC's confusion template reads (actual vs predicted)."""
-    predicted = predict_classes(predictions.probs, threshold)
+    predicted = predictions.predicted
     names = predictions.class_names
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)

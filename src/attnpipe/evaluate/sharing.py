@@ -11,7 +11,6 @@ from attnpipe import tracking
 from attnpipe.config import Recipe
 from attnpipe.data.shard_index import shard_location
 from attnpipe.evaluate.run import FigureFile, SplitResult
-from attnpipe.metrics import predict_classes
 from attnpipe.paths import PipelinePaths
 
 # Rows of the most-confident-mistakes table, and images of kept mistakes, sent to W&B.
@@ -32,7 +31,7 @@ def share_evaluation(
     config = recipe.tracking.wandb
     if config.mode == "disabled":
         return
-    predicted = predict_classes(predictions.probs, recipe.evaluate.threshold)
+    predicted = predictions.predicted
     names = predictions.class_names
     scored = tracking.EvaluationLog(
         pipeline=recipe.name,
@@ -76,15 +75,15 @@ def confident_mistakes(
 ) -> list[dict[str, Any]]:
     """The `count` misclassified test samples the model was surest about, surest first."""
     wrong = np.flatnonzero(predicted != predictions.labels)
-    confidence = predictions.probs[wrong, predicted[wrong]]
+    confidence = predictions.confidence[wrong]
     names = predictions.class_names
     return [
         {
             "id": predictions.ids[i],
             "true": names[predictions.labels[i]],
             "predicted": names[predicted[i]],
-            "p_predicted": float(predictions.probs[i, predicted[i]]),
-            "p_true": float(predictions.probs[i, predictions.labels[i]]),
+            "p_predicted": float(predictions.confidence[i]),
+            "p_true": float(predictions.true_prob[i]),
         }
         for i in wrong[np.argsort(-confidence, kind="stable")][:count]
     ]

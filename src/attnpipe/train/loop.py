@@ -7,7 +7,7 @@ Ray starts one copy per worker (`train_loop_per_worker`); `torchrun` can run the
     state = resume(run)                  the latest checkpoint of this run, if any
     for each epoch:
         train_one_epoch(run, epoch)      this rank's share of the shards; equal steps per rank
-        validate(run)                    every validation sample once, gathered from all ranks
+        validate(run)                    every validation sample once, counts added over ranks
                                          (meanwhile the loader workers read the next epoch)
         save_checkpoint(run, state)      rank 0 writes, every rank reports (a barrier)
         tracker.log_epoch(row)           rank 0's W&B row: only after its checkpoint
@@ -46,11 +46,12 @@ from attnpipe.data.loaders import (
     make_loader,
     split_info,
 )
+from attnpipe.devices import memory_format_for, resolve_amp
 from attnpipe.errors import AttnpipeError
-from attnpipe.metrics import classification_metrics
+from attnpipe.metrics import MetricCounts
 from attnpipe.models import create_model
 from attnpipe.overlays import attention_examples
-from attnpipe.predictions import Predictions, predict_batches
+from attnpipe.predictions import count_predictions
 from attnpipe.tracking import WandbRun, artifact_aliases, export_wandb_run
 from attnpipe.train.checkpoint import (
     TrainingState,
@@ -278,8 +279,7 @@ class SpeedSettings:
 
 def speed_settings(train: TrainConfig, device: torch.device) -> SpeedSettings:
     on_gpu = device.type == "cuda"
-    channels_last = on_gpu if train.channels_last == "auto" else bool(train.channels_last)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layout = memory_format_for(train.channels_last, device)
     # cuDNN's autotuner picks algorithms by timing them: not repeatable.
     return SpeedSettings(layout, cudnn_benchmark=on_gpu and not train.deterministic, tf32=on_gpu)
 
@@ -362,19 +362,6 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     if opt.name == "adamw":
         return torch.optim.AdamW(groups, lr=opt.lr)
     return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov)
-
-
-def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
-    """'auto' means bf16 on GPUs that have it, fp16 on older GPUs, and full precision on CPU."""
-    if setting == "off":
-        return None
-    if setting == "bf16":
-        return torch.bfloat16
-    if setting == "fp16":
-        return torch.float16
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 # --------------------------------------------------------------------------- resume
@@ -468,7 +455,8 @@ def optimizer_step(run: Run) -> None:
 
 # --------------------------------------------------------------------------- validate
 def validate(run: Run) -> dict[str, float]:
-    """Loss and metrics over every validation sample, gathered from all ranks (same on each).
+    """Loss and metrics over every validation sample: each rank counts its share, the counts
+    are added across ranks (one all-reduce), and the metrics come from the totals.
 
     Runs on the unwrapped model: DDP's forward is a collective, and ranks may hold different
     numbers of evaluation batches.
@@ -476,23 +464,30 @@ def validate(run: Run) -> dict[str, float]:
     model = run.eval_model
     if not _synced_batchnorm(run.train, run.world):
         _sync_buffers(model, run.world)
-    predictions = predict_batches(model, run.val_loader, amp_dtype=run.amp_dtype)
-    predictions = gather_predictions(predictions)
-    if not len(predictions.labels):
+    counts = MetricCounts(len(run.classes), run.recipe.evaluate.threshold)
+    count_predictions(model, run.val_loader, counts, amp_dtype=run.amp_dtype)
+    counts = reduce_counts(counts, run.device)
+    if not counts.samples:
         raise EmptySplitError("the validation split is empty: give prepare.splits.val a share")
-    scores = classification_metrics(
-        predictions.labels, predictions.probs, run.recipe.evaluate.threshold
-    )
-    return {"loss": predictions.loss(), **scores}
+    return {"loss": counts.loss(), **counts.metrics()}
 
 
-def gather_predictions(local: Predictions) -> Predictions:
-    """Every rank's predictions, concatenated in rank order (the same result on every rank)."""
+def reduce_counts(local: MetricCounts, device: torch.device) -> MetricCounts:
+    """Every rank's counts added up, the same on every rank: one all-reduce of a vector of
+    C x C + 47 numbers; binary tasks also gather each sample's positive score (ROC/PR-AUC
+    need them), N floats, instead of every rank's N x C predictions as before."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
-    return Predictions.concatenate(parts)
+    vector = torch.from_numpy(local.to_vector()).to(device)
+    dist.all_reduce(vector)
+    total = MetricCounts(local.num_classes, local.threshold, local.bins)
+    total.from_vector(vector.cpu().numpy())
+    if local.binary:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local.binary_scores())
+        total.positive_labels = [labels for labels, _ in parts]
+        total.positive = [scores for _, scores in parts]
+    return total
 
 
 def epoch_row(run: Run, epoch: int, outcome: EpochOutcome, val: dict[str, float]) -> dict[str, Any]:
