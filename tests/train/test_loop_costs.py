@@ -268,3 +268,29 @@ def test_the_next_epoch_is_requested_from_the_loader_workers_before_validation(d
     # Reset for the new epoch (nothing received yet), its workers running, requests out.
     assert workers._rcvd_idx == 0 and all(workers._workers_status) and workers._send_idx > 0
     assert sum(1 for _ in batches) == first == len(loader)
+
+
+@pytest.mark.parametrize("sync_batchnorm", [True, False])
+def test_ddp_broadcasts_buffers_only_without_sync_batchnorm(digits_project, sync_batchnorm):
+    """Two ranks (rank 0 built here, no process group needed to build): SyncBatchNorm keeps
+    the ranks' statistics equal, so DDP is asked not to broadcast them before every forward."""
+    recipe, paths = digits_project
+    changes = {"train.sync_batchnorm": sync_batchnorm, "tracking.wandb.mode": "disabled"}
+    recipe = apply_overrides(recipe, changes, origin="test")
+    asked: list[bool] = []
+
+    class TwoRanks(ResumableSession):
+        world_size = 2
+
+        def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
+            asked.append(broadcast_buffers)
+            return model
+
+    threads = torch.get_num_threads()
+    try:
+        run = loop_module.build(build_loop_config(recipe, paths), TwoRanks(Path("unused")))
+    finally:
+        torch.set_num_threads(threads)
+    assert asked == [not sync_batchnorm]
+    synced = any(isinstance(m, nn.SyncBatchNorm) for m in run.model.modules())
+    assert synced == sync_batchnorm
