@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,8 @@ class WorkerShape:
     device_gpu: str = "true"  # ...its value asking for them...
     device_others: str = "auto or false"  # ...and its other values
     sync_batchnorm: bool = False  # needs GPUs when there is more than one worker
+    workers_key: str = ""  # the worker count's key, when not `<section>.workers`
+    workers_auto: bool = True  # whether that key takes `auto`
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class ClusterCapacity:
 
     alive: dict[str, float]
     autoscaler: dict[str, float] | None  # None: no autoscaler (a fixed cluster)
+    node_cpus: tuple[float, ...] = ()  # each alive node's CPUs (`workers: auto` without GPUs)
 
     def most(self, resource: str) -> float:
         alive = self.alive.get(resource, 0.0)
@@ -69,7 +72,64 @@ def cluster_capacity() -> ClusterCapacity:
         scaled = state.get_max_resources_from_cluster_config()
     except Exception:  # an older GCS without the autoscaler's config: treat as fixed
         scaled = None
-    return ClusterCapacity(alive, {k: float(v) for k, v in scaled.items()} if scaled else None)
+    node_cpus = tuple(
+        float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]
+    )
+    return ClusterCapacity(
+        alive, {k: float(v) for k, v in scaled.items()} if scaled else None, node_cpus
+    )
+
+
+Workers = int | str | tuple[int, int]  # a count, "auto", or an elastic (min, max)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many workers a job starts (a count, or (min, max) for an elastic run), on what."""
+
+    workers: int | tuple[int, int]
+    use_gpu: bool
+
+    @property
+    def fewest(self) -> int:
+        return self.workers[0] if isinstance(self.workers, tuple) else self.workers
+
+    @property
+    def most(self) -> int:
+        return self.workers[1] if isinstance(self.workers, tuple) else self.workers
+
+    def describe(self) -> str:
+        """E.g. '3 worker(s), GPU' or '1-2 worker(s), elastic, CPU'."""
+        device = "GPU" if self.use_gpu else "CPU"
+        if isinstance(self.workers, tuple):
+            return f"{self.fewest}-{self.most} worker(s), elastic, {device}"
+        return f"{self.workers} worker(s), {device}"
+
+
+Announce = Callable[[WorkerPlan], None] | None
+
+
+def plan_workers(
+    shape: WorkerShape, workers: Workers, use_gpu: bool, capacity: ClusterCapacity, where: str
+) -> int | tuple[int, int]:
+    """`workers` against the cluster: `auto` is one per GPU the cluster has or its autoscaler
+    can add (each `gpus_per_worker` whole GPUs), without GPUs one per alive node that has a
+    worker's CPUs; a number or an elastic range is kept as given."""
+    if workers != "auto":
+        return workers
+    if use_gpu:
+        count = int(capacity.most("GPU") // max(shape.gpus_per_worker, 1e-9))
+        found = f"{shape.gpus_per_worker:g} GPU(s) each, {capacity.describe('GPU')} GPUs"
+    else:
+        count = sum(cpus >= shape.cpus_per_worker for cpus in capacity.node_cpus)
+        found = f"nodes with {shape.cpus_per_worker:g} CPU(s): {count}"
+    if count < 1:
+        raise ClusterError(
+            f"{shape.section}.workers: auto finds no room for a worker on the Ray cluster "
+            f"{where} ({found}): add nodes, or lower {shape.section}.gpus_per_worker or "
+            f"{shape.section}.cpus_per_worker"
+        )
+    return count
 
 
 def resolve_use_gpu(shape: WorkerShape, capacity: ClusterCapacity, where: str) -> bool:
@@ -102,9 +162,27 @@ def check_capacity(
         if needed > most + 1e-9:
             raise ClusterError(
                 f"{workers} worker(s) need {needed:g} {resource} but the Ray cluster {where} "
-                f"has {capacity.describe(resource)}: lower {shape.section}.workers or "
-                f"{shape.section}.{resource.lower()}s_per_worker, or add nodes"
+                f"has {capacity.describe(resource)}: {_fit_advice(shape, resource, each, most)}"
             )
+
+
+def _fit_advice(shape: WorkerShape, resource: str, each: float, most: float) -> str:
+    """What makes the workers fit. Never a fraction of a GPU per worker: NCCL refuses two DDP
+    ranks on one GPU ("Duplicate GPU detected")."""
+    fits, key = int(most // each), shape.workers_key or f"{shape.section}.workers"
+    if resource == "GPU":
+        if most < 1:
+            return f"add GPU nodes, or set {shape.device_key}: {shape.device_others}"
+        if fits < 1:
+            return f"lower {shape.section}.gpus_per_worker to {int(most)}, or add GPU nodes"
+        # Only training's ranks can be elastic.
+        elastic = f", or [1, {fits}] to run elastic" if shape.section == "train" else ""
+        auto = " (or auto: one per GPU)" if shape.workers_auto else ""
+        return f"lower {key} to {fits}{auto}{elastic}, or add GPU nodes"
+    if fits < 1:
+        return f"lower {shape.section}.cpus_per_worker (to {most:g} at most), or add nodes"
+    auto = " (or auto)" if shape.workers_auto else ""
+    return f"lower {key} to {fits}{auto}, or {shape.section}.cpus_per_worker, or add nodes"
 
 
 def _probe() -> dict[str, Any]:
@@ -138,8 +216,20 @@ def probe_gpu_worker(shape: WorkerShape) -> CudaStatus:
 
 @contextmanager
 def worker_cluster(shape: WorkerShape, workers: int, address: str | None) -> Iterator[bool]:
+    """`worker_plan_cluster` for a fixed number of workers: yields whether they use GPUs."""
+    with worker_plan_cluster(shape, workers, address) as plan:
+        yield plan.use_gpu
+
+
+@contextmanager
+def worker_plan_cluster(
+    shape: WorkerShape, workers: Workers, address: str | None, announce: Announce = None
+) -> Iterator[WorkerPlan]:
     """Connected to the cluster the workers run on (`address`, RAY_ADDRESS, one this process
-    already joined, else a private one on this machine); yields whether they use GPUs.
+    already joined, else a private one on this machine); yields how many start (`workers`
+    resolved: auto counted, a range kept) and whether they use GPUs. `announce` gets the plan
+    as soon as it is made, before the GPU probe (which may refuse the run), so that what was
+    planned is said either way.
 
     A private cluster is decided before it starts, so that a misfit is one line without Ray's
     start-up output, and it is shut down on exit.
@@ -147,46 +237,67 @@ def worker_cluster(shape: WorkerShape, workers: int, address: str | None) -> Ite
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    cpus = int(workers * shape.cpus_per_worker)
+    given = 1 if workers == "auto" else workers
+    cpus = int((given[1] if isinstance(given, tuple) else given) * shape.cpus_per_worker)
     private = not (address or ray.is_initialized())
     if private:
-        use_gpu = decide_local_devices(shape, workers, max(os.cpu_count() or 1, cpus))
+        plan = plan_local_devices(shape, workers, max(os.cpu_count() or 1, cpus), announce)
     started_here = connect_ray(address, cpus)
     try:
-        yield use_gpu if private else decide_devices(shape, workers, address)
+        yield plan if private else plan_devices(shape, workers, address, announce)
     finally:
         if started_here:
             ray.shutdown()
 
 
 def decide_devices(shape: WorkerShape, workers: int, address: str | None) -> bool:
-    """Whether the workers use GPUs, decided from the connected cluster; checks that they fit
+    """Whether `workers` workers use GPUs (`plan_devices` for a fixed count)."""
+    return plan_devices(shape, workers, address).use_gpu
+
+
+def plan_devices(
+    shape: WorkerShape, workers: Workers, address: str | None, announce: Announce = None
+) -> WorkerPlan:
+    """How many workers on what, decided from the connected cluster; checks that they fit
     and, for GPUs, that CUDA starts where they will run. Call after `connect_ray`."""
     where = f"at {address}" if address else "(local)"
-    return _decide(shape, workers, cluster_capacity(), where, probe=probe_gpu_worker)
+    return _decide(shape, workers, cluster_capacity(), where, probe_gpu_worker, announce)
 
 
-def decide_local_devices(shape: WorkerShape, workers: int, cpus: int) -> bool:
+def plan_local_devices(
+    shape: WorkerShape, workers: Workers, cpus: int, announce: Announce = None
+) -> WorkerPlan:
     """The same decision for a private cluster on this machine, made before Ray starts: the
     GPUs are the ones Ray would find here (through the NVIDIA driver, so a GPU whose CUDA
     cannot start is still seen, and reported, rather than silently skipped)."""
-    capacity = ClusterCapacity({"CPU": float(cpus), "GPU": float(nvidia_gpus())}, None)
-    return _decide(shape, workers, capacity, "(local)", probe=_probe_here)
+    capacity = ClusterCapacity(
+        {"CPU": float(cpus), "GPU": float(nvidia_gpus())}, None, node_cpus=(float(cpus),)
+    )
+    return _decide(shape, workers, capacity, "(local)", _probe_here, announce)
 
 
 def _decide(
-    shape: WorkerShape, workers: int, capacity: ClusterCapacity, where: str, probe: Any
-) -> bool:
+    shape: WorkerShape,
+    workers: Workers,
+    capacity: ClusterCapacity,
+    where: str,
+    probe: Any,
+    announce: Announce = None,
+) -> WorkerPlan:
     use_gpu = resolve_use_gpu(shape, capacity, where)
-    if shape.sync_batchnorm and workers > 1 and not use_gpu:
+    plan = WorkerPlan(plan_workers(shape, workers, use_gpu, capacity, where), use_gpu)
+    if shape.sync_batchnorm and plan.most > 1 and not use_gpu:
         raise ClusterError(
             "train.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only) but "
             "this run trains on CPUs: set train.sync_batchnorm: false, or add GPU nodes"
         )
-    check_capacity(shape, workers, use_gpu, capacity, where)
+    # An elastic run starts with what is there, down to its minimum.
+    check_capacity(shape, plan.fewest, use_gpu, capacity, where)
+    if announce is not None:
+        announce(plan)
     if use_gpu:
         probe(shape)
-    return use_gpu
+    return plan
 
 
 def _probe_here(shape: WorkerShape) -> CudaStatus:

@@ -174,9 +174,18 @@ def _add_stage_commands(commands: argparse._SubParsersAction) -> None:
             work = "validate the images" if name == "prepare" else "write the shards"
             sub.add_argument(
                 "--address",
-                help=f"Ray cluster (HEAD:6379) to {work} on, as Ray tasks; each task gets its "
-                "images' bytes through Ray, so the nodes need no access to data/; the output "
-                "is byte-identical to a local run (default: RAY_ADDRESS, else local processes)",
+                help=f"Ray cluster (HEAD:6379) to {work} on, as Ray tasks; each task reads its "
+                "images from the project folder as the nodes see it (--shared-root) and "
+                + ("writes its tar there" if name == "shard" else "returns their facts")
+                + ": no image passes through this process; the output is byte-identical to a "
+                "local run (default: RAY_ADDRESS, else local processes)",
+            )
+            sub.add_argument(
+                "--shared-root",
+                metavar="PATH_OR_URL",
+                help="with --address: where every node sees this project's folder, a path on a "
+                "shared file system or an object-store URL holding its data/ (s3://bucket/proj); "
+                "default: the project folder's own path (shared at the same path, e.g. NFS)",
             )
         if name == "shard":
             sub.add_argument(
@@ -466,7 +475,8 @@ def _prepare_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePath
     from attnpipe.data.ray_tasks import cluster_address
 
     address = cluster_address(getattr(args, "address", None))
-    result = prepare(recipe, paths, progress=not args.no_progress, address=address)
+    shared = getattr(args, "shared_root", None)
+    result = prepare(recipe, paths, not args.no_progress, address, shared)
     print(format_data_report(result.report))
     print(f"manifest: {paths.manifest}  rejected: {paths.rejected}")
 
@@ -480,7 +490,8 @@ def _shard_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths)
     from attnpipe.data.shard import publish_shards, shard
 
     address = cluster_address(getattr(args, "address", None))
-    index = shard(recipe, paths, progress=not args.no_progress, address=address)
+    shared = getattr(args, "shared_root", None)
+    index = shard(recipe, paths, not args.no_progress, address, shared)
     for split, block in index["splits"].items():
         print(f"{split}: {block['samples']} samples in {len(block['shards'])} shard(s)")
     target = args.publish or recipe.shard.publish_to

@@ -298,8 +298,47 @@ Monitor = Literal[
 ]
 
 
+Workers = int | Literal["auto"] | tuple[int, int]
+
+
+def check_workers(value: Any) -> Any:
+    """`train.workers`: a number >= 1, `auto`, or an elastic range [min, max] with 1 <= min <=
+    max. Checked before pydantic's union, whose three-way error would not say what fits."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    if isinstance(value, list | tuple) and len(value) == 2:
+        low, high = value
+        whole = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if whole and 1 <= low <= high:
+            return (low, high)
+    raise ValueError(
+        f"expected a number of workers >= 1, auto (one per GPU, or per node without GPUs) "
+        f"or an elastic range [min, max] with 1 <= min <= max, got {value!r}"
+    )
+
+
+def check_gpus_per_worker(
+    gpus: float, workers: Any, key: str, workers_key: str, count: str
+) -> None:
+    """Several DDP ranks on one GPU fail in NCCL ("Duplicate GPU detected"): a fraction of a
+    GPU is only for a single rank (e.g. tune trials sharing a GPU, one rank each)."""
+    if 0 < gpus < 1 and workers != 1:
+        raise ValueError(
+            f"{key}: {gpus:g} would put several DDP ranks on one GPU, which NCCL refuses "
+            f'("Duplicate GPU detected"): keep {key}: 1 and set {workers_key} to {count}, '
+            f"or use a fraction only with {workers_key}: 1"
+        )
+    if gpus > 1 and gpus != int(gpus):
+        raise ValueError(f"{key}: a rank uses whole GPUs above 1, got {gpus:g}")
+
+
 class TrainConfig(Strict):
-    workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    workers: Workers = Field(
+        2,
+        description="Ray Train workers (DDP ranks): a number; auto: one per GPU the cluster has "
+        "or its autoscaler can add (one per node without GPUs); [min, max]: elastic, the run "
+        "goes on with fewer ranks (down to min) when nodes leave and grows back up to max",
+    )
     use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
@@ -340,6 +379,22 @@ class TrainConfig(Strict):
     checkpoints_to_keep: int = Field(2, ge=1)
     seed: int = 0
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_shape(cls, value: Any) -> Any:
+        return check_workers(value)
+
+    @model_validator(mode="after")
+    def _whole_gpus_per_rank(self) -> TrainConfig:
+        check_gpus_per_worker(
+            self.gpus_per_worker,
+            self.workers,
+            "train.gpus_per_worker",
+            "train.workers",
+            "the number of GPUs (or auto: one rank per GPU)",
+        )
+        return self
+
 
 class WandbConfig(Strict):
     mode: Literal["offline", "online", "disabled"] = "offline"
@@ -375,7 +430,7 @@ class EvaluateConfig(Strict):
     workers: int | Literal["auto"] = Field(
         "auto",
         description="with --address: Ray workers scoring the split; auto: one per GPU the "
-        "cluster has or can add, else one per node",
+        "cluster has or can add, else one per node with the CPUs for one",
     )
     cpus_per_worker: float | None = Field(None, gt=0, description="default: train's")
     gpus_per_worker: float | None = Field(None, ge=0, description="default: train's")
@@ -424,6 +479,17 @@ class TuneConfig(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0, description="used only when training on GPUs")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _whole_gpus_per_rank(self) -> TuneConfig:
+        check_gpus_per_worker(
+            self.gpus_per_worker,
+            self.workers_per_trial,
+            "tune.gpus_per_worker",
+            "tune.workers_per_trial",
+            "the GPUs each trial should use",
+        )
+        return self
 
 
 class Recipe(Strict):

@@ -143,11 +143,21 @@ def require_cuda(context: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
-    """'auto' means bf16 on GPUs that have it, fp16 on older GPUs, and full precision on CPU.
+# Mixed precision, shared by training and evaluation. `amp: auto` picks bf16 only where the GPU
+# computes it natively (compute capability 8.0 or newer: Ampere, Hopper, Blackwell). torch's
+# `is_bf16_supported()` also says yes on older GPUs (V100, T4) where bf16 is emulated, several
+# times slower than fp16; those run fp16 with the gradient scaler. CPUs run float32.
+NATIVE_BF16 = (8, 0)  # compute capability from which tensor cores take bf16
 
-    Shared by training and evaluation (`train.amp`), so both run the model in the same
-    precision."""
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU `device` has bf16 in hardware (by compute capability)."""
+    return tuple(torch.cuda.get_device_capability(device)) >= NATIVE_BF16
+
+
+def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
+    """`train.amp` on `device`: auto = bf16 on GPUs with native bf16, fp16 on older GPUs, full
+    precision on CPUs; off/bf16/fp16 as asked (the CPU runs bf16 autocast too)."""
     if setting == "off":
         return None
     if setting == "bf16":
@@ -156,7 +166,26 @@ def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
+def describe_amp(setting: str, dtype: torch.dtype | None, device: torch.device) -> str:
+    """One line saying what `train.amp` chose, and why when it was `auto`."""
+    chosen = {
+        None: "off (float32)",
+        torch.bfloat16: "bf16",
+        torch.float16: "fp16 with gradient scaling",
+    }[dtype]
+    if setting != "auto":
+        return f"mixed precision: {chosen} (train.amp: {setting})"
+    if device.type != "cuda":
+        return f"mixed precision: {chosen} (train.amp: auto, on CPUs)"
+    major, minor = torch.cuda.get_device_capability(device)
+    native = "has" if dtype == torch.bfloat16 else "has no"
+    return (
+        f"mixed precision: {chosen} (train.amp: auto; GPU compute capability {major}.{minor} "
+        f"{native} native bf16)"
+    )
 
 
 def memory_format_for(setting: bool | str, device: torch.device) -> torch.memory_format:

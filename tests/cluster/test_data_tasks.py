@@ -1,9 +1,10 @@
 """prepare and shard as Ray tasks on a two-node cluster write a local run's files, byte for byte.
 
 The raw folder includes unusable files (missing, empty, not an image, truncated), so the
-rejection reasons are compared too. Tasks get their images' bytes through Ray's object store;
-the nodes of `ray.cluster_utils.Cluster` share this machine's disk, but the tasks never read
-the project's files: the driver does, and writes every output itself.
+rejection reasons are compared too. Tasks read their images from the shared project folder
+themselves (the nodes of `ray.cluster_utils.Cluster` share this machine's disk, as NFS would)
+and `shard`'s tasks write their tars there; the bytes the driver sends to and receives from
+tasks are counted where tasks are submitted and collected (the trace records them).
 """
 
 from __future__ import annotations
@@ -111,6 +112,104 @@ def test_prepare_and_shard_on_two_nodes_match_a_local_run(
     index = json.loads((local.shards / "index.json").read_text())
     names = [entry["name"] for block in index["splits"].values() for entry in block["shards"]]
     assert sorted(task["name"] for task in _trace(trace, "shard")) == sorted(names)
+
+
+def _photos_project(root: Path, count: int) -> tuple[PipelinePaths, int]:
+    """Photo-sized JPEGs (500 x 375, ImageNet's most common size; noise over gradients) in the
+    cassava layout: (paths, the images' bytes)."""
+    import csv
+    import io
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    paths = PipelinePaths(root, "photos")
+    images = paths.raw / "train_images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:375, 0:500]
+    base = np.stack([x * 255 / 500, y * 255 / 375, (x + y) * 127 / 875], axis=-1)
+    total = 0
+    with (paths.raw / "train.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "label"])
+        for i in range(count):
+            pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+            total += (images / f"{i:03d}.jpg").write_bytes(buffer.getvalue())
+            writer.writerow([f"{i:03d}.jpg", i % 3])
+    (paths.raw / "label_num_to_disease_map.json").write_text('{"0": "a", "1": "b", "2": "c"}')
+    recipe = {
+        "source": {"kind": "kaggle-competition", "competition": "photos"},
+        "shard": {"image_size": 128, "maxcount": 16, "min_shards": 1},
+        "model": {"name": "resnet50"},
+    }
+    (root / "pipelines").mkdir()
+    (root / "pipelines" / "photos.yaml").write_text(yaml.safe_dump(recipe))
+    return paths, total
+
+
+@slow
+def test_the_driver_moves_under_one_percent_of_the_image_bytes(
+    two_nodes, tmp_path, monkeypatch, capsys
+):
+    """Counted: every task's arguments and result, as serialized for the object store. Then a
+    shared root the nodes cannot see fails in one line (on the same cluster: one start-up)."""
+    address, _ = two_nodes
+    local, image_bytes = _photos_project(tmp_path / "local", 60)
+    remote = PipelinePaths(tmp_path / "remote", "photos")
+    shutil.copytree(local.root, remote.root)
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("ATTNPIPE_TRACE_DIR", str(trace))
+    for stage in ("prepare", "shard"):
+        assert main(["--root", str(local.root), stage, "photos", "--no-progress"]) == 0
+        argv = ["--root", str(remote.root), stage, "photos", "--no-progress"]
+        assert main([*argv, "--address", address]) == 0
+    assert _digest(remote.shards) == _digest(local.shards)
+    assert remote.manifest.read_bytes() == local.manifest.read_bytes()
+    tasks = _trace(trace, "scan") + _trace(trace, "shard")
+    assert {t["kind"] for t in tasks} == {"scan", "shard"}
+    moved = sum(t["sent_bytes"] + t["received_bytes"] for t in tasks)
+    assert all(t["sent_bytes"] > 0 and t["received_bytes"] > 0 for t in tasks)
+    print(f"driver <-> tasks: {moved} bytes for {image_bytes} bytes of images")
+    assert moved < 0.01 * image_bytes, (moved, image_bytes)
+
+    capsys.readouterr()
+    argv = ["--root", str(remote.root), "prepare", "photos", "--no-progress", "--address", address]
+    assert main([*argv, "--shared-root", str(tmp_path / "not-shared")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("attnpipe: error: node ")
+    assert "cannot see" in error and "--shared-root" in error
+
+
+@slow
+def test_tasks_read_images_from_and_write_shards_to_object_storage(s3_bucket, two_nodes, tmp_path):
+    """--shared-root s3://...: the raw images are only on S3 (moto on loopback); the tasks
+    read them there and write the tars and offsets there, the same bytes as a local run."""
+    from attnpipe import storage
+
+    address, _ = two_nodes
+    local, _ = _photos_project(tmp_path / "local", 24)
+    remote = PipelinePaths(tmp_path / "remote", "photos")
+    shutil.copytree(local.root, remote.root)
+    root = s3_bucket.url("project")
+    for path in sorted(remote.raw.rglob("*")):
+        if path.is_file():
+            storage.upload_file(path, storage.join(root, path.relative_to(remote.root).as_posix()))
+    shutil.rmtree(remote.raw / "train_images")  # the tasks cannot read them from here
+    for stage in ("prepare", "shard"):
+        assert main(["--root", str(local.root), stage, "photos", "--no-progress"]) == 0
+        argv = ["--root", str(remote.root), stage, "photos", "--no-progress"]
+        assert main([*argv, "--address", address, "--shared-root", root]) == 0
+    assert remote.manifest.read_bytes() == local.manifest.read_bytes()
+    published = storage.join(root, "data", "photos", "shards")
+    expected = {p.name: p.stat().st_size for p in local.shards.iterdir()}
+    assert storage.list_files(published) == expected
+    for name in expected:
+        data = storage.read_bytes(storage.join(published, name))
+        assert data == (local.shards / name).read_bytes(), name
 
 
 @slow

@@ -73,7 +73,8 @@ def test_publish_to_a_shared_folder(digits_project, tmp_path):
     _, paths = digits_project
     target = tmp_path / "shared" / "digits"
     index = publish_shards(paths.shards, str(target))
-    names = {e["name"] for b in index["splits"].values() for e in b["shards"]}
+    entries = [e for b in index["splits"].values() for e in b["shards"]]
+    names = {e["name"] for e in entries} | {e["offsets_file"] for e in entries}
     assert names | {"index.json"} == {p.name for p in target.iterdir()}
     for name in names:
         assert (target / name).read_bytes() == (paths.shards / name).read_bytes()

@@ -30,7 +30,7 @@ from attnpipe.data.loaders import (
     split_info,
     steps_per_epoch,
 )
-from attnpipe.data.shard import ShardJob, publish_shards, write_shard
+from attnpipe.data.shard import ShardJob, build_index, publish_shards, write_shard
 
 CLASSES = ["a", "b", "c"]
 SHARDS = 40
@@ -65,14 +65,8 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
             )
             number += 1
         job = ShardJob(out / f"train-{shard_number:05d}.tar", rows, root, None, "png", 90, 10**8)
-        entry = write_shard(job)
-        entry["classes"] = {CLASSES[int(k)]: v for k, v in sorted(entry["classes"].items())}
-        entries.append(entry)
-    index = {
-        "format": "png",
-        "classes": CLASSES,
-        "splits": {"train": {"samples": sum(counts), "shards": entries}},
-    }
+        entries.append(("train", write_shard(job)))
+    index = build_index("png", CLASSES, entries)
     (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
 
@@ -254,7 +248,7 @@ def test_streams_read_shards_of_an_index_without_offsets(tiny_shards, tmp_path):
     index = json.loads((tiny_shards / "index.json").read_text())
     for entry in index["splits"]["train"]["shards"]:
         (old / entry["name"]).write_bytes((tiny_shards / entry["name"]).read_bytes())
-        del entry["offsets"], entry["end_offset"]
+        del entry["offsets_file"]  # and the side files are not copied
     (old / "index.json").write_text(json.dumps(index))
     new_entries = split_info(tiny_shards, "train").shards[:7]
     old_entries = split_info(old, "train").shards[:7]
@@ -269,9 +263,62 @@ def test_streams_read_shards_of_an_index_without_offsets(tiny_shards, tmp_path):
             assert got == want and got
 
 
+def test_an_index_with_inline_offsets_still_reads_the_same(tiny_shards, tmp_path):
+    """Indexes written before the side files (offsets inside index.json) still load."""
+    inline = tmp_path / "inline"
+    inline.mkdir()
+    index = json.loads((tiny_shards / "index.json").read_text())
+    for entry in index["splits"]["train"]["shards"]:
+        (inline / entry["name"]).write_bytes((tiny_shards / entry["name"]).read_bytes())
+        values = np.frombuffer((tiny_shards / entry.pop("offsets_file")).read_bytes(), "<i8")
+        entry["offsets"], entry["end_offset"] = values[:-1].tolist(), int(values[-1])
+    (inline / "index.json").write_text(json.dumps(index))
+    for rank in range(3):
+        got = _stream(split_info(inline, "train").shards, rank, 3, train=True, seed=2)
+        want = _stream(split_info(tiny_shards, "train").shards, rank, 3, train=True, seed=2)
+        assert [i for *_, i in got.samples(False, 4)] == [i for *_, i in want.samples(False, 4)]
+
+
+def test_a_rank_reads_only_its_shards_offsets_from_a_small_index(tiny_shards, monkeypatch):
+    """index.json holds no per-sample data; each reader loads the side files of the shards
+    its segments touch, and no others."""
+    import attnpipe.data.shard_index as shard_index
+
+    index_bytes = (tiny_shards / "index.json").stat().st_size
+    assert index_bytes < 200 * SHARDS  # names, counts, sizes: nothing per sample
+    read: list[str] = []
+    real = shard_index.read_offsets
+    monkeypatch.setattr(
+        shard_index,
+        "read_offsets",
+        lambda url, n: read.append(url.rsplit("/", 1)[1]) or real(url, n),
+    )
+    shards = split_info(tiny_shards, "train").shards
+    stream = _stream(shards, 5, 8, train=False)
+    segments = stream.plan().segments(5, 0)
+    assert len(list(stream.samples(False))) == sum(s.stop - s.start for s in segments)
+    wanted = sorted({Path(shards[s.shard].url).with_suffix(".idx").name for s in segments})
+    assert sorted(read) == wanted and len(wanted) < SHARDS / 4
+
+
+def test_a_side_file_that_does_not_match_its_index_is_one_clear_error(tiny_shards, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in tiny_shards.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    side = copy / "train-00000.idx"
+    side.write_bytes(side.read_bytes()[:-8])
+    entry = split_info(copy, "train").shards[0]
+    with pytest.raises(ShardFormatError, match=r"offsets for .* samples.*re-run `attnpipe shard`"):
+        list(loaders.read_samples(entry, 0, 2))
+    side.unlink()
+    with pytest.raises(ShardFormatError, match=r"train-00000.idx is missing: re-run"):
+        list(loaders.read_samples(entry, 0, 2))
+
+
 @pytest.mark.parametrize("wrong", ["inside a member", "another sample"])
 def test_a_shard_that_does_not_match_its_offsets_is_an_error(tiny_shards, wrong):
-    entry = split_info(tiny_shards, "train").shards[0]
+    entry = split_info(tiny_shards, "train").shards[0].with_offsets()
     offsets = list(entry.offsets)
     # One block past a header is inside its member; the next sample's offset loses one sample.
     offsets[2] = offsets[2] + 512 if wrong == "inside a member" else offsets[3]

@@ -176,7 +176,7 @@ def test_the_decisions_by_hand():
     assert resolve_use_gpu(shape(use_gpu=False), later, "x") is False
     with pytest.raises(ClusterError, match=r"train.use_gpu is true but .* has no GPUs"):
         resolve_use_gpu(shape(use_gpu=True), none, "x")
-    with pytest.raises(ClusterError, match=r"need 16 GPU.*lower train.workers or train.gpus_per"):
+    with pytest.raises(ClusterError, match=r"need 16 GPU.*add GPU nodes, or set train.use_gpu"):
         check_capacity(shape(gpus_per_worker=1), 16, True, ClusterCapacity({"CPU": 64}, None), "x")
     check_capacity(shape(cpus_per_worker=4), 2, True, later, "x")
 

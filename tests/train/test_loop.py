@@ -83,9 +83,10 @@ def test_ema_keeps_batchnorm_statistics_of_its_own(ema_run):
     assert not torch.equal(ema[key], model[key.removeprefix("module.")])
 
 
-def test_accumulation_schedule_ends_on_its_last_step(digits_project, tmp_path):
+def test_accumulation_schedule_ends_on_its_last_step(digits_project, tmp_path, capfd):
     """1,257 training images, batch 32: 39 batches, groups of 4 -> 10 optimizer steps per
-    epoch (the last group holds 3 batches and still steps), cosine over exactly those."""
+    epoch (the last group holds 3 batches and still steps), cosine over exactly those.
+    The AMP choice is printed once, at the start."""
     session, saved = _run(
         digits_project,
         tmp_path,
@@ -94,6 +95,8 @@ def test_accumulation_schedule_ends_on_its_last_step(digits_project, tmp_path):
         schedule={"name": "cosine", "warmup_epochs": 0},
     )
     assert saved["schedule_step"] == 2 * 10
+    said = [line for line in capfd.readouterr().out.splitlines() if "mixed precision" in line]
+    assert said == ["mixed precision: off (float32) (train.amp: auto, on CPUs)"]
     lrs = [row["lr"] for row in session.reports]
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)  # after its last step: the end
     # The rate during the last step was still above zero (the old schedule hit 0 early).
@@ -163,6 +166,23 @@ def test_a_resumed_run_keeps_its_place_on_another_world_size():
     on_16.set_position(3)
     assert on_2.factor() == pytest.approx(on_16.factor())
     assert on_16.get_last_lr()[0] == pytest.approx(8 * on_2.get_last_lr()[0])
+
+
+def test_the_position_follows_samples_seen_not_the_step_count():
+    """An elastic run: 2 epochs on 2 ranks (1,257 samples, batch 32: 19 batches each, 1,216
+    samples an epoch), then on 1 rank (39 batches, 1,248 samples an epoch). It resumes where
+    2,432 samples put it, 2,432 / 1,248 of an epoch of 39 steps: step 76, not 2 x 39 = 78."""
+    from attnpipe.config import ScheduleConfig
+    from attnpipe.train.loop import epoch_samples
+
+    assert epoch_samples(1257, 2, 32) == 1216 and epoch_samples(1257, 1, 32) == 1248
+    assert epoch_samples(5, 2, 32) == 4  # a tiny split: one batch of samples // world each
+    param = nn.Parameter(torch.zeros(1))
+    schedule = LrSchedule(torch.optim.SGD([param], lr=1.0), ScheduleConfig(), 0.1, 39, 4)
+    schedule.set_position_by_samples(2 * 1216, 1248)
+    assert schedule.step_count == 76
+    schedule.set_position_by_samples(2 * 1248, 1248)  # the same world size: whole epochs
+    assert schedule.step_count == 78
 
 
 def test_checkpoint_holds_every_generator_and_restores_the_cuda_one(monkeypatch, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from attnpipe import storage
 from attnpipe.errors import AttnpipeError
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -32,19 +33,21 @@ class ImageInfo:
     bytes: int
 
 
-def load_rgb(path: Path, max_pixels: int, draft_size: int | None = None) -> Image.Image:
-    """Fully decode `path` as an upright 8-bit RGB image or raise `BadImage`.
+def load_rgb(path: Path | str, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """Fully decode `path` (a local path or an object-store URL) as an upright 8-bit RGB image
+    or raise `BadImage`.
 
     `draft_size` lets JPEG decoding skip resolution it does not need (DCT scaling): the result
     is at least that large on its shorter side, so shard-time resizing reads far fewer pixels.
     """
-    image, _ = _open(path, max_pixels, draft_size)
+    image, _ = _open(path, max_pixels, draft_size, data=read_image_bytes(path))
     return image
 
 
-def inspect(path: Path, max_pixels: int) -> ImageInfo:
-    """Validate `path` by decoding it fully; return its facts or raise `BadImage`."""
-    data = _read_bytes(path)
+def inspect(path: Path | str, max_pixels: int) -> ImageInfo:
+    """Validate `path` (a local path or an object-store URL) by decoding it fully; return its
+    facts or raise `BadImage`."""
+    data = read_image_bytes(path)
     image, original = _open(path, max_pixels, None, data=data)
     return ImageInfo(
         width=image.width,
@@ -56,9 +59,14 @@ def inspect(path: Path, max_pixels: int) -> ImageInfo:
     )
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_image_bytes(location: Path | str) -> bytes:
+    """The file's bytes, or `BadImage` saying why there are none (the same reasons for a local
+    path and an object-store URL)."""
     try:
-        data = path.read_bytes()
+        if storage.is_url(location):
+            data = storage.read_bytes(location)
+        else:
+            data = storage.local_path(location).read_bytes()
     except FileNotFoundError:
         raise BadImage("missing file") from None
     except OSError as error:
@@ -69,12 +77,12 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _open(
-    path: Path, max_pixels: int, draft_size: int | None, data: bytes | None = None
+    path: Path | str, max_pixels: int, draft_size: int | None, data: bytes | None = None
 ) -> tuple[Image.Image, Image.Image]:
     import io
 
     if data is None:
-        data = _read_bytes(path)
+        data = read_image_bytes(path)
     try:
         original = Image.open(io.BytesIO(data))
         if original.width * original.height > max_pixels:

@@ -26,7 +26,7 @@ MELANOMA_IMAGES = "512x512-dataset-melanoma/512x512-dataset-melanoma"
 MELANOMA_CLASSES = {"0": "benign", "1": "melanoma"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no per-record __dict__: a million records, 100 MB less
 class RawRecord:
     """One labelled row of a raw dataset. `label` is the raw label text, not yet an index."""
 

@@ -94,6 +94,7 @@ def read_samples(shard: ShardEntry, start: int, stop: int) -> Iterator[dict[str,
     """
     if start >= stop:
         return
+    shard = shard.with_offsets()  # a compact index: this shard's side file, and no other
     if shard.offsets is None:
         stream, length, skip, last = open_shard(shard.url), None, start, stop
     else:
@@ -159,7 +160,7 @@ class ShardStream(IterableDataset):
         self._epoch = torch.tensor(epoch, dtype=torch.int64).share_memory_()
         if train:
             train_batches(self.samples_total, world_size, 1)  # fails early on too few samples
-        if any(s.offsets is None for s in self.shards):
+        if not all(s.has_offsets for s in self.shards):
             warnings.warn(
                 "index.json has no sample offsets (written by an older attnpipe): every reader "
                 "reads its shards from the start; re-run `attnpipe shard` to read only shares",

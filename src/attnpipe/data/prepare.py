@@ -9,13 +9,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
+import sys
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -56,11 +56,13 @@ class PrepareError(AttnpipeError, ValueError):
     """The dataset cannot be prepared as the recipe asks; the message says what to fix."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
+    """A usable image: its record, class index, and its row in the scan's `ScanFacts`."""
+
     record: RawRecord
     label: int
-    info: ImageInfo
+    row: int
 
 
 @dataclass(frozen=True)
@@ -79,28 +81,30 @@ class PrepareResult:
 
 
 def prepare(
-    recipe: Recipe, paths: PipelinePaths, progress: bool = True, address: str | None = None
+    recipe: Recipe,
+    paths: PipelinePaths,
+    progress: bool = True,
+    address: str | None = None,
+    shared_root: str | None = None,
 ) -> PrepareResult:
     """Run the whole stage for one pipeline and write its outputs.
 
-    With `address`, the images are validated by Ray tasks on that cluster (see `ray_tasks`);
-    the files written are the same, byte for byte.
+    With `address`, the images are validated by Ray tasks on that cluster, each reading its
+    images from the project folder as the nodes see it (`shared_root`, see `ray_tasks`); the
+    files written are the same, byte for byte.
     """
     config = recipe.prepare
     index = read_layout(recipe, paths.raw)
-    labelled = _resolve_labels(index, origin=str(paths.raw))
-    images = [record.path for record, _ in labelled]
-    infos = scan_images(images, config.max_pixels, config.workers, progress, address)
-
-    good: list[Sample] = []
-    rejected: list[Rejection] = []
-    for (record, label), info in zip(labelled, infos, strict=True):
-        if isinstance(info, BadImage):
-            rejected.append(Rejection(record.image_id, _rel(record.path, paths.root), info.reason))
-        else:
-            good.append(Sample(record, label, info))
-
-    total = len(labelled)
+    labels = _resolve_labels(index, origin=str(paths.raw))
+    images = [record.path for record in index.records]
+    shared = SharedProject(
+        ray_tasks.shared_root(paths.root, shared_root), paths.root, _rel(paths.raw, paths.root)
+    )
+    facts = scan_images(images, config.max_pixels, config.workers, progress, address, shared)
+    del images
+    total = len(labels)
+    good, rejected = _sort_out(index.records, labels, facts, paths.root)
+    del labels
     if total and len(rejected) / total > config.max_reject_fraction:
         _write_rejected(paths.rejected, rejected)
         raise PrepareError(
@@ -110,7 +114,7 @@ def prepare(
         )
 
     kept, duplicates = _drop_duplicates(
-        good, config.duplicates, official_test=config.test_split == "official"
+        good, config.duplicates, facts, official_test=config.test_split == "official"
     )
     rejected.extend(
         Rejection(dup.record.image_id, _rel(dup.record.path, paths.root), reason)
@@ -141,7 +145,7 @@ def prepare(
         seed=config.seed,
     )
 
-    _write_manifest(paths, kept, splits, folds, index.class_names)
+    _write_manifest(paths, kept, splits, folds, index.class_names, facts)
     release(paths.classes)
     paths.classes.write_text(json.dumps({"classes": index.class_names}, indent=2) + "\n")
     _write_rejected(paths.rejected, rejected)
@@ -153,8 +157,23 @@ def prepare(
     return PrepareResult(len(kept), len(rejected) - len(duplicates), len(duplicates), report)
 
 
+def _sort_out(
+    records: list[RawRecord], labels: np.ndarray, facts: ScanFacts, root: Path
+) -> tuple[list[Sample], list[Rejection]]:
+    """The usable images, and why each other one is not."""
+    good: list[Sample] = []
+    rejected: list[Rejection] = []
+    for row, (record, label) in enumerate(zip(records, labels.tolist(), strict=True)):
+        if row in facts.bad:
+            rejected.append(Rejection(record.image_id, _rel(record.path, root), facts.bad[row]))
+        else:
+            good.append(Sample(record, label, row))
+    return good, rejected
+
+
 # --------------------------------------------------------------------------- labels
-def _resolve_labels(index: RawIndex, origin: str) -> list[tuple[RawRecord, int]]:
+def _resolve_labels(index: RawIndex, origin: str) -> np.ndarray:
+    """Each record's class index (int32, in record order)."""
     by_value = {value: i for i, value in enumerate(index.label_values)}
     unknown = [
         (line, r) for line, r in enumerate(index.records, start=2) if r.label not in by_value
@@ -166,7 +185,7 @@ def _resolve_labels(index: RawIndex, origin: str) -> list[tuple[RawRecord, int]]
             f"{origin}: {len(unknown)} row(s) have labels outside the label map "
             f"{index.label_values}: {shown}{more}; fix the labels or the label map"
         )
-    return [(r, by_value[r.label]) for r in index.records]
+    return np.fromiter((by_value[r.label] for r in index.records), np.int32, len(index.records))
 
 
 # --------------------------------------------------------------------------- scanning
@@ -176,32 +195,44 @@ def scan_images(
     workers: int = 0,
     progress: bool = True,
     address: str | None = None,
-) -> list[ImageInfo | BadImage]:
-    """Decode every image in parallel processes, or as Ray tasks on the cluster at `address`.
+    shared: SharedProject | None = None,
+) -> ScanFacts:
+    """Decode every image in parallel processes, or as Ray tasks on the cluster at `address`
+    (reading the images from `shared`: by default the folder above the first image's).
 
-    Each result is the image's facts or why it is bad.
+    Each image's facts or why it is bad, columnar: chunks of `SCAN_TASK_IMAGES` images go to
+    the workers as names and come back as a few arrays (no per-image objects cross processes,
+    and a million images' facts take tens of MB, not hundreds).
     """
     workers = workers or os.cpu_count() or 1
-    chunksize = max(1, min(64, len(paths) // (workers * 8) or 1))
     bar = tqdm(total=len(paths), desc="scan images", unit="img", disable=not progress)
-    results: list[ImageInfo | BadImage] = []
     with bar:
         if address:
-            return _scan_on_ray(paths, max_pixels, address, bar)
+            if shared is None:  # the folder holding every image, as the nodes see it
+                folders = [p.resolve().parent for p in paths] or [Path.cwd()]
+                root = Path(os.path.commonpath(folders))
+                shared = SharedProject(str(root), root, ".")
+            return _scan_on_ray(paths, max_pixels, address, bar, shared)
+        names = [str(path) for path in paths]
+        chunks = [names[i : i + SCAN_TASK_IMAGES] for i in range(0, len(names), SCAN_TASK_IMAGES)]
+        parts: list[ScanFacts] = []
         if workers == 1 or len(paths) < SEQUENTIAL_BELOW:
-            for path in paths:
-                results.append(_scan_one(path, max_pixels))
-                bar.update()
+            for chunk in chunks:
+                parts.append(_scan_chunk(chunk, max_pixels))
+                bar.update(len(chunk))
         else:
             with ProcessPoolExecutor(workers) as pool:
-                jobs = pool.map(_scan_one, paths, [max_pixels] * len(paths), chunksize=chunksize)
-                for result in jobs:
-                    results.append(result)
-                    bar.update()
-    return results
+                for facts in pool.map(_scan_chunk, chunks, [max_pixels] * len(chunks)):
+                    parts.append(facts)
+                    bar.update(len(facts.modes))
+    return ScanFacts.concat(parts)
 
 
-def _scan_one(path: Path, max_pixels: int) -> ImageInfo | BadImage:
+def _scan_chunk(names: list[str], max_pixels: int) -> ScanFacts:
+    return ScanFacts.of([_scan_one(name, max_pixels) for name in names])
+
+
+def _scan_one(path: Path | str, max_pixels: int) -> ImageInfo | BadImage:
     try:
         return inspect(path, max_pixels)
     except BadImage as bad:
@@ -209,48 +240,97 @@ def _scan_one(path: Path, max_pixels: int) -> ImageInfo | BadImage:
 
 
 def _scan_on_ray(
-    paths: Sequence[Path], max_pixels: int, address: str, bar: tqdm
-) -> list[ImageInfo | BadImage]:
-    """Chunks of images as Ray tasks: their bytes go in, their facts (or reasons) come back.
+    paths: Sequence[Path], max_pixels: int, address: str, bar: tqdm, shared: SharedProject
+) -> ScanFacts:
+    """Chunks of images as Ray tasks: their names go in, their facts (or reasons) come back.
 
-    A file the driver cannot read is scanned here instead: it fails at reading, with the
-    reason a local run gives.
+    Each task reads its images from the shared project folder itself; the driver never
+    touches an image's bytes.
     """
     chunks = [
         range(i, min(i + SCAN_TASK_IMAGES, len(paths)))
         for i in range(0, len(paths), SCAN_TASK_IMAGES)
     ]
-    results: list[ImageInfo | BadImage | None] = [None] * len(paths)
+    results: list[ScanFacts | None] = [None] * len(chunks)
     nodes = set()
-    inputs = (([ray_tasks.read_or_none(paths[i]) for i in chunk], max_pixels) for chunk in chunks)
-    for position, (infos, node) in ray_tasks.run_tasks(_scan_task, inputs, address):
-        for i, info in zip(chunks[position], infos, strict=True):
-            results[i] = info if info is not None else _scan_one(paths[i], max_pixels)
-        bar.update(len(chunks[position]))
+    inputs = (
+        (shared.root, [shared.name(paths[i]) for i in chunk], max_pixels, shared.probe)
+        for chunk in chunks
+    )
+    for done in ray_tasks.run_tasks(_scan_task, inputs, address):
+        facts, node = done.result
+        chunk = chunks[done.position]
+        results[done.position] = facts
+        bar.update(len(chunk))
         nodes.add(node)
-        ray_tasks.trace_task("scan", f"{chunks[position].start}-{chunks[position].stop}", node)
+        ray_tasks.trace_task("scan", f"{chunk.start}-{chunk.stop}", done, node)
     bar.write(f"scanned {len(paths)} image(s) with Ray tasks on {len(nodes)} node(s) of {address}")
-    return cast(list[ImageInfo | BadImage], results)  # every chunk answered: no None left
+    return ScanFacts.concat(cast(list[ScanFacts], results))  # every chunk answered
 
 
-def _scan_task(
-    blobs: list[bytes | None], max_pixels: int
-) -> tuple[list[ImageInfo | BadImage | None], str]:
-    """On a node: each image's bytes staged as a file and inspected as a local run does."""
-    infos: list[ImageInfo | BadImage | None] = []
-    with tempfile.TemporaryDirectory(prefix="attnpipe-scan-") as folder:
-        staged = Path(folder) / "image"
-        for blob in blobs:
-            if blob is None:
-                infos.append(None)  # the driver could not read it: it says why
-                continue
-            staged.write_bytes(blob)
-            infos.append(_scan_one(staged, max_pixels))
-    return infos, ray_tasks.node_id()
+@dataclass(frozen=True)
+class SharedProject:
+    """The project folder as the cluster's nodes see it (`ray_tasks.shared_root`)."""
+
+    root: str  # a path on a shared file system, or an object-store URL
+    project_root: Path  # the same folder on the driver
+    probe: str  # a folder every node must see (the raw images'), relative to the root
+
+    def name(self, path: Path) -> str:
+        return _rel(path, self.project_root)
+
+
+@dataclass(frozen=True)
+class ScanFacts:
+    """A chunk's image facts, columnar (about 60 bytes an image through the object store,
+    where a list of `ImageInfo` objects pickles to 250)."""
+
+    sizes: np.ndarray  # int64 (width, height, bytes) per image
+    digests: bytes  # 32 raw bytes of sha256 per image
+    modes: list[str]
+    formats: list[str]
+    bad: dict[int, str]  # position in the chunk -> why the image is unusable
+
+    @classmethod
+    def of(cls, infos: Sequence[ImageInfo | BadImage]) -> ScanFacts:
+        good = [info if isinstance(info, ImageInfo) else None for info in infos]
+        return cls(
+            sizes=np.array([(i.width, i.height, i.bytes) if i else (0, 0, 0) for i in good]),
+            digests=b"".join(bytes.fromhex(i.sha256) if i else bytes(32) for i in good),
+            modes=[sys.intern(i.mode) if i else "" for i in good],
+            formats=[sys.intern(i.format) if i else "" for i in good],
+            bad={n: info.reason for n, info in enumerate(infos) if isinstance(info, BadImage)},
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[ScanFacts]) -> ScanFacts:
+        bad, start = {}, 0
+        for part in parts:
+            bad.update({start + n: reason for n, reason in part.bad.items()})
+            start += len(part.modes)
+        return cls(
+            sizes=np.concatenate([p.sizes.reshape(-1, 3) for p in parts] or [np.zeros((0, 3))]),
+            digests=b"".join(p.digests for p in parts),
+            modes=[mode for p in parts for mode in p.modes],
+            formats=[fmt for p in parts for fmt in p.formats],
+            bad=bad,
+        )
+
+    def sha256(self, row: int) -> str:
+        return self.digests[32 * row : 32 * row + 32].hex()
+
+
+def _scan_task(root: str, names: list[str], max_pixels: int, probe: str) -> tuple[ScanFacts, str]:
+    """On a node: each image read from the shared project folder and inspected as a local run
+    does (the same reasons for a bad one)."""
+    infos = [_scan_one(ray_tasks.shared_location(root, name), max_pixels) for name in names]
+    if any(isinstance(info, BadImage) and info.reason == "missing file" for info in infos):
+        ray_tasks.check_visible(root, probe)  # a node without the shared folder is not "missing"
+    return ScanFacts.of(infos), ray_tasks.node_id()
 
 
 def _drop_duplicates(
-    samples: list[Sample], policy: str, official_test: bool = False
+    samples: list[Sample], policy: str, facts: ScanFacts, official_test: bool = False
 ) -> tuple[list[Sample], list[tuple[Sample, str]]]:
     """Keep the first (by id) of each set of byte-identical files; say why each other went.
 
@@ -261,10 +341,11 @@ def _drop_duplicates(
     def is_test(sample: Sample) -> bool:
         return official_test and sample.record.split == "test"
 
-    first_by_hash: dict[str, Sample] = {}
+    first_by_hash: dict[bytes, Sample] = {}
     kept, duplicates = [], []
     for sample in sorted(samples, key=lambda s: (not is_test(s), s.record.image_id)):
-        first = first_by_hash.setdefault(sample.info.sha256, sample)
+        digest = facts.digests[32 * sample.row : 32 * sample.row + 32]
+        first = first_by_hash.setdefault(digest, sample)
         if first is sample or is_test(sample):
             kept.append(sample)
             continue
@@ -408,26 +489,31 @@ def _write_manifest(
     splits: list[str],
     folds: list[int],
     class_names: list[str],
+    facts: ScanFacts,
 ) -> None:
-    rows = sorted(zip(samples, splits, folds, strict=True), key=lambda t: t[0].record.image_id)
-    columns = {
-        "id": [s.record.image_id for s, _, _ in rows],
-        "path": [_rel(s.record.path, paths.root) for s, _, _ in rows],
-        "label": [s.label for s, _, _ in rows],
-        "class_name": [class_names[s.label] for s, _, _ in rows],
-        "group": [s.record.group for s, _, _ in rows],
-        "split": [split for _, split, _ in rows],
-        "fold": [fold for _, _, fold in rows],
-        "sha256": [s.info.sha256 for s, _, _ in rows],
-        "bytes": [s.info.bytes for s, _, _ in rows],
-        "width": [s.info.width for s, _, _ in rows],
-        "height": [s.info.height for s, _, _ in rows],
-        "mode": [s.info.mode for s, _, _ in rows],
-        "format": [s.info.format for s, _, _ in rows],
+    """One column at a time (each Python list lives only until it is an Arrow array)."""
+    order = sorted(range(len(samples)), key=lambda i: samples[i].record.image_id)
+    rows = np.array([samples[i].row for i in order], dtype=np.int64)
+    sizes = facts.sizes.reshape(-1, 3)[rows]
+    columns: dict[str, Callable[[], Any]] = {
+        "id": lambda: [samples[i].record.image_id for i in order],
+        "path": lambda: [_rel(samples[i].record.path, paths.root) for i in order],
+        "label": lambda: [samples[i].label for i in order],
+        "class_name": lambda: [class_names[samples[i].label] for i in order],
+        "group": lambda: [samples[i].record.group for i in order],
+        "split": lambda: [splits[i] for i in order],
+        "fold": lambda: [folds[i] for i in order],
+        "sha256": lambda: [facts.sha256(row) for row in rows],
+        "bytes": lambda: sizes[:, 2],
+        "width": lambda: sizes[:, 0],
+        "height": lambda: sizes[:, 1],
+        "mode": lambda: [facts.modes[row] for row in rows],
+        "format": lambda: [facts.formats[row] for row in rows],
     }
+    arrays = [pa.array(columns[f.name](), type=f.type) for f in MANIFEST_SCHEMA]
     paths.manifest.parent.mkdir(parents=True, exist_ok=True)
     release(paths.manifest)
-    table = pa.table(columns, schema=MANIFEST_SCHEMA)
+    table = pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
     pq.write_table(table, paths.manifest, compression="zstd")
 
 

@@ -1,10 +1,13 @@
 """Data jobs as Ray tasks on a cluster (`shard --address`, `prepare --address`).
 
-Nodes do not share the driver's disk. A task receives what it needs through Ray's object store
-(the raw bytes of its images), stages them in a temporary folder on its node, runs the same
-function a local run does, and sends its results back; the driver writes every output file
-itself, so the outputs are byte-identical to a local run's. The driver submits a bounded number
-of tasks at a time, so it never holds more than those tasks' inputs in memory.
+Nothing funnels through the driver: a task reads its raw images from shared storage itself (the
+project folder as every node sees it: the same path on a shared file system, or an
+object-store URL that mirrors it, `--shared-root`), and `shard`'s tasks write their tars to
+the destination themselves. The driver sends each task a plan (names, a slice of the manifest)
+and gets back small results (image facts, a shard's index entry). Every argument and result is
+measured where tasks are submitted and collected (`TaskDone.sent`, `.received`), so the bytes
+through the driver are counted, not assumed. The driver submits a bounded number of tasks at a
+time.
 """
 
 from __future__ import annotations
@@ -12,15 +15,32 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from attnpipe import storage
 from attnpipe.errors import AttnpipeError
 from attnpipe.raycluster import check_reachable, ray_connection
 
 # Set to a folder to have the driver record which node ran each task (as training's trace).
 TRACE_ENV = "ATTNPIPE_TRACE_DIR"
 IN_FLIGHT_PER_CPU = 2  # tasks queued per cluster CPU: keeps every CPU busy, bounds the memory
+
+
+class SharedStorageError(AttnpipeError, RuntimeError):
+    """A task cannot see the project folder where the driver said it is."""
+
+
+@dataclass(frozen=True)
+class TaskDone:
+    """One finished task: its place in the arguments, its result, and the bytes of its
+    arguments (`sent`) and result (`received`) as serialized for the object store."""
+
+    position: int
+    result: Any
+    sent: int
+    received: int
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -35,10 +55,31 @@ def cluster_address(address: str | None) -> str | None:
     return address
 
 
+def shared_root(project_root: Path, given: str | None) -> str:
+    """Where every node sees the project folder: `given` (a path or an object-store URL),
+    else the project root's own absolute path (a shared file system mounted at the same path)."""
+    if given:
+        return given.rstrip("/") if storage.is_url(given) else str(Path(given).absolute())
+    return str(project_root.resolve())
+
+
+def shared_location(root: str, name: str) -> str:
+    """`name` (relative to the project root, or absolute on a shared file system) under `root`."""
+    if not storage.is_url(root) and Path(name).is_absolute():
+        return name
+    return storage.join(root, name)
+
+
+def _serialized_size(value: Any) -> int:
+    from ray import cloudpickle
+
+    return len(cloudpickle.dumps(value))
+
+
 def run_tasks(
     function: Callable[..., Any], arguments: Iterable[tuple], address: str
-) -> Iterator[tuple[int, Any]]:
-    """`function(*args)` as a Ray task per item of `arguments`; (position, result) as each ends.
+) -> Iterator[TaskDone]:
+    """`function(*args)` as a Ray task per item of `arguments`, each reported as it ends.
 
     Tasks are spread over the nodes, one CPU each, and retried when their node dies. An
     expected error raised in a task (an `AttnpipeError`) is raised here as itself.
@@ -48,7 +89,7 @@ def run_tasks(
 
         task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(function)
         limit = max(2, IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
-        pending: dict[Any, int] = {}
+        pending: dict[Any, tuple[int, int]] = {}
         items = enumerate(arguments)
         exhausted = False
         while pending or not exhausted:
@@ -57,45 +98,31 @@ def run_tasks(
                 if item is None:
                     exhausted = True
                 else:
-                    pending[task.remote(*item[1])] = item[0]
+                    sent = _serialized_size(item[1])
+                    pending[task.remote(*item[1])] = (item[0], sent)
             if not pending:
                 break
             [done], _ = ray.wait(list(pending), num_returns=1)
-            position = pending.pop(done)
+            position, sent = pending.pop(done)
             try:
-                yield position, ray.get(done)
+                result = ray.get(done)
             except ray.exceptions.RayTaskError as error:
                 if isinstance(error.cause, AttnpipeError):
                     raise error.cause from None
                 raise
+            yield TaskDone(position, result, sent, _serialized_size(result))
 
 
-def read_or_none(path: Path) -> bytes | None:
-    """The file's bytes, or None when it cannot be read (the caller reports why)."""
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
-
-
-def read_inputs(root: Path, names: Iterable[str]) -> dict[str, bytes]:
-    """{name: bytes} of each file `root / name` that can be read (a task reports the others)."""
-    found = {name: read_or_none(root / name) for name in names}
-    return {name: data for name, data in found.items() if data is not None}
-
-
-def staged_name(name: str) -> str:
-    """`name` made relative and kept inside the staging folder (no leading /, no `..`)."""
-    parts = PurePosixPath(name).parts
-    return "/".join("__" if part == ".." else part for part in parts if part != "/")
-
-
-def stage_files(folder: Path, files: dict[str, bytes]) -> None:
-    """Write `files` ({relative name: bytes}) under `folder`, as they were on the driver."""
-    for name, data in files.items():
-        target = folder / staged_name(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+def check_visible(root: str, probe: str) -> None:
+    """On a node: fail in one line when the shared root does not hold `probe` (a file every
+    run has, e.g. the pipeline's manifest or raw folder), so a node without the shared folder
+    is told apart from a missing image."""
+    if not storage.exists(shared_location(root, probe)):
+        raise SharedStorageError(
+            f"node {node_id()} cannot see {shared_location(root, probe)}: the project folder "
+            "must be shared with every node at the same path (NFS, ...), or give --shared-root "
+            "(a shared path or an object-store URL holding the project's data/)"
+        )
 
 
 def node_id() -> str:
@@ -105,11 +132,19 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def trace_task(kind: str, name: str, node: str) -> None:
-    """Append {kind, name, node} to `<ATTNPIPE_TRACE_DIR>/<kind>-tasks.jsonl`, when set."""
+def trace_task(kind: str, name: str, done: TaskDone, node: str) -> None:
+    """Append {kind, name, node, sent, received} to `<ATTNPIPE_TRACE_DIR>/<kind>-tasks.jsonl`,
+    when set."""
     folder = os.environ.get(TRACE_ENV)
     if not folder:
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
+    record = {
+        "kind": kind,
+        "name": name,
+        "node_id": node,
+        "sent_bytes": done.sent,
+        "received_bytes": done.received,
+    }
     with (Path(folder) / f"{kind}-tasks.jsonl").open("a") as handle:
-        handle.write(json.dumps({"kind": kind, "name": name, "node_id": node}) + "\n")
+        handle.write(json.dumps(record) + "\n")

@@ -53,7 +53,8 @@ def evaluation_shape(recipe: Recipe) -> WorkerShape:
 
 
 def evaluation_workers(evaluate: EvaluateConfig, shape: WorkerShape, where: str) -> int:
-    """`evaluate.workers`; auto: one per GPU the cluster has or can add, else one per node."""
+    """`evaluate.workers`; auto: one per GPU the cluster has or can add, else one per node
+    that can hold a worker (a head without CPUs, as on KubeRay, does not count)."""
     if evaluate.workers != "auto":
         return evaluate.workers
     import ray
@@ -61,7 +62,12 @@ def evaluation_workers(evaluate: EvaluateConfig, shape: WorkerShape, where: str)
     capacity = cluster_capacity()
     if resolve_use_gpu(shape, capacity, where) and shape.gpus_per_worker > 0:
         return max(1, int(capacity.most("GPU") // shape.gpus_per_worker))
-    return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+    fits = [
+        node
+        for node in ray.nodes()
+        if node.get("Alive") and node["Resources"].get("CPU", 0) >= shape.cpus_per_worker
+    ]
+    return max(1, len(fits))
 
 
 def score_on_cluster(

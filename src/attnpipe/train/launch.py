@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attnpipe.capacity import WorkerPlan
 from attnpipe.codeversion import code_version
 from attnpipe.config import Recipe
 from attnpipe.data.shard_index import ShardError, read_index, shard_location
@@ -34,6 +35,9 @@ from attnpipe.train.checkpoint import TrainingState, read_checkpoint, write_best
 from attnpipe.train.cluster import training_cluster
 from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.stop import create_stop_flag, run_stoppable
+
+# Seconds an elastic run's worker group may wait for its placement before it is sized again.
+ELASTIC_START_S = 30
 
 
 class TrainError(AttnpipeError, RuntimeError):
@@ -116,7 +120,10 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(
-            num_workers=train_cfg.workers,
+            # A (min, max) pair is elastic: Ray Train starts with what is there up to max,
+            # restarts with fewer when nodes leave (down to min, from the last checkpoint) and
+            # with more when they come back.
+            num_workers=loop.workers if loop.workers is not None else train_cfg.workers,
             use_gpu=loop.use_gpu,
             resources_per_worker=worker_resources(train_cfg, loop.use_gpu),
         ),
@@ -134,8 +141,14 @@ def build_trainer(
 
 def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> TrainResult:
     """Train `recipe` on its shards with Ray Train; write `model.pt` and the history CSV."""
-    configure_ray_environment()
     train_cfg = recipe.train
+    if isinstance(train_cfg.workers, tuple):
+        # Elastic: Ray Train sizes each (re)start by the nodes its resource coordinator saw
+        # last (refreshed every 20 s), so a restart right after a node loss may still ask for
+        # the lost node's rank; it waits this long before trying again with a fresh view. A
+        # fixed-size run keeps the long wait, for GPU nodes the autoscaler is still starting.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(ELASTIC_START_S))
+    configure_ray_environment()
     loop = build_loop_config(recipe, paths)
     storage = train_cfg.storage_path or str(paths.checkpoints.resolve())
     if recipe.model.pretrained == "imagenet" and not (address or os.environ.get("RAY_ADDRESS")):
@@ -143,15 +156,20 @@ def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> T
         from attnpipe.models import fetch_imagenet_weights
 
         fetch_imagenet_weights(recipe.model.name)
-    with training_cluster(train_cfg, train_cfg.workers, address) as use_gpu:
+
+    def announce(plan: WorkerPlan) -> None:
+        # Before the GPU probe, which may refuse the run: what was planned is said either way.
+        print(
+            f"training run '{loop.run_name}' ({plan.describe()}); "
+            f"checkpoints in {storage}/{loop.run_name}",
+            flush=True,
+        )
+
+    with training_cluster(train_cfg, address, announce) as plan:
         stop_name = f"attnpipe-stop-{loop.run_name}-{uuid.uuid4().hex[:8]}"
-        loop = loop.with_changes(use_gpu=use_gpu, stop_name=stop_name)
+        loop = loop.with_changes(use_gpu=plan.use_gpu, workers=plan.workers, stop_name=stop_name)
         stop_flag = create_stop_flag(stop_name)
         trainer = build_trainer(loop, storage, train_cfg.checkpoints_to_keep)
-        print(
-            f"training run '{loop.run_name}' ({train_cfg.workers} worker(s), "
-            f"{'GPU' if use_gpu else 'CPU'}); checkpoints in {storage}/{loop.run_name}"
-        )
         result, stop_requested = run_stoppable(
             lambda: fit_or_explain(trainer), request_stop=lambda: stop_flag.request.remote()
         )

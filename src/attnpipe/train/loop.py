@@ -45,8 +45,9 @@ from attnpipe.data.loaders import (
     build_transform,
     make_loader,
     split_info,
+    train_batches,
 )
-from attnpipe.devices import memory_format_for, resolve_amp
+from attnpipe.devices import describe_amp, memory_format_for, resolve_amp
 from attnpipe.errors import AttnpipeError
 from attnpipe.metrics import MetricCounts
 from attnpipe.models import create_model
@@ -182,6 +183,7 @@ class Run:
     train_loader: ShardLoader  # batches already on the device, normalised
     val_loader: ShardLoader
     steps: int  # batches per epoch on every rank
+    samples_per_epoch: int  # training samples of one epoch, all ranks (this world size)
     classes: list[str]
     tracer: Tracer
 
@@ -245,6 +247,8 @@ def build(config: LoopConfig, session: WorkerSession) -> Run:
         train.epochs,
     )
     amp_dtype = resolve_amp(train.amp, session.device)
+    if session.rank == 0:
+        say(describe_amp(train.amp, amp_dtype, session.device))
     return Run(
         config=config,
         session=session,
@@ -263,6 +267,7 @@ def build(config: LoopConfig, session: WorkerSession) -> Run:
         train_loader=train_loader,
         val_loader=val_loader,
         steps=steps,
+        samples_per_epoch=epoch_samples(train_split.samples, session.world_size, train.batch_size),
         classes=train_split.classes,
         tracer=Tracer.from_environment(session, config.run_name),
     )
@@ -344,6 +349,12 @@ def _stream(
     )
 
 
+def epoch_samples(samples: int, world_size: int, batch_size: int) -> int:
+    """Training samples one epoch takes at this world size, all ranks together."""
+    size, batches = train_batches(samples, world_size, batch_size)
+    return world_size * size * batches
+
+
 def optimizer_steps_per_epoch(steps: int, accumulate: int) -> int:
     """Optimizer steps per epoch: one per group of `accumulate` batches, the last possibly
     shorter (it still steps, so the schedule counts it)."""
@@ -378,8 +389,12 @@ def resume(run: Run) -> TrainingState:
         run.ema.load_state_dict(saved["ema"])
     restore_rng(saved["rng"], run.rank, run.device)
     state = TrainingState.from_dict(saved["state"])
-    # In this world size's steps: a run resumed on more or fewer GPUs keeps its place.
-    run.schedule.set_position(state.epoch)
+    # Where the samples trained on put it, in this world size's steps: a run resumed on more
+    # or fewer ranks (elastic) keeps its place. Checkpoints without the count: by epochs.
+    if state.samples_seen:
+        run.schedule.set_position_by_samples(state.samples_seen, run.samples_per_epoch)
+    else:
+        run.schedule.set_position(state.epoch)
     state.resumed_from.append(state.epoch)
     if run.rank == 0:
         say(f"resuming from the checkpoint of epoch {state.epoch} (of {run.train.epochs})")
@@ -499,6 +514,7 @@ def epoch_row(run: Run, epoch: int, outcome: EpochOutcome, val: dict[str, float]
         **{f"val_{k}": v for k, v in val.items()},
         "train_images_per_s": outcome.samples * run.world / max(outcome.seconds, 1e-9),
         "epoch_seconds": outcome.seconds,
+        "world_size": run.world,  # elastic runs change it between epochs
     }
 
 

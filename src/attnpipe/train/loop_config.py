@@ -20,6 +20,9 @@ class LoopConfig:
     wandb_parent: str  # W&B writes its runs to `wandb/` inside this folder
     run_config: dict[str, Any]  # what W&B records: recipe, commit, code and data versions
     use_gpu: bool = False  # decided by the driver from the cluster, never by a worker
+    # Ranks, decided by the driver (`train.workers: auto` resolved; (min, max): elastic);
+    # None: train.workers as given (a number).
+    workers: int | tuple[int, int] | None = None
     wandb_group: str | None = None
     stop_name: str | None = None  # the named Ray actor the driver sets to ask for a stop
     # Shared storage (train.storage_path) where rank 0 leaves its offline W&B run, so that it

@@ -1,9 +1,11 @@
 """Learning-rate schedules in optimizer steps, with the base rate scaled to the global batch.
 
 The schedule's only state is its step count, and a run resumes at an epoch boundary: the
-position is set from the epochs done (`set_position`), in the step units of the *current*
-world size. A run resumed on a different number of GPUs (so a different number of steps per
-epoch) thus continues at the same point of the schedule, by samples seen.
+position is set from the training samples seen so far (`set_position_by_samples`), counted in
+epochs of the *current* world size and then in its optimizer steps. A run resumed on a different
+number of ranks (an elastic run that lost or regained nodes: other steps per epoch, and other
+samples per epoch, since each epoch drops the remainder of world_size x batch_size) thus
+continues where the samples it has trained on put it, not where its step count would.
 """
 
 from __future__ import annotations
@@ -63,10 +65,15 @@ class LrSchedule:
         self.step_count += 1
         self._apply()
 
-    def set_position(self, epochs_done: int) -> None:
-        """Continue after `epochs_done` whole epochs (a resumed run)."""
-        self.step_count = epochs_done * self.steps_per_epoch
+    def set_position(self, epochs_done: float) -> None:
+        """Continue after `epochs_done` epochs of this world size (a resumed run)."""
+        self.step_count = round(epochs_done * self.steps_per_epoch)
         self._apply()
+
+    def set_position_by_samples(self, samples_seen: int, samples_per_epoch: int) -> None:
+        """Continue after `samples_seen` training samples, whatever world sizes trained them;
+        `samples_per_epoch`: what one epoch of this world size trains on (all ranks)."""
+        self.set_position(samples_seen / samples_per_epoch)
 
     def factor(self) -> float:
         return lr_factor(self.step_count, self.total_steps, self.warmup_steps, self.config)

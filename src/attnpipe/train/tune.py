@@ -33,7 +33,7 @@ from attnpipe.paths import PipelinePaths
 from attnpipe.raycluster import configure_ray_environment
 from attnpipe.storage import join
 from attnpipe.tracking import WandbRun, close_runs, data_version
-from attnpipe.train.cluster import training_cluster
+from attnpipe.train.cluster import training_cluster, trial_shape
 from attnpipe.train.stop import StopSignal, stop_signals
 
 PARAMS_KEY = "params"
@@ -134,12 +134,12 @@ def tune(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> Sw
     storage = recipe.train.storage_path or str(paths.tune_storage.resolve())
     one_trial = trial_recipe(recipe, {}).train
     # Decided once, from the cluster: every trial trains where `train` would.
-    with training_cluster(one_trial, sweep.workers_per_trial, address) as use_gpu:
+    with training_cluster(one_trial, address, shape=trial_shape(one_trial)) as plan:
         trial_settings = {
             "root": str(paths.root.resolve()),
             "experiment": name,
             "storage": join(storage, "trials"),
-            "use_gpu": use_gpu,
+            "use_gpu": plan.use_gpu,
         }
         tuner = build_tuner(recipe, name, storage, trial_settings)
         with _stop_signals_end_the_sweep_gracefully() as interrupted:
