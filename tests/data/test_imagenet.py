@@ -24,6 +24,8 @@ from attnpipe.data.images import ImageInfo
 from attnpipe.data.layouts import LayoutError, RawRecord, read_layout, read_synsets
 from attnpipe.data.prepare import Sample, ScanFacts, _drop_duplicates
 from attnpipe.data.transforms import build_transform, resize_for_crop
+from attnpipe.evaluate.export import onnx_metadata
+from attnpipe.evaluate.predict import Predictor, predict_files
 from attnpipe.paths import PipelinePaths
 from tests.conftest import write_project
 from tests.data.fake_kaggle import FakeKaggle, point_client_at
@@ -132,9 +134,9 @@ TINY = {
 }
 
 
-def test_small_imagenet_from_kaggle_to_a_top5_report(tmp_path: Path, monkeypatch):
+def test_small_imagenet_from_kaggle_to_a_top5_report(tmp_path: Path, monkeypatch, capsys):
     files, val_classes = imagenet_files()
-    server = FakeKaggle(competitions={COMPETITION: _zip(files)})
+    server = FakeKaggle(competitions={COMPETITION: _zip(files)}, rules_not_accepted={COMPETITION})
     root = write_project(_mkdir(tmp_path / "project"), TINY, name="imagenet")
     server.start()
     # The client's proxy settings only while fetching: Ray's own connections must not use them.
@@ -142,6 +144,11 @@ def test_small_imagenet_from_kaggle_to_a_top5_report(tmp_path: Path, monkeypatch
         point_client_at(server, tmp_path / "home", kaggle_env)
         kaggle_env.setenv("KAGGLE_USERNAME", "alice")
         kaggle_env.setenv("KAGGLE_KEY", "alice-key")
+        # The user's step first: accepting the rules, which the one error line points at.
+        assert main(["--root", str(root), "fetch", "imagenet", "--no-progress"]) != 0
+        rules = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
+        assert rules in capsys.readouterr().err
+        server.rules_not_accepted.clear()
         fetched = main(["--root", str(root), "fetch", "imagenet", "--no-progress"])
     server.stop()
     assert fetched == 0 and server.connects == []
@@ -251,3 +258,32 @@ def test_official_test_images_are_never_dropped_as_duplicates_but_training_copie
     ]
     kept, _ = _drop_duplicates(samples, "keep-first", facts)  # no official split: by id
     assert sorted(s.record.image_id for s in kept) == ["A_train_copy", "n01440764_1"]
+
+
+class _Recorder(Predictor):
+    """A stand-in model (only the model: files are read and transformed for real) that keeps
+    the batches `predict` feeds it."""
+
+    def __init__(self, crop_ratio: float) -> None:
+        self.source, self.class_names, self.input_size = Path("m"), ["a", "b", "c"], 8
+        self.mean, self.std, self.flip_tta, self.threshold = [0.0] * 3, [1.0] * 3, False, 0.5
+        self.crop_ratio = crop_ratio
+        self.batches: list[np.ndarray] = []
+
+    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(batch)
+        return np.full((len(batch), 3), 1 / 3)
+
+
+def test_predict_and_onnx_metadata_follow_the_crop_ratio(tmp_path: Path):
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[4:12, 4:12] = 255  # a white centre in a black frame
+    Image.fromarray(pixels).save(tmp_path / "frame.png")
+    centre, whole = _Recorder(crop_ratio=0.5), _Recorder(crop_ratio=1.0)
+    for predictor in (centre, whole):
+        predict_files(predictor, [tmp_path / "frame.png"])
+    assert centre.batches[0].shape == (1, 3, 8, 8) and centre.batches[0].min() == 1.0
+    assert whole.batches[0].min() < 0.5  # resized whole to 8: the frame is still in
+    payload = {"model_name": "m", "class_names": ["a"], "input_size": 8, "mean": [0] * 3}
+    metadata = onnx_metadata({**payload, "std": [1] * 3}, False, 0.5, crop_ratio=0.875)
+    assert metadata["crop_ratio"] == 0.875
