@@ -1,16 +1,22 @@
-"""Is attnpipe fast on this GPU? Four checks in one run; a table on stdout and a JSON file.
+"""Is attnpipe fast and right on this GPU? Six checks in one run; a verdict table on stdout.
 
     python benchmarks/gpu_check.py --json gpu_check.json      # one GPU, about 5-10 minutes
     python benchmarks/gpu_check.py --smoke --json smoke.json  # tiny, on CPU (run by make test)
 
-1. Model speed: Attention-56 at 224 x 224 with bf16 autocast and channels_last, training steps
-   against torchvision's ResNet-50 in the same run (round-robin), FLOP-normalised:
-   efficiency = (images/s x MACs) / (images/s x MACs of ResNet-50). Target >= 0.85.
+Every check runs with the settings the recipes train with (channels_last, cuDNN autotuning,
+TF32: `attnpipe.train.loop.speed_settings`), applied before the first timing.
+
+1. Model speed: Attention-56 at 224 x 224, training steps with bf16 autocast against
+   torchvision's ResNet-50 (bf16), FLOP-normalised: efficiency = (images/s x MACs) /
+   (images/s x MACs of ResNet-50). Target >= 0.85. Attention-56 again in fp32: bf16 / fp32.
+   One model at a time on the device, each with its own peak memory (stats reset between).
 2. Input path: the training loop on real JPEG shards (256 px shorter side, the loader workers
    given) against the very same training steps on synthetic batches already on the device.
    Target >= 0.9: the GPU must not wait for data.
-3. Peak GPU memory of the training step.
-4. Launcher: a one-GPU epoch under Ray Train against the same epoch under torchrun (steady
+3. Peak GPU memory of each model's training step (from check 1).
+4. Checkpoint: size and save time of the loop's model + optimizer state.
+5. Repeatability: two one-epoch runs with `train.deterministic: true`, weights compared.
+6. Launcher: a one-GPU epoch under Ray Train against the same epoch under torchrun (steady
    epochs, from the trace events). Target <= 1.05.
 
 The data set is made here: synthetic photographs (smooth colour fields, blobs and noise) as a
@@ -43,14 +49,21 @@ import torch
 import yaml
 from PIL import Image
 
-from attnpipe.config import load_recipe
+from attnpipe.config import apply_overrides, load_recipe
 from attnpipe.data.prepare import prepare
 from attnpipe.data.shard import shard
 from attnpipe.data.sources import fetch
 from attnpipe.paths import PipelinePaths
-from attnpipe.train.checkpoint import read_checkpoint
+from attnpipe.train.checkpoint import read_checkpoint, write_checkpoint
 from attnpipe.train.launch import build_loop_config
-from attnpipe.train.loop import build, run_training, train_step
+from attnpipe.train.loop import (
+    Run,
+    apply_speed_settings,
+    build,
+    run_training,
+    speed_settings,
+    train_step,
+)
 from attnpipe.train.session import TorchrunSession
 
 PIPELINE = "gpucheck"
@@ -58,6 +71,7 @@ TARGETS = {
     "efficiency": (">=", 0.85),
     "real_vs_synthetic": (">=", 0.9),
     "ray_vs_torchrun": ("<=", 1.05),
+    "repeatable": ("==", True),
 }
 
 
@@ -141,36 +155,60 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def model_speed(device: torch.device, sizes: Sizes) -> dict[str, Any]:
-    """Check 1 (and 3): training steps of attention56 and ResNet-50, interleaved."""
-    on_gpu = device.type == "cuda"
-    args = argparse.Namespace(
-        num_classes=1000, batch_size=sizes.batch, channels_last=on_gpu, amp=on_gpu
-    )
-    names = (sizes.model, bench_models.BASELINE)
-    runners = [bench_models.Runner(name, sizes.input_size, args, device) for name in names]
-    for runner in runners:
-        runner.step()  # warm-up: cuDNN autotuning, allocator
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
-    for _ in range(sizes.steps):
-        for runner in runners:
-            times[runner.name].append(runner.step())
-    speed = {r.name: sizes.batch / statistics.median(times[r.name]) for r in runners}
-    macs = {r.name: r.gmacs for r in runners}
-    model, baseline = names
+def model_speed(device: torch.device, sizes: Sizes, channels_last: bool) -> dict[str, Any]:
+    """Checks 1 and 3: each model alone on the device, speed settings already applied."""
+    model, baseline = sizes.model, bench_models.BASELINE
+    runs = {
+        f"{model} bf16": (model, True),
+        f"{model} fp32": (model, False),
+        f"{baseline} bf16": (baseline, True),
+    }
+    timed = {
+        label: _time_model(name, amp, device, sizes, channels_last)
+        for label, (name, amp) in runs.items()
+    }
+    speed = {label: t["images_per_s"] for label, t in timed.items()}
+    first, baseline_label = f"{model} bf16", f"{baseline} bf16"
     return {
-        "models": list(names),
+        "models": [model, baseline],
         "images_per_s": speed,
-        "gmacs": macs,
-        "efficiency": (speed[model] * macs[model]) / (speed[baseline] * macs[baseline]),
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
+        "gmacs": {label: t["gmacs"] for label, t in timed.items()},
+        "efficiency": (speed[first] * timed[first]["gmacs"])
+        / (speed[baseline_label] * timed[baseline_label]["gmacs"]),
+        "bf16_vs_fp32": speed[first] / speed[f"{model} fp32"],
+        "peak_memory_gib": {label: t["peak_memory_gib"] for label, t in timed.items()},
     }
 
 
-def input_path(paths: PipelinePaths, sizes: Sizes) -> dict[str, Any]:
-    """Check 2: the loop on real shards against the loop's own step on synthetic batches."""
+def _time_model(
+    name: str, amp: bool, device: torch.device, sizes: Sizes, channels_last: bool
+) -> dict[str, Any]:
+    """Training steps of one model; its own peak memory; freed before the next model."""
+    on_gpu = device.type == "cuda"
+    args = argparse.Namespace(
+        num_classes=1000, batch_size=sizes.batch, channels_last=channels_last, amp=amp
+    )
+    runner = bench_models.Runner(name, sizes.input_size, args, device)
+    for _ in range(2):
+        runner.step()  # warm-up: cuDNN autotuning, allocator
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = [runner.step() for _ in range(sizes.steps)]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None
+    gmacs = runner.gmacs
+    del runner  # not two models resident: the next one's peak is its own
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return {
+        "images_per_s": sizes.batch / statistics.median(times),
+        "gmacs": gmacs,
+        "peak_memory_gib": peak,
+    }
+
+
+def input_path(paths: PipelinePaths, sizes: Sizes) -> tuple[dict[str, Any], Run]:
+    """Check 2: the loop on real shards against the loop's own step on synthetic batches.
+    Also returns the synthetic run (trained a few steps) for the checkpoint check."""
     recipe = load_recipe(PIPELINE, paths.root)
     config = build_loop_config(recipe, paths)
     storage = paths.root / "real-run"
@@ -193,13 +231,44 @@ def input_path(paths: PipelinePaths, sizes: Sizes) -> dict[str, Any]:
         train_step(run, step % run.steps, images, labels)
     sync(session.device)
     synthetic = sizes.steps * sizes.batch / (time.perf_counter() - started)
-    return {
+    result = {
         "real_images_per_s": real,
         "synthetic_images_per_s": synthetic,
         "real_vs_synthetic": real / synthetic,
         "loader_workers": sizes.loader_workers,
         "device": str(session.device),
     }
+    return result, run
+
+
+def checkpoint_cost(run: Run) -> dict[str, Any]:
+    """Check 4: what every epoch's checkpoint costs (model + optimizer, from the device)."""
+    with tempfile.TemporaryDirectory() as folder:
+        sync(run.device)
+        started = time.perf_counter()
+        path = write_checkpoint(
+            Path(folder),
+            {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()},
+        )
+        seconds = time.perf_counter() - started
+        return {"checkpoint_mib": path.stat().st_size / 2**20, "checkpoint_save_s": seconds}
+
+
+def repeatability(paths: PipelinePaths) -> dict[str, Any]:
+    """Check 5: two one-epoch runs with train.deterministic give the same weights."""
+    recipe = load_recipe(PIPELINE, paths.root)
+    recipe = apply_overrides(
+        recipe, {"train.deterministic": True, "train.epochs": 1}, origin="gpu_check"
+    )
+    config = build_loop_config(recipe, paths)
+    weights = []
+    for attempt in ("a", "b"):
+        storage = paths.root / f"repeat-{attempt}"
+        run_training(config, TorchrunSession(storage, use_gpu=recipe.train.use_gpu))
+        weights.append(read_checkpoint(sorted(storage.glob("checkpoint_*"))[-1])["model"])
+    torch.use_deterministic_algorithms(False)  # the launcher check trains as recipes do
+    differing = [k for k, v in weights[0].items() if not torch.equal(v, weights[1][k])]
+    return {"repeatable": not differing, "differing_tensors": len(differing)}
 
 
 def launcher(paths: PipelinePaths) -> dict[str, Any]:
@@ -221,9 +290,9 @@ def launcher(paths: PipelinePaths) -> dict[str, Any]:
     }
 
 
-def verdict(name: str, value: float, smoke: bool) -> str:
+def verdict(name: str, value: Any, smoke: bool) -> str:
     sign, bound = TARGETS[name]
-    met = value >= bound if sign == ">=" else value <= bound
+    met = {">=": value >= bound, "<=": value <= bound, "==": value == bound}[sign]
     if smoke:
         return f"target {sign} {bound} (smoke run: not a measurement)"
     return f"target {sign} {bound}: {'met' if met else 'NOT met'}"
@@ -231,24 +300,35 @@ def verdict(name: str, value: float, smoke: bool) -> str:
 
 def table(results: dict[str, Any], smoke: bool) -> str:
     speed, data, runs = results["model_speed"], results["input_path"], results["launcher"]
-    model, baseline = speed["models"]
-    peak = speed["peak_memory_gib"]
+    saved, repeat = results["checkpoint"], results["repeatability"]
     rows = [
-        (f"{model} images/s", f"{speed['images_per_s'][model]:.1f}", ""),
-        (f"{baseline} images/s", f"{speed['images_per_s'][baseline]:.1f}", ""),
+        (f"{label} images/s", f"{value:.1f}", "") for label, value in speed["images_per_s"].items()
+    ]
+    rows += [
         ("FLOP-normalised efficiency", f"{speed['efficiency']:.3f}",
          verdict("efficiency", speed["efficiency"], smoke)),
+        ("bf16 / fp32 (attention)", f"{speed['bf16_vs_fp32']:.2f}", ""),
         ("real shards images/s", f"{data['real_images_per_s']:.1f}", ""),
         ("synthetic batches images/s", f"{data['synthetic_images_per_s']:.1f}", ""),
         ("real / synthetic", f"{data['real_vs_synthetic']:.3f}",
          verdict("real_vs_synthetic", data["real_vs_synthetic"], smoke)),
-        ("peak GPU memory (GiB)", "n/a (CPU)" if peak is None else f"{peak:.2f}", ""),
+    ]  # fmt: skip
+    rows += [
+        (f"peak GPU memory {label} (GiB)", "n/a (CPU)" if peak is None else f"{peak:.2f}", "")
+        for label, peak in speed["peak_memory_gib"].items()
+    ]
+    rows += [
+        ("checkpoint size (MiB)", f"{saved['checkpoint_mib']:.1f}", ""),
+        ("checkpoint save (s)", f"{saved['checkpoint_save_s']:.2f}", ""),
+        ("train.deterministic repeats", "yes" if repeat["repeatable"] else
+         f"no ({repeat['differing_tensors']} tensors differ)",
+         verdict("repeatable", repeat["repeatable"], smoke)),
         ("Ray Train epoch (s)", f"{runs['ray_epoch_s']:.2f}", ""),
         ("torchrun epoch (s)", f"{runs['torchrun_epoch_s']:.2f}", ""),
         ("Ray / torchrun", f"{runs['ray_vs_torchrun']:.3f}",
          verdict("ray_vs_torchrun", runs["ray_vs_torchrun"], smoke)),
     ]  # fmt: skip
-    lines = [f"device: {results['device']}", "", "| check | value | |", "|---|---:|---|"]
+    lines = [f"device: {results['device']}", "", "| check | value | verdict |", "|---|---:|---|"]
     lines += [f"| {name} | {value} | {note} |" for name, value, note in rows]
     return "\n".join(lines)
 
@@ -271,12 +351,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="gpucheck-"))
     try:
         paths = build_project(root, sizes)
+        # The recipes' speed settings, before anything is timed.
+        speed = speed_settings(load_recipe(PIPELINE, root).train, device)
+        apply_speed_settings(speed)
+        channels_last = speed.memory_format == torch.channels_last
+        # Models first, each alone on the device: nothing else is resident yet.
+        models = model_speed(device, sizes, channels_last)
+        data, synthetic_run = input_path(paths, sizes)
+        saved = checkpoint_cost(synthetic_run)
+        del synthetic_run
         results = {
             "device": device_name(device),
             "smoke": args.smoke,
             "sizes": asdict(sizes),
-            "model_speed": model_speed(device, sizes),
-            "input_path": input_path(paths, sizes),
+            "model_speed": models,
+            "input_path": data,
+            "checkpoint": saved,
+            "repeatability": repeatability(paths),
             "launcher": launcher(paths),
         }
     finally:

@@ -31,9 +31,17 @@ def test_gpu_check_smoke_runs_every_check(tmp_path):
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     results = json.loads(out.read_text())
     assert results["smoke"] is True and results["device"].startswith("CPU")
+    speed = results["model_speed"]
+    # attention56 in bf16 and fp32, ResNet-50: each model timed on its own.
+    assert [label.split()[1] for label in speed["images_per_s"]] == ["bf16", "fp32", "bf16"]
+    assert set(speed["peak_memory_gib"]) == set(speed["images_per_s"])
+    assert results["repeatability"] == {"repeatable": True, "differing_tensors": 0}
     numbers = [
-        results["model_speed"]["efficiency"],
-        *results["model_speed"]["images_per_s"].values(),
+        speed["efficiency"],
+        speed["bf16_vs_fp32"],
+        results["checkpoint"]["checkpoint_mib"],
+        results["checkpoint"]["checkpoint_save_s"],
+        *speed["images_per_s"].values(),
         results["input_path"]["real_images_per_s"],
         results["input_path"]["synthetic_images_per_s"],
         results["input_path"]["real_vs_synthetic"],
@@ -42,7 +50,9 @@ def test_gpu_check_smoke_runs_every_check(tmp_path):
         results["launcher"]["ray_vs_torchrun"],
     ]
     assert all(math.isfinite(x) and x > 0 for x in numbers), numbers
-    for row in ("FLOP-normalised efficiency", "real / synthetic", "Ray / torchrun"):
+    rows = ("FLOP-normalised efficiency", "real / synthetic", "Ray / torchrun", "bf16 / fp32")
+    rows += ("checkpoint size (MiB)", "train.deterministic repeats | yes")
+    for row in rows:
         assert row in done.stdout and "smoke run: not a measurement" in done.stdout
 
 

@@ -358,6 +358,11 @@ class TrainConfig(Strict):
         "(slower there, docs/benchmarks.md)",
     )
     compile: bool = False
+    deterministic: bool = Field(
+        False,
+        description="repeatable runs: cuDNN deterministic, benchmark off, deterministic "
+        "algorithms only, cuBLAS workspace setting, seeded loader workers (slower on GPUs)",
+    )
     sync_batchnorm: bool = Field(
         False,
         description="BatchNorm statistics over the global batch (SyncBatchNorm; GPUs only): "

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import subprocess
 import uuid
 from collections.abc import Mapping, Sequence
@@ -128,10 +129,15 @@ def redact(value: Any) -> Any:
 
 
 class WandbRun:
-    """A thin handle on a W&B run; every method is a no-op when tracking is disabled."""
+    """A thin handle on a W&B run; every method is a no-op when tracking is disabled.
 
-    def __init__(self, run: Any | None):
+    `logged_steps`: the steps this W&B run already holds from earlier attempts (see
+    `logged_steps`); `log_epoch` skips them, so a resumed attempt never logs an epoch twice.
+    """
+
+    def __init__(self, run: Any | None, logged_steps: set[int] | None = None):
         self.run = run
+        self.logged_steps: set[int] = set(logged_steps or ())
 
     @classmethod
     def start(
@@ -145,10 +151,12 @@ class WandbRun:
         system_metrics: bool = False,
         job_type: str | None = None,
         tags: Sequence[str] = (),
+        export: str | None = None,
     ) -> WandbRun:
         """`system_metrics`: W&B's CPU/GPU sampling (on for GPU runs, where utilisation and
         memory are worth watching; off on CPU, where it only takes time from training).
-        `job_type`: train, evaluate, export or sweep: W&B's filter within a group."""
+        `job_type`: train, evaluate, export or sweep: W&B's filter within a group.
+        `export`: where offline runs of this id are kept (their steps count as logged)."""
         if config.mode == "disabled":
             return cls(None)
         mode = config.mode
@@ -179,7 +187,7 @@ class WandbRun:
                 x_transaction_log_flush_interval=FLUSH_INTERVAL_S,
             ),
         )
-        return cls(run)
+        return cls(run, logged_steps=logged_steps(directory / "wandb", run_id, export))
 
     @property
     def directory(self) -> Path | None:
@@ -215,7 +223,11 @@ class WandbRun:
         step: int,
         images: dict[str, list[tuple[Any, str]]] | None = None,
     ) -> None:
-        """A history row of train_history.csv, under W&B's names (`train/`, `val/`)."""
+        """A history row of train_history.csv, under W&B's names (`train/`, `val/`); never
+        twice for one step (`logged_steps`), so a resumed attempt can log what W&B lacks."""
+        if step in self.logged_steps:
+            return
+        self.logged_steps.add(step)
         self.log(wandb_keys(row), step=step, images=images)
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -455,6 +467,59 @@ def finish_and_say(run: WandbRun) -> None:
 
 
 WANDB_EXPORT_FOLDER = "wandb"
+
+
+def logged_steps(wandb_dir: Path, run_id: str, export: str | None = None) -> set[int]:
+    """The history steps that the offline files of W&B run `run_id` under `wandb_dir` (and
+    those kept under `<export>/wandb/`) hold: what earlier attempts of a resumed run logged and
+    W&B wrote to disk. A row still in a killed process's memory is not there, and is logged
+    again."""
+    blobs = [p.read_bytes() for p in sorted(wandb_dir.glob(f"*-{run_id}/run-{run_id}.wandb"))]
+    if export:
+        source = storage.join(export, WANDB_EXPORT_FOLDER)
+        blobs += [
+            storage.read_bytes(storage.join(source, relative))
+            for relative in storage.list_tree(source)
+            if relative.endswith(f"/run-{run_id}.wandb")
+        ]
+    steps: set[int] = set()
+    for blob in blobs:
+        steps |= _history_steps(blob)
+    return steps
+
+
+_BLOCK = 32 * 1024  # W&B's run file: LevelDB-style log of 32 KiB blocks after a 7-byte header
+
+
+def _history_steps(blob: bytes) -> set[int]:
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2
+
+    steps, position, pending = set(), 7, b""
+    while position + 7 <= len(blob):
+        if _BLOCK - position % _BLOCK < 7:  # no room for a chunk header: padding
+            position += _BLOCK - position % _BLOCK
+            continue
+        _crc, length, kind = struct.unpack("<IHB", blob[position : position + 7])
+        if position + 7 + length > len(blob):  # cut off by a kill mid-write
+            break
+        pending += blob[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind not in (1, 4):  # 2 first, 3 middle: the record goes on; 0: padding
+            pending = pending if kind in (2, 3) else b""
+            continue
+        record = wandb_internal_pb2.Record()
+        try:
+            record.ParseFromString(pending)
+        except DecodeError:
+            continue
+        finally:
+            pending = b""
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                if (item.key or "/".join(item.nested_key)) == "_step":
+                    steps.add(int(json.loads(item.value_json)))
+    return steps
 
 
 def export_wandb_run(run_dir: Path, destination: str) -> str:

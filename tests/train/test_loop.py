@@ -30,7 +30,7 @@ class LocalSession:
         self.keep = keep
         self.reports: list[dict] = []
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
         return model
 
     @contextlib.contextmanager

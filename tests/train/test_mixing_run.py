@@ -26,7 +26,7 @@ class LocalSession:
     def __init__(self) -> None:
         self.reports: list[tuple[dict[str, float], list[str]]] = []
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
         return model
 
     @contextmanager
@@ -92,9 +92,10 @@ def test_one_epoch_with_mixup_and_cutmix_reports_finite_losses(
         recipe=recipe,
         shards=str(paths.shards),
         run_name="mixing",
+        best_weights_dir=str(tmp_path / "best"),
         wandb_run_id="mixing",
         wandb_parent=str(tmp_path),
-        run_config={},
+        run_config={"data_version": "unknown"},  # what start_tracking reads
     )
     loop.run_training(config, session)
 

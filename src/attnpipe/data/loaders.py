@@ -275,6 +275,7 @@ class ShardLoader:
         device: torch.device | str = "cpu",
         memory_format: torch.memory_format = torch.contiguous_format,
         persistent: bool = False,
+        generator: torch.Generator | None = None,
     ):
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
@@ -291,6 +292,7 @@ class ShardLoader:
             persistent_workers=persistent and workers > 0,
             prefetch_factor=4 if workers else None,
             collate_fn=_Collate(),
+            generator=generator,  # the workers' base seed is drawn from it
         )
         self.to_device: Callable[[Iterable[Batch]], Iterator[Batch]] = (
             _DeviceBatches(stream.transform, self.device, memory_format)
@@ -307,7 +309,10 @@ class ShardLoader:
                 f"the loader was built for {self.device}, but CUDA is not available in this "
                 "process: pass device='cpu', or run where a GPU is visible"
             )
-        return self.to_device(self.dataloader)
+        # The DataLoader's iterator is made now, not at the first batch: with persistent
+        # workers that sends them the epoch's first requests, so `iter(loader)` before some
+        # other work (validation) has the first batches ready when the epoch starts.
+        return self.to_device(iter(self.dataloader))
 
 
 def make_loader(
@@ -317,6 +322,7 @@ def make_loader(
     device: torch.device | str = "cpu",
     memory_format: torch.memory_format = torch.contiguous_format,
     persistent: bool = False,
+    generator: torch.Generator | None = None,
 ) -> ShardLoader:
     """Batches of (normalised float32 images, int64 labels, list of ids) on `device`.
 
@@ -325,4 +331,4 @@ def make_loader(
     uint8 batches are pinned, copied without blocking and normalised on the GPU; on the CPU
     they are normalised here into reused huge-page buffers.
     """
-    return ShardLoader(stream, batch_size, workers, device, memory_format, persistent)
+    return ShardLoader(stream, batch_size, workers, device, memory_format, persistent, generator)

@@ -2,17 +2,25 @@
 
 One file per checkpoint (`checkpoint.pt`), written by rank 0 at the end of every epoch: the
 weights, optimizer, EMA, gradient scaler, every rank's random number generators (CPU and, on
-GPUs, CUDA) and the `TrainingState` (epoch, history, best epoch and its weights). Plain tensors
-and values: it loads with `weights_only=True`.
+GPUs, CUDA) and the `TrainingState` (epoch, history, best epoch and where its weights are).
+Plain tensors and values: it loads with `weights_only=True`.
+
+The best weights are not in every checkpoint (for Attention-92 with its optimizer state that
+would upload hundreds of MB per epoch for nothing): they go to a file of their own,
+`<best dir>/epoch<k>.pt`, written only in an epoch that improved; the checkpoints name it. Ray's
+`CheckpointConfig(num_to_keep)` deletes old checkpoint folders, never these files.
 """
 
 from __future__ import annotations
 
+import io
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from attnpipe import storage
 from attnpipe.config import TrainConfig
 from attnpipe.modelfile import Provenance, write_model_file
 
@@ -30,7 +38,8 @@ class TrainingState:
         self.history: list[dict[str, Any]] = []
         self.best: float | None = None
         self.best_epoch = 0
-        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None  # in memory, not saved
+        self.best_location: str | None = None  # the file that holds them (see write_best_weights)
         self.resumed_from: list[int] = []  # epochs a restarted or re-launched run went on from
         self.samples_seen = 0  # training samples of the finished epochs, over all ranks
 
@@ -59,7 +68,7 @@ class TrainingState:
             "history": self.history,
             "best": self.best,
             "best_epoch": self.best_epoch,
-            "best_weights": self.best_weights,
+            "best_location": self.best_location,
             "resumed_from": self.resumed_from,
             "samples_seen": self.samples_seen,
         }
@@ -71,7 +80,9 @@ class TrainingState:
         state.history = list(data["history"])
         state.best = data["best"]
         state.best_epoch = data["best_epoch"]
-        state.best_weights = data["best_weights"]
+        # Checkpoints of earlier versions carried the weights themselves.
+        state.best_weights = data.get("best_weights")
+        state.best_location = data.get("best_location")
         state.resumed_from = list(data.get("resumed_from", []))
         state.samples_seen = int(data.get("samples_seen", 0))
         return state
@@ -106,6 +117,44 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
     return torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
+def best_weights_location(folder: str, epoch: int) -> str:
+    return storage.join(folder, f"epoch{epoch:04d}.pt")
+
+
+def write_best_weights(folder: str, epoch: int, weights: dict[str, torch.Tensor]) -> str:
+    """Save an improved epoch's weights to their own file (a path or URL); where they went."""
+    location = best_weights_location(folder, epoch)
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / "best.pt"
+        torch.save(weights, local)
+        storage.upload_file(local, location)
+    return location
+
+
+def load_best_weights(state: TrainingState) -> dict[str, torch.Tensor] | None:
+    """The best epoch's weights: in memory already, or read from the file the state names."""
+    if state.best_weights is None and state.best_location is not None:
+        blob = io.BytesIO(storage.read_bytes(state.best_location))
+        state.best_weights = torch.load(blob, map_location="cpu", weights_only=True)
+    return state.best_weights
+
+
+def prune_best_weights(folder: str, keep: set[str]) -> None:
+    """Delete the best-weight files no checkpoint that may still be resumed from names."""
+    for name in storage.list_files(folder):
+        location = storage.join(folder, name)
+        if name.startswith("epoch") and name.endswith(".pt") and location not in keep:
+            storage.delete_file(location)
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
+    """The gradient scaler's state, when both the checkpoint and this run use one: a run
+    resumed with another `amp` mode (bf16 or off saves an empty state; fp16 scales) starts
+    with a fresh scale instead of failing."""
+    if saved and scaler.is_enabled():
+        scaler.load_state_dict(saved)
+
+
 def write_best_model(
     path: Path, loop: LoopConfig, state: TrainingState, classes: list[str]
 ) -> dict[str, float]:
@@ -116,7 +165,7 @@ def write_best_model(
     write_model_file(
         path,
         recipe=loop.recipe,
-        state_dict=state.best_weights,
+        state_dict=load_best_weights(state),
         class_names=classes,
         provenance=Provenance(
             epoch=state.best_epoch,

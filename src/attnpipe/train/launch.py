@@ -24,6 +24,7 @@ from attnpipe.data.shard_index import ShardError, read_index, shard_location
 from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 from attnpipe.raycluster import configure_ray_environment
+from attnpipe.storage import join as storage_join
 from attnpipe.tracking import (
     ExperimentIdentity,
     data_version,
@@ -86,10 +87,12 @@ def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> LoopConfig:
     code_ver = code_version("train")
     experiment = experiment_identity()
     run_name, wandb_id = run_identity(recipe, data_ver, code_ver, experiment)
+    storage = recipe.train.storage_path or str(paths.checkpoints.resolve())
     return LoopConfig(
         recipe=recipe,
         shards=shards,
         run_name=run_name,
+        best_weights_dir=best_weights_dir(storage, run_name),
         wandb_run_id=wandb_id,
         wandb_parent=str(paths.wandb_parent.resolve()),
         run_config={
@@ -110,6 +113,11 @@ def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> LoopConfig:
     )
 
 
+def best_weights_dir(storage: str, run_name: str) -> str:
+    """Beside the run's checkpoint folders, outside Ray's: `num_to_keep` never deletes it."""
+    return storage_join(storage, run_name, "best")
+
+
 def build_trainer(
     loop: LoopConfig,
     storage: str,
@@ -124,6 +132,7 @@ def build_trainer(
     from attnpipe.train.loop import train_loop_per_worker
 
     train_cfg = loop.recipe.train
+    loop = loop.with_changes(best_weights_dir=best_weights_dir(storage, loop.run_name))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},

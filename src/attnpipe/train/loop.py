@@ -8,10 +8,15 @@ Ray starts one copy per worker (`train_loop_per_worker`); `torchrun` can run the
     for each epoch:
         train_one_epoch(run, epoch)      this rank's share of the shards; equal steps per rank
         validate(run)                    every validation sample once, counts added over ranks
+                                         (meanwhile the loader workers read the next epoch)
         save_checkpoint(run, state)      rank 0 writes, every rank reports (a barrier)
+        tracker.log_epoch(row)           rank 0's W&B row: only after its checkpoint
     finish(run, state)                   W&B summary, model artifact, offline run kept
 
-A restarted worker group, or a re-launched run, continues from the latest checkpoint.
+A restarted worker group, or a re-launched run, continues from the latest checkpoint. A row
+never outruns its checkpoint, and a resumed attempt logs exactly the rows W&B does not hold
+yet (`WandbRun.logged_steps`): a kill at any point leaves every epoch once in W&B and in the
+history (tests/train/test_fault_points.py kills at each point, via `attnpipe.train.faults`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import copy
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +35,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from attnpipe.config import Recipe, TrainConfig
 from attnpipe.data.batch_augment import BatchAugment
@@ -51,20 +56,26 @@ from attnpipe.predictions import count_predictions
 from attnpipe.tracking import WandbRun, artifact_aliases, export_wandb_run
 from attnpipe.train.checkpoint import (
     TrainingState,
+    load_best_weights,
+    prune_best_weights,
     read_checkpoint,
     restore_rng,
+    restore_scaler,
     rng_state,
     write_best_model,
+    write_best_weights,
     write_checkpoint,
 )
+from attnpipe.train.ema import DeviceEma
+from attnpipe.train.faults import fault_point
 from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.losses import build_loss
+from attnpipe.train.repeatability import apply_determinism, loader_generator
 from attnpipe.train.reporting import Tracer, epoch_line, say
 from attnpipe.train.schedules import LrSchedule, scaled_lr
 from attnpipe.train.session import RaySession, WorkerSession
+from attnpipe.train.stop_vote import StopVote
 
-# Steps between the ranks' checks for a stop request: one tiny all-reduce, a few ms of latency.
-STOP_CHECK_STEPS = 10
 OVERLAY_IMAGES = 8
 
 
@@ -75,6 +86,8 @@ class EmptySplitError(AttnpipeError, ValueError):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point: one call per worker."""
     loop: LoopConfig = config["loop"]
+    # First thing in the worker: cuBLAS reads its workspace setting when CUDA starts.
+    apply_determinism(loop.recipe.train.deterministic)
     run_training(loop, RaySession(stop_name=loop.stop_name, use_gpu=loop.use_gpu))
 
 
@@ -83,27 +96,26 @@ def run_training(config: LoopConfig, session: WorkerSession) -> None:
     run = build(config, session)
     state = resume(run)
     tracker = start_tracking(run)
+    for row in state.history:  # rows an earlier attempt checkpointed but W&B never got
+        tracker.log_epoch(row, step=row["epoch"])
     run.tracer.event("start", state.epoch)
-    started, first_epoch = time.perf_counter(), state.epoch
+    clock = (time.perf_counter(), state.epoch)
+    vote = StopVote(session)
+    batches = _epoch_batches(run, state.epoch)
     for epoch in range(state.epoch, run.train.epochs):
-        outcome = train_one_epoch(run, epoch)
+        outcome = train_one_epoch(run, epoch, batches, vote)
         if outcome.stopped:
             stop_on_request(run, state, tracker, epoch + 1)
             return
+        if epoch + 1 < run.train.epochs:
+            # The loader workers read the next epoch's first batches while validation runs.
+            batches = _epoch_batches(run, epoch + 1)
         run.tracer.event("validate", epoch + 1)
         val = validate(run)
-        state.epoch = epoch + 1
-        state.samples_seen += outcome.samples * run.world
-        row = epoch_row(run, state.epoch, outcome, val)
-        if state.record(row, run.train.monitor):
-            state.best_weights = _cpu_copy(run.eval_model.state_dict())
-        images = overlays_if_last_epoch(run, state, tracker)
-        tracker.log_epoch(row, step=state.epoch, images={"val/attention_overlays": images})
-        if run.rank == 0:
-            per_epoch = (time.perf_counter() - started) / (state.epoch - first_epoch)
-            say(epoch_line(row, state, run.train, per_epoch * (run.train.epochs - state.epoch)))
-        run.tracer.event("checkpoint", epoch + 1)
-        save_checkpoint(run, state, row)
+        end_epoch(run, state, tracker, epoch_row(run, epoch + 1, outcome, val), outcome, clock)
+        if vote.settle():  # asked during the epoch's last steps: it is saved, stop now
+            stop_on_request(run, state, tracker, epoch + 2)
+            return
         if state.should_stop(run.train.early_stopping_patience):
             if run.rank == 0:
                 say(
@@ -112,6 +124,41 @@ def run_training(config: LoopConfig, session: WorkerSession) -> None:
                 )
             break
     finish(run, state, tracker)
+
+
+def end_epoch(
+    run: Run,
+    state: TrainingState,
+    tracker: WandbRun,
+    row: dict[str, Any],
+    outcome: EpochOutcome,
+    clock: tuple[float, int],
+) -> None:
+    """Record the epoch, checkpoint it, then log its row: in that order, so that a kill
+    between the two leaves a checkpoint whose row the next attempt logs, never a row whose
+    epoch is trained again."""
+    state.epoch = row["epoch"]
+    state.samples_seen += outcome.samples * run.world
+    improved = state.record(row, run.train.monitor)
+    if improved and run.rank == 0:  # only rank 0 writes them
+        state.best_weights = _cpu_copy(run.eval_model.state_dict())
+    fault_point("validated", state.epoch, run.rank)
+    run.tracer.event("checkpoint", state.epoch)
+    save_checkpoint(run, state, row, improved)
+    fault_point("checkpointed", state.epoch, run.rank)
+    images = overlays_if_last_epoch(run, state, tracker)
+    tracker.log_epoch(row, step=state.epoch, images={"val/attention_overlays": images})
+    if run.rank == 0:
+        started, first_epoch = clock
+        per_epoch = (time.perf_counter() - started) / (state.epoch - first_epoch)
+        say(epoch_line(row, state, run.train, per_epoch * (run.train.epochs - state.epoch)))
+    fault_point("logged", state.epoch, run.rank)
+
+
+def _epoch_batches(run: Run, epoch: int) -> Iterator[Any]:
+    """The training batches of `epoch`; with loader workers, they start reading now."""
+    run.train_stream.set_epoch(epoch)
+    return iter(run.train_loader)
 
 
 # --------------------------------------------------------------------------- build
@@ -123,7 +170,7 @@ class Run:
     session: WorkerSession
     model: nn.Module  # the plain network: checkpoints, validation, EMA source
     ddp_model: nn.Module  # what training steps call: DDP-wrapped and/or compiled
-    ema: AveragedModel | None
+    ema: DeviceEma | None
     optimizer: torch.optim.Optimizer
     schedule: LrSchedule
     scaler: torch.amp.GradScaler
@@ -168,6 +215,7 @@ class Run:
 
 def build(config: LoopConfig, session: WorkerSession) -> Run:
     recipe, train = config.recipe, config.recipe.train
+    apply_determinism(train.deterministic)  # before the model's first CUDA work
     torch.manual_seed(train.seed + session.rank)
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     train_split, val_split = split_info(config.shards, "train"), split_info(config.shards, "val")
@@ -176,18 +224,17 @@ def build(config: LoopConfig, session: WorkerSession) -> Run:
     memory_format = speed.memory_format
     train_stream = _stream(recipe, train_split.shards, session, train=True)
     val_stream = _stream(recipe, val_split.shards, session, train=False)
-    train_loader = _loader(train_stream, train.batch_size, train, session, memory_format)
-    val_loader = _loader(val_stream, recipe.evaluate.batch_size, train, session, memory_format)
+    train_loader = _loader(train_stream, train.batch_size, train, session, memory_format, 0)
+    val_loader = _loader(val_stream, recipe.evaluate.batch_size, train, session, memory_format, 1)
     steps = len(train_loader)  # the same on every rank
     model = build_model(recipe, len(train_split.classes), session, memory_format)
-    ema = (
-        # use_buffers: the EMA network keeps averaged BatchNorm statistics of its own, not
-        # the ones it was initialised with.
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train.ema_decay), use_buffers=True)
-        if train.ema_decay
-        else None
+    # The EMA network keeps averaged BatchNorm statistics of its own, not its initial ones.
+    ema = DeviceEma(model, train.ema_decay) if train.ema_decay else None
+    # SyncBatchNorm already gives every rank the same statistics: DDP's broadcast of the
+    # buffers before each forward would copy what is equal.
+    ddp_model = session.prepare_model(
+        model, broadcast_buffers=not _synced_batchnorm(train, session.world_size)
     )
-    ddp_model = session.prepare_model(model)
     if train.compile:
         ddp_model = torch.compile(ddp_model)
     optimizer = build_optimizer(model, train)
@@ -238,7 +285,8 @@ class SpeedSettings:
 def speed_settings(train: TrainConfig, device: torch.device) -> SpeedSettings:
     on_gpu = device.type == "cuda"
     layout = memory_format_for(train.channels_last, device)
-    return SpeedSettings(layout, cudnn_benchmark=on_gpu, tf32=on_gpu)
+    # cuDNN's autotuner picks algorithms by timing them: not repeatable.
+    return SpeedSettings(layout, cudnn_benchmark=on_gpu and not train.deterministic, tf32=on_gpu)
 
 
 def apply_speed_settings(speed: SpeedSettings) -> None:
@@ -270,9 +318,11 @@ def _loader(
     train: TrainConfig,
     session: WorkerSession,
     memory_format: torch.memory_format,
+    purpose: int,
 ) -> ShardLoader:
     """Built once per run: with loader workers, they persist across epochs (the stream's
-    `set_epoch` reaches them through shared memory)."""
+    `set_epoch` reaches them through shared memory). Their random numbers (augmentation) come
+    from a seed fixed by the recipe, the rank and `purpose` (0 training, 1 validation)."""
     return make_loader(
         stream,
         batch_size,
@@ -280,6 +330,7 @@ def _loader(
         session.device,
         memory_format,
         persistent=train.loader_workers > 0,
+        generator=loader_generator(train.seed + purpose, session.rank),
     )
 
 
@@ -333,7 +384,7 @@ def resume(run: Run) -> TrainingState:
         return TrainingState()
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
-    run.scaler.load_state_dict(saved["scaler"])
+    restore_scaler(run.scaler, saved["scaler"])
     if run.ema is not None and saved.get("ema"):
         run.ema.load_state_dict(saved["ema"])
     restore_rng(saved["rng"], run.rank, run.device)
@@ -359,15 +410,15 @@ class EpochOutcome:
     stopped: bool  # a stop was requested (all ranks agreed) before the epoch ended
 
 
-def train_one_epoch(run: Run, epoch: int) -> EpochOutcome:
+def train_one_epoch(run: Run, epoch: int, batches: Iterator[Any], vote: StopVote) -> EpochOutcome:
+    """One epoch over `batches` (from `_epoch_batches`)."""
     run.tracer.event("epoch", epoch + 1)
-    run.train_stream.set_epoch(epoch)
     run.ddp_model.train()
     started = time.perf_counter()
     loss_sum = torch.zeros((), device=run.device)
     seen, ids = 0, []
     run.optimizer.zero_grad(set_to_none=True)
-    for step, (images, labels, batch_ids) in enumerate(run.train_loader):
+    for step, (images, labels, batch_ids) in enumerate(batches):
         # With MixUp/CutMix on, `targets` are soft (N, C) and the logged train_loss is the
         # loss against the mixed targets: comparable between epochs and between runs with the
         # same mixing, higher than a clean-label loss and so not comparable with val_loss.
@@ -377,7 +428,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochOutcome:
         seen += labels.shape[0]
         if run.tracer.enabled:
             ids.extend(batch_ids)
-        if (step + 1) % STOP_CHECK_STEPS == 0 and stop_agreed(run.session, run.device):
+        if vote.due(step) and vote.check():
             return EpochOutcome(math.nan, seen, time.perf_counter() - started, stopped=True)
     run.tracer.sample_ids(epoch + 1, ids)
     mean_loss = _mean_across_ranks(loss_sum, seen, run.world, run.device)
@@ -417,16 +468,6 @@ def optimizer_step(run: Run) -> None:
         run.ema.update_parameters(run.model)
 
 
-def stop_agreed(session: WorkerSession, device: torch.device) -> bool:
-    """Whether any rank saw a stop request: all ranks must leave at the same step, or DDP hangs."""
-    wanted = session.stop_requested()
-    if session.world_size == 1:
-        return wanted
-    flag = torch.tensor([int(wanted)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 # --------------------------------------------------------------------------- validate
 def validate(run: Run) -> dict[str, float]:
     """Loss and metrics over every validation sample: each rank counts its share, the counts
@@ -436,7 +477,8 @@ def validate(run: Run) -> dict[str, float]:
     numbers of evaluation batches.
     """
     model = run.eval_model
-    _sync_buffers(model, run.world)
+    if not _synced_batchnorm(run.train, run.world):
+        _sync_buffers(model, run.world)
     counts = MetricCounts(len(run.classes), run.recipe.evaluate.threshold)
     count_predictions(model, run.val_loader, counts, amp_dtype=run.amp_dtype)
     counts = reduce_counts(counts, run.device)
@@ -484,7 +526,7 @@ def overlays_if_last_epoch(
     if tracker.run is None or not state.finished(run.train):
         return []
     best = copy.deepcopy(run.eval_model)  # the checkpoint keeps the training weights
-    if state.best_weights is not None:
+    if load_best_weights(state) is not None:
         best.load_state_dict(state.best_weights)
     images, labels, ids = next(iter(make_loader(run.val_stream, OVERLAY_IMAGES, workers=0)))
     mean, std = run.recipe.augment.mean, run.recipe.augment.std
@@ -492,12 +534,21 @@ def overlays_if_last_epoch(
 
 
 # --------------------------------------------------------------------------- checkpoint
-def save_checkpoint(run: Run, state: TrainingState, row: dict[str, Any]) -> None:
-    """Rank 0 writes the checkpoint; every rank reports (Ray records it once all have)."""
+def save_checkpoint(run: Run, state: TrainingState, row: dict[str, Any], improved: bool) -> None:
+    """Rank 0 writes the checkpoint; every rank reports (Ray records it once all have).
+
+    The best weights go to a file of their own, only when the epoch improved; the checkpoint
+    names that file. Older files go once no checkpoint that may still be resumed names them.
+    """
     rngs = _gather_rng_states(run.world, run.device)
+    previous_best = state.best_location
     with tempfile.TemporaryDirectory() as folder:
         checkpoint_dir = None
         if run.rank == 0:
+            if improved and state.best_weights is not None:
+                state.best_location = write_best_weights(
+                    run.config.best_weights_dir, state.epoch, state.best_weights
+                )
             checkpoint_dir = Path(folder)
             write_checkpoint(
                 checkpoint_dir,
@@ -512,6 +563,8 @@ def save_checkpoint(run: Run, state: TrainingState, row: dict[str, Any]) -> None
                 },
             )
         run.session.report(_scalars(row), checkpoint_dir)
+    if run.rank == 0 and improved:
+        prune_best_weights(run.config.best_weights_dir, {previous_best, state.best_location})
 
 
 def _gather_rng_states(world: int, device: torch.device) -> list[dict[str, Any]]:
@@ -543,6 +596,7 @@ def start_tracking(run: Run) -> WandbRun:
         group=config.wandb_group or config.wandb_run_id,
         system_metrics=run.device.type == "cuda",
         job_type="train",
+        export=config.wandb_export,
     )
     tracker.use_data(config.recipe.name, config.shards, config.run_config["data_version"])
     return tracker
@@ -562,7 +616,7 @@ def finish(run: Run, state: TrainingState, tracker: WandbRun) -> None:
     driver writes, usable by `predict` as downloaded) as a model artifact."""
     if run.rank != 0:
         return
-    if tracker.run is not None and state.best_weights is not None:
+    if tracker.run is not None and load_best_weights(state) is not None:
         tracker.summarise_best(next(r for r in state.history if r["epoch"] == state.best_epoch))
         with tempfile.TemporaryDirectory() as folder:
             model_file = Path(folder) / "model.pt"
@@ -593,6 +647,11 @@ def _finish_wandb(run: Run, tracker: WandbRun, preempted: bool) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+def _synced_batchnorm(train: TrainConfig, world: int) -> bool:
+    """BatchNorm layers are SyncBatchNorm (see build_model): the ranks' buffers are equal."""
+    return train.sync_batchnorm and world > 1
+
+
 def _sync_buffers(model: nn.Module, world: int) -> None:
     """Give every rank rank 0's BatchNorm statistics before validating.
 

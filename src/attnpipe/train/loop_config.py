@@ -15,6 +15,7 @@ class LoopConfig:
     recipe: Recipe
     shards: str  # folder or URL of the shards (index.json inside)
     run_name: str  # the Ray Train run: its checkpoints live under storage/run_name
+    best_weights_dir: str  # folder or URL for the best epoch's weights (checkpoint.py)
     wandb_run_id: str
     wandb_parent: str  # W&B writes its runs to `wandb/` inside this folder
     run_config: dict[str, Any]  # what W&B records: recipe, commit, code and data versions

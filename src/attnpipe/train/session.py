@@ -33,8 +33,9 @@ class WorkerSession(Protocol):
     device: torch.device
     node_id: str
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Move to the device and wrap for data parallelism (DDP) when there are several ranks."""
+    def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
+        """Move to the device and wrap for data parallelism (DDP) when there are several ranks;
+        `broadcast_buffers`: DDP copies rank 0's buffers to every rank before each forward."""
 
     def latest_checkpoint(self) -> AbstractContextManager[Path | None]:
         """Context manager: the folder of the newest checkpoint of this run, or None."""
@@ -64,10 +65,12 @@ class RaySession:
         # Polled by rank 0 only: the loop shares its answer with the other ranks.
         self._stop_flag = StopFlagReader(stop_name if self.rank == 0 else None)
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model)
+        return ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"broadcast_buffers": broadcast_buffers}
+        )
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -139,12 +142,14 @@ class TorchrunSession:
     def stop_requested(self) -> bool:
         return self._stop.is_set()
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
         model = model.to(self.device)
         if self.world_size == 1:
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, broadcast_buffers=broadcast_buffers
+        )
 
     def _checkpoints(self) -> list[Path]:
         return sorted(self.storage.glob("checkpoint_*")) if self.storage.is_dir() else []

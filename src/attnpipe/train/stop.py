@@ -22,8 +22,6 @@ T = TypeVar("T")
 
 # Seconds the workers get to stop cleanly: spot instances get 30-120 s of notice.
 DEFAULT_GRACE_S = 60.0
-# How long rank 0 waits for the flag's answer before training on (it is normally a millisecond).
-POLL_TIMEOUT_S = 2.0
 
 
 # --------------------------------------------------------------------------- driver side
@@ -129,10 +127,15 @@ def run_stoppable(
 
 # --------------------------------------------------------------------------- worker side
 class StopFlagReader:
-    """Rank 0's view of the driver's flag; never asked when the run was launched without one."""
+    """Rank 0's view of the driver's flag; never asked when the run was launched without one.
+
+    Never blocks: each call looks whether the previous question has been answered
+    (`ray.wait` with no timeout) and asks again; an answer arrives one call later.
+    """
 
     def __init__(self, name: str | None) -> None:
         self._actor = None
+        self._pending: Any = None
         if name:
             import ray
 
@@ -145,6 +148,13 @@ class StopFlagReader:
         import ray
 
         try:
-            return bool(ray.get(self._actor.requested.remote(), timeout=POLL_TIMEOUT_S))
-        except Exception:  # the driver is gone or slow: keep training, Ray ends us if it must
+            answer = False
+            if self._pending is not None:
+                ready, _ = ray.wait([self._pending], timeout=0)
+                if not ready:
+                    return False  # still on its way: ask again later, never wait for it
+                answer = bool(ray.get(ready[0]))
+            self._pending = self._actor.requested.remote()
+            return answer
+        except Exception:  # the driver is gone: keep training, Ray ends us if it must
             return False

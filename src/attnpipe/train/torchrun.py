@@ -22,6 +22,7 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 from attnpipe.train.launch import build_loop_config
 from attnpipe.train.loop import run_training
+from attnpipe.train.repeatability import apply_determinism
 from attnpipe.train.session import TorchrunSession
 
 
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = parse_assignments(args.set)
     recipe = apply_overrides(recipe, overrides, origin="--set") if overrides else recipe
     config = build_loop_config(recipe, PipelinePaths(args.root.resolve(), args.pipeline))
+    config = config.with_changes(best_weights_dir=str(args.storage.resolve() / "best"))
+    apply_determinism(recipe.train.deterministic)  # before the session starts CUDA
     run_training(config, TorchrunSession(args.storage, use_gpu=recipe.train.use_gpu))
 
 
