@@ -1,11 +1,15 @@
-"""Provenance: the commit recorded in model.pt."""
+"""Provenance (the commit recorded in model.pt) and the W&B run a process owns."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
-from attnpipe.tracking import artifact_aliases, git_commit, wandb_keys
+from attnpipe.config import WandbConfig
+from attnpipe.tracking import WandbRun, artifact_aliases, git_commit, wandb_keys
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
 
@@ -55,3 +59,42 @@ def test_artifact_aliases_drop_missing_and_characters_wandb_refuses():
     ]
     assert artifact_aliases(None, "abc", None) == ["abc"]
     assert artifact_aliases("best", "best", "") == ["best"]
+
+
+_CHILD_RUN = """
+import os, signal, sys
+from pathlib import Path
+from attnpipe.config import WandbConfig
+from attnpipe.tracking import WandbRun
+run = WandbRun.start(WandbConfig(), "resumed-after-kill", "r", Path(sys.argv[1]), {})
+run.log({"train/loss": 1.0}, step=int(sys.argv[2]))
+if sys.argv[3] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+run.finish()
+"""
+
+
+def _child(directory: Path, step: int, end: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _CHILD_RUN, str(directory), str(step), end],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_run_killed_under_a_logging_parent_resumes_with_its_id(tmp_path, monkeypatch):
+    """A driver (or pytest) that logged to W&B itself must not hand its service to the
+    processes it starts: a killed child would leave its run open there, and the relaunch would
+    be refused with "run ID ... is in use"."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    parent = WandbRun.start(WandbConfig(), "parent", "parent", tmp_path / "parent", {})
+    try:
+        assert "WANDB_SERVICE" not in os.environ
+        killed = _child(tmp_path / "child", 0, "kill")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        relaunched = _child(tmp_path / "child", 1, "finish")
+        assert relaunched.returncode == 0, relaunched.stderr[-2000:]
+        parent.log({"train/loss": 0.5}, step=0)  # the parent's own connection still works
+    finally:
+        parent.finish()

@@ -128,6 +128,14 @@ def redact(value: Any) -> Any:
     return value
 
 
+def _forget_service_address() -> None:
+    """Every process that logs owns its W&B service. wandb.init leaves its service's address
+    in WANDB_SERVICE for child processes to share; a child killed mid-run (a spot node, a
+    fault) then leaves its run open in the parent's service, and the relaunch is refused with
+    "run ID ... is in use". So no address is taken from a parent, nor handed to children."""
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 class WandbRun:
     """A thin handle on a W&B run; every method is a no-op when tracking is disabled.
 
@@ -166,6 +174,7 @@ class WandbRun:
         import wandb
 
         directory.mkdir(parents=True, exist_ok=True)
+        _forget_service_address()
         run = wandb.init(
             project=config.project,
             entity=config.entity,
@@ -187,6 +196,7 @@ class WandbRun:
                 x_transaction_log_flush_interval=FLUSH_INTERVAL_S,
             ),
         )
+        _forget_service_address()
         return cls(run, logged_steps=logged_steps(directory / "wandb", run_id, export))
 
     @property
