@@ -438,9 +438,9 @@ def close_runs(
     config: WandbConfig, directory: Path, group: str, runs: dict[str, dict[str, Any]]
 ) -> None:
     """Reopen runs of `group` (`run id -> {"tags": [...], "summary": {...}}`) to tag them
-    and give them a summary, then finish each with exit code 0. For sweeps: trials that ASHA
-    stopped (their workers were killed mid-run, so W&B would call them crashed) and the best
-    trial, known only once every trial ended."""
+    and give them a summary, then finish each with exit code 0. For sweeps: Tune kills a
+    trial's workers when it ends (so W&B would call it crashed), and which trial is best is
+    known only once every trial ended."""
     for run_id, change in runs.items():
         run = WandbRun.start(
             config,

@@ -267,9 +267,10 @@ def share_sweep(
     trials: list[dict[str, Any]],
     best: dict[str, Any],
 ) -> None:
-    """The sweep on W&B, once every trial ended: trials ASHA stopped are closed as finished
-    runs tagged "stopped-early" (Tune killed their workers, so W&B would call them crashed),
-    the best trial is tagged "best", and one run of job type "sweep" holds the trials table."""
+    """The sweep on W&B, once every trial ended: every trial's run is closed as finished (Tune
+    ends a trial by killing its workers, at ASHA's cut and at its last report alike, so no trial
+    finishes its own run and W&B would call it crashed), those ASHA cut tagged "stopped-early",
+    the best tagged "best", and one run of job type "sweep" holds the trials table."""
     config = recipe.tracking.wandb
     if config.mode == "disabled":
         return
@@ -279,12 +280,8 @@ def share_sweep(
         tags = ["stopped-early"] if trial["stopped_early"] else []
         if trial["trial_id"] == best["trial_id"]:
             tags.append("best")
-        if tags:
-            summary = {"epochs": trial["epochs"], f"best/{metric}": trial[f"best_{metric}"]}
-            closing[trial_run_id(experiment, trial["trial_id"])] = {
-                "tags": tags,
-                "summary": summary,
-            }
+        summary = {"epochs": trial["epochs"], f"best/{metric}": trial[f"best_{metric}"]}
+        closing[trial_run_id(experiment, trial["trial_id"])] = {"tags": tags, "summary": summary}
     close_runs(config, paths.wandb_parent, experiment, closing)
     summary = WandbRun.start(
         config,
