@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,3 +133,17 @@ def final_state(runs: list[OfflineRun], run_id: str) -> OfflineRun:
     sessions = [r for r in runs if r.info.run_id == run_id]
     assert sessions, f"no offline run {run_id}"
     return sessions[-1]
+
+
+def finished_runs(wandb_dir: Path, count: int | None = None, timeout: float = 60.0) -> list:
+    """The offline runs under `wandb_dir` once `count` of them (default: every one found) hold
+    their exit record: W&B's service writes the run file on its own, and may still be at it when
+    `finish()` returns. Returns what is there at `timeout`, for the caller's asserts to name."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = offline_runs(wandb_dir)
+        done = [run for run in runs if exit_code(run.records) is not None]
+        wanted = len(runs) if count is None else count
+        if (runs and len(done) >= wanted) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)

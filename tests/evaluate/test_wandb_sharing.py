@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
-from tests.wandb_offline import artifacts, exit_code, history_rows, offline_runs, summary
+from tests.wandb_offline import artifacts, exit_code, finished_runs, history_rows, summary
 
 
 def _runs_of(paths, job_type: str) -> list:
-    return [r for r in offline_runs(paths.root / "wandb") if r.info.job_type == job_type]
+    runs = finished_runs(paths.root / "wandb")  # W&B may still be writing when finish() returns
+    return [r for r in runs if r.info.job_type == job_type]
 
 
 def test_evaluation_is_a_run_in_the_training_group_with_metrics_tables_images_and_page(
