@@ -7,7 +7,6 @@ import csv
 import hashlib
 import io
 import json
-import time
 import zipfile
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from attnpipe.evaluate.predict import Predictor, predict_files
 from attnpipe.paths import PipelinePaths
 from tests.conftest import write_project
 from tests.data.fake_kaggle import FakeKaggle, point_client_at
-from tests.wandb_offline import exit_code, history_rows, offline_runs, summary
+from tests.wandb_offline import finished_runs, history_rows, summary
 
 COMPETITION = "imagenet-object-localization-challenge"
 DATA = "ILSVRC/Data/CLS-LOC"
@@ -87,18 +86,6 @@ def imagenet_files() -> tuple[dict[str, bytes], dict[str, str]]:
         files[f"{DATA}/val/{image_id}.JPEG"] = _encode("L" if n == 0 else "RGB", "JPEG")
     files["LOC_val_solution.csv"] = ("\n".join(rows) + "\n").encode()
     return files, val_classes
-
-
-def _finished_runs(folder: Path, count: int, timeout: float = 60.0) -> list:
-    """The offline runs under `folder` once `count` of them hold their exit record: W&B's
-    service writes the run file on its own, and may still be at it when `finish()` returns."""
-    deadline = time.monotonic() + timeout
-    while True:
-        runs = offline_runs(folder)
-        done = [run for run in runs if exit_code(run.records) is not None]
-        if len(done) >= count or time.monotonic() > deadline:
-            return runs
-        time.sleep(0.2)
 
 
 def _mkdir(path: Path) -> Path:
@@ -198,7 +185,7 @@ def test_small_imagenet_from_kaggle_to_a_top5_report(tmp_path: Path, monkeypatch
     assert metrics["test_samples"] == len(val_classes)
     assert metrics["top5_accuracy"] >= metrics["accuracy"]
     assert "Top-5 accuracy" in paths.report_html.read_text()
-    runs = _finished_runs(root / "wandb", count=2)  # training's and evaluate's
+    runs = finished_runs(root / "wandb", count=2)  # training's and evaluate's
     logged = {key for run in runs for row in history_rows(run.records) for key in row}
     assert any(key.startswith("val") and "top5_accuracy" in key for key in logged), logged
     tests = [summary(run.records).get("test/top5_accuracy") for run in runs]
@@ -236,7 +223,7 @@ def _samples(*specs: tuple[str, str, str]) -> tuple[list[Sample], ScanFacts]:
         for _, _, content in specs
     ]
     samples = [
-        Sample(RawRecord(image_id, Path(image_id), "n01440764", split=split), 0, row)
+        Sample(RawRecord(image_id, image_id, "n01440764", split=split), 0, row)
         for row, (image_id, split, _) in enumerate(specs)
     ]
     return samples, ScanFacts.of(infos)

@@ -96,7 +96,7 @@ def prepare(
     config = recipe.prepare
     index = read_layout(recipe, paths.raw)
     labels = _resolve_labels(index, origin=str(paths.raw))
-    images = [record.path for record in index.records]
+    images = [record.location for record in index.records]
     shared = SharedProject(
         ray_tasks.shared_root(paths.root, shared_root), paths.root, _rel(paths.raw, paths.root)
     )
@@ -190,7 +190,7 @@ def _resolve_labels(index: RawIndex, origin: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- scanning
 def scan_images(
-    paths: Sequence[Path],
+    paths: Sequence[Path | str],
     max_pixels: int,
     workers: int = 0,
     progress: bool = True,
@@ -209,7 +209,7 @@ def scan_images(
     with bar:
         if address:
             if shared is None:  # the folder holding every image, as the nodes see it
-                folders = [p.resolve().parent for p in paths] or [Path.cwd()]
+                folders = [Path(p).resolve().parent for p in paths] or [Path.cwd()]
                 root = Path(os.path.commonpath(folders))
                 shared = SharedProject(str(root), root, ".")
             return _scan_on_ray(paths, max_pixels, address, bar, shared)
@@ -240,7 +240,7 @@ def _scan_one(path: Path | str, max_pixels: int) -> ImageInfo | BadImage:
 
 
 def _scan_on_ray(
-    paths: Sequence[Path], max_pixels: int, address: str, bar: tqdm, shared: SharedProject
+    paths: Sequence[Path | str], max_pixels: int, address: str, bar: tqdm, shared: SharedProject
 ) -> ScanFacts:
     """Chunks of images as Ray tasks: their names go in, their facts (or reasons) come back.
 
@@ -276,8 +276,8 @@ class SharedProject:
     project_root: Path  # the same folder on the driver
     probe: str  # a folder every node must see (the raw images'), relative to the root
 
-    def name(self, path: Path) -> str:
-        return _rel(path, self.project_root)
+    def name(self, path: Path | str) -> str:
+        return _rel(Path(path), self.project_root)
 
 
 @dataclass(frozen=True)
