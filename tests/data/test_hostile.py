@@ -20,6 +20,7 @@ from PIL import Image
 
 from attnpipe.config import parse_recipe
 from attnpipe.data import prepare as prepare_module
+from attnpipe.data.layouts import LayoutError, read_csv_layout
 from attnpipe.data.prepare import PrepareError, prepare
 from attnpipe.data.shard import sample_key, shard
 from attnpipe.paths import PipelinePaths
@@ -232,3 +233,28 @@ def test_duplicates_policy_error_names_both_files(tmp_path: Path):
     paths = make_hostile_project(tmp_path)
     with pytest.raises(PrepareError, match=r"good_03_copy\.jpg: duplicate of good_03\.jpg"):
         prepare(_recipe(duplicates="error"), paths, progress=False)
+
+
+def test_image_ids_that_leave_the_image_folder_are_refused_by_line(tmp_path: Path):
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    rows = "image_id,label\nok.jpg,0\n../secret.jpg,0\n/etc/passwd,1\nsub/../../x.jpg,1\n"
+    (raw / "train.csv").write_text(rows)
+    with pytest.raises(LayoutError) as error:
+        read_csv_layout(raw, "train.csv", "images", label_map=None)
+    message = str(error.value)
+    assert "must stay inside images/" in message
+    assert "line 3 ('../secret.jpg')" in message
+    assert "line 4 ('/etc/passwd')" in message
+    assert "line 5 ('sub/../../x.jpg')" in message
+    assert "ok.jpg" not in message
+
+
+def test_csv_records_hold_the_image_path_and_shared_labels(tmp_path: Path):
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    (raw / "train.csv").write_text("image_id,label\na,cat\nb,cat\nc,dog\n")
+    index = read_csv_layout(raw, "train.csv", "images", label_map=None, image_suffix=".png")
+    assert [r.path for r in index.records] == [raw / "images" / f"{n}.png" for n in "abc"]
+    assert index.records[0].label is index.records[1].label  # one string per class, not per row
+    assert index.class_names == ["cat", "dog"]

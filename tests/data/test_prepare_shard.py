@@ -182,3 +182,27 @@ def test_shard_decoding_skips_resolution_it_does_not_need(tmp_path: Path):
     assert load_rgb(path, 10**8).size == (160, 120)
     assert load_rgb(path, 10**8, draft_size=48).size == (80, 60)  # still >= 48 on its short side
     assert load_rgb(path, 10**8, draft_size=100).size == (160, 120)  # no room to halve
+
+
+def test_a_manifest_written_in_row_groups_holds_the_same_rows_and_shards(
+    tmp_path: Path, digits_project, monkeypatch
+):
+    """prepare writes the manifest a row group at a time (its memory stays flat at ImageNet
+    size); the rows, their order and the shards made from them are those of one group."""
+    from attnpipe.data import prepare as prepare_module
+
+    _, built = digits_project
+    root = write_project(tmp_path, TINY_OVERRIDES)
+    recipe = load_recipe("digits", root)
+    paths = PipelinePaths(root, "digits")
+    import shutil
+
+    shutil.copytree(built.raw, paths.raw)
+    monkeypatch.setattr(prepare_module, "MANIFEST_ROW_GROUP", 100)
+    prepare(recipe, paths, progress=False)
+    shard(recipe, paths, progress=False)
+    grouped, whole = pq.ParquetFile(paths.manifest), pq.ParquetFile(built.manifest)
+    assert whole.num_row_groups == 1
+    assert grouped.num_row_groups == -(-whole.metadata.num_rows // 100)
+    assert grouped.read().equals(whole.read())
+    assert _digest(paths.shards) == _digest(built.shards)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,18 +138,26 @@ def _imagenet_train(train_dir: Path, wnids: set[str]) -> list[RawRecord]:
             f"{train_dir}: folder(s) {', '.join(strangers[:10])} are not synsets of "
             f"{IMAGENET_SYNSETS}; remove them or fetch again"
         )
-    return [
-        RawRecord(image_id=file.stem, location=str(file), label=folder.name, split="train")
-        for folder in folders
-        for file in sorted(folder.iterdir())
-        if file.is_file()
-    ]
+    records = []
+    for folder in folders:
+        label, prefix = sys.intern(folder.name), str(folder)
+        names = sorted(entry.name for entry in os.scandir(prefix) if entry.is_file())
+        records += [
+            RawRecord(
+                image_id=os.path.splitext(name)[0],
+                location=os.path.join(prefix, name),
+                label=label,
+                split="train",
+            )
+            for name in names
+        ]
+    return records
 
 
 def _imagenet_val(csv_path: Path, val_dir: Path) -> list[RawRecord]:
     if not csv_path.is_file():
         raise LayoutError(f"{csv_path} is missing: run `attnpipe fetch` first")
-    records = []
+    records, prefix = [], str(val_dir)
     with csv_path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or []):
@@ -160,9 +170,10 @@ def _imagenet_val(csv_path: Path, val_dir: Path) -> list[RawRecord]:
             if not tokens:
                 raise LayoutError(f"{csv_path}, line {line}: {row['ImageId']} has no class")
             image_id = row["ImageId"].strip()
-            location = str(val_dir / f"{image_id}.JPEG")
+            location = os.path.join(prefix, f"{image_id}.JPEG")
+            label = sys.intern(tokens[0])
             records.append(
-                RawRecord(image_id=image_id, location=location, label=tokens[0], split="test")
+                RawRecord(image_id=image_id, location=location, label=label, split="test")
             )
     return records
 
@@ -223,20 +234,22 @@ def read_csv_layout(
                 f"{csv_path}: missing column(s) {', '.join(missing)}; "
                 f"found {', '.join(reader.fieldnames or [])}"
             )
+        # Text, not a Path per row (and labels interned): a million rows live until the end.
+        prefix = str(raw_dir / images_dir)
         records = [
             RawRecord(
                 image_id=row[id_column],
-                location=str(raw_dir / images_dir / f"{row[id_column]}{image_suffix}"),
-                label=row[label_column].strip(),
+                location=os.path.join(prefix, f"{row[id_column]}{image_suffix}"),
+                label=sys.intern(row[label_column].strip()),
                 group=(row[group_column].strip() or None) if group_column else None,
-                split=(row[split_column].strip() or None) if split_column else None,
+                split=(sys.intern(row[split_column].strip()) or None) if split_column else None,
             )
             for row in reader
         ]
     escaping = [
         (line, r.image_id)
         for line, r in enumerate(records, start=2)
-        if Path(r.image_id).is_absolute() or ".." in Path(r.image_id).parts
+        if os.path.isabs(r.image_id) or ".." in r.image_id.split(os.sep)
     ]
     if escaping:
         shown = ", ".join(f"line {line} ({image_id!r})" for line, image_id in escaping[:10])

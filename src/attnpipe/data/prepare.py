@@ -117,7 +117,7 @@ def prepare(
         good, config.duplicates, facts, official_test=config.test_split == "official"
     )
     rejected.extend(
-        Rejection(dup.record.image_id, _rel(dup.record.path, paths.root), reason)
+        Rejection(dup.record.image_id, _rel(dup.record.location, paths.root), reason)
         for dup, reason in duplicates
     )
 
@@ -165,7 +165,7 @@ def _sort_out(
     rejected: list[Rejection] = []
     for row, (record, label) in enumerate(zip(records, labels.tolist(), strict=True)):
         if row in facts.bad:
-            rejected.append(Rejection(record.image_id, _rel(record.path, root), facts.bad[row]))
+            rejected.append(Rejection(record.image_id, _rel(record.location, root), facts.bad[row]))
         else:
             good.append(Sample(record, label, row))
     return good, rejected
@@ -277,7 +277,7 @@ class SharedProject:
     probe: str  # a folder every node must see (the raw images'), relative to the root
 
     def name(self, path: Path | str) -> str:
-        return _rel(Path(path), self.project_root)
+        return _rel(path, self.project_root)
 
 
 @dataclass(frozen=True)
@@ -483,6 +483,9 @@ def assign_folds(
 
 
 # --------------------------------------------------------------------------- outputs
+MANIFEST_ROW_GROUP = 16_384  # rows per Parquet row group: what prepare holds of the manifest
+
+
 def _write_manifest(
     paths: PipelinePaths,
     samples: list[Sample],
@@ -491,13 +494,34 @@ def _write_manifest(
     class_names: list[str],
     facts: ScanFacts,
 ) -> None:
-    """One column at a time (each Python list lives only until it is an Arrow array)."""
+    """Sorted by id, one row group at a time: a group's Python lists and Arrow arrays live only
+    until it is written, so what this holds does not grow with the dataset."""
     order = sorted(range(len(samples)), key=lambda i: samples[i].record.image_id)
+    paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+    release(paths.manifest)
+    with pq.ParquetWriter(paths.manifest, MANIFEST_SCHEMA, compression="zstd") as writer:
+        for start in range(0, len(order) or 1, MANIFEST_ROW_GROUP):
+            group = order[start : start + MANIFEST_ROW_GROUP]
+            writer.write_table(
+                _manifest_rows(group, paths.root, samples, splits, folds, class_names, facts)
+            )
+
+
+def _manifest_rows(
+    order: list[int],
+    root: Path,
+    samples: list[Sample],
+    splits: list[str],
+    folds: list[int],
+    class_names: list[str],
+    facts: ScanFacts,
+) -> pa.Table:
+    """The manifest's rows for `order` (indices into `samples`), one column at a time."""
     rows = np.array([samples[i].row for i in order], dtype=np.int64)
     sizes = facts.sizes.reshape(-1, 3)[rows]
     columns: dict[str, Callable[[], Any]] = {
         "id": lambda: [samples[i].record.image_id for i in order],
-        "path": lambda: [_rel(samples[i].record.path, paths.root) for i in order],
+        "path": lambda: [_rel(samples[i].record.location, root) for i in order],
         "label": lambda: [samples[i].label for i in order],
         "class_name": lambda: [class_names[samples[i].label] for i in order],
         "group": lambda: [samples[i].record.group for i in order],
@@ -511,10 +535,7 @@ def _write_manifest(
         "format": lambda: [facts.formats[row] for row in rows],
     }
     arrays = [pa.array(columns[f.name](), type=f.type) for f in MANIFEST_SCHEMA]
-    paths.manifest.parent.mkdir(parents=True, exist_ok=True)
-    release(paths.manifest)
-    table = pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
-    pq.write_table(table, paths.manifest, compression="zstd")
+    return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
 
 
 def read_manifest(path: Path) -> pa.Table:
@@ -573,8 +594,11 @@ def format_data_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
+def _rel(path: Path | str, root: Path | str) -> str:
+    """`path` relative to `root` when inside it, else as given. Text, not Path objects, and no
+    symlinks followed: it runs once per image, and a file DVC linked to its cache keeps its
+    workspace name."""
+    absolute, base = os.path.abspath(path), os.path.abspath(root)
+    if absolute.startswith(base + os.sep):
+        return absolute[len(base) + 1 :]
+    return "." if absolute == base else str(path)
