@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from attnpipe.capacity import (
@@ -170,3 +172,23 @@ def test_the_gpu_recipes_follow_the_hardware_and_the_demo_keeps_two_cpu_ranks():
             source_batch = 2 * train.batch_size * train.accumulate_steps
             assert scaled_lr(train.optimizer, source_batch) == pytest.approx(train.optimizer.lr)
     assert load_recipe("digits", root).train.workers == 2
+
+
+def test_an_elastic_run_waits_briefly_for_placement_even_under_an_inherited_long_wait(
+    monkeypatch,
+):
+    """A shrunken elastic run retries its placement after 30 s. The fixed-size runs' 600 s,
+    set by an earlier run in this process or inherited from a parent, must not hold it."""
+    from attnpipe.train.launch import ELASTIC_START_S, placement_wait
+
+    name = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    monkeypatch.setenv(name, "600")
+    with placement_wait(elastic=True):
+        assert os.environ[name] == str(ELASTIC_START_S)
+    assert os.environ[name] == "600"  # the next, fixed-size run keeps the long wait
+    with placement_wait(elastic=False):
+        assert os.environ[name] == "600"
+    monkeypatch.delenv(name)
+    with placement_wait(elastic=True):
+        assert os.environ[name] == str(ELASTIC_START_S)
+    assert name not in os.environ

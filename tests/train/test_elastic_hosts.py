@@ -78,10 +78,13 @@ def test_an_elastic_run_finishes_on_the_host_that_is_left(digits_project, ray_ho
     checkpoints = project / "models" / "digits" / "checkpoints"
     log = hosts.logs / "train.log"
     command = [sys.executable, "-m", "attnpipe.cli", "--root", str(project), "train", "digits"]
+    # As a shell that ran a fixed-size job before would hand it down: the elastic run must
+    # still retry its placement after 30 s, not wait out these 600.
+    env = {**hosts.env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
     with log.open("w") as out:
         driver = subprocess.Popen(
             hosts.head.command(*command, "--address", hosts.address),
-            env=hosts.env,
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -12,7 +12,8 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,12 +160,6 @@ def build_trainer(
 def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> TrainResult:
     """Train `recipe` on its shards with Ray Train; write `model.pt` and the history CSV."""
     train_cfg = recipe.train
-    if isinstance(train_cfg.workers, tuple):
-        # Elastic: Ray Train sizes each (re)start by the nodes its resource coordinator saw
-        # last (refreshed every 20 s), so a restart right after a node loss may still ask for
-        # the lost node's rank; it waits this long before trying again with a fresh view. A
-        # fixed-size run keeps the long wait, for GPU nodes the autoscaler is still starting.
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(ELASTIC_START_S))
     configure_ray_environment()
     loop = build_loop_config(recipe, paths)
     storage = train_cfg.storage_path or str(paths.checkpoints.resolve())
@@ -182,7 +177,10 @@ def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> T
             flush=True,
         )
 
-    with training_cluster(train_cfg, address, announce) as plan:
+    with (
+        placement_wait(elastic=isinstance(train_cfg.workers, tuple)),
+        training_cluster(train_cfg, address, announce) as plan,
+    ):
         stop_name = f"attnpipe-stop-{loop.run_name}-{uuid.uuid4().hex[:8]}"
         loop = loop.with_changes(use_gpu=plan.use_gpu, workers=plan.workers, stop_name=stop_name)
         stop_flag = create_stop_flag(stop_name)
@@ -200,6 +198,27 @@ def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> T
     if stop_requested and not state.finished(train_cfg):
         raise KeyboardInterrupt(f"run '{loop.run_name}' stopped after epoch {state.epoch}")
     return write_outputs(recipe, paths, loop, state)
+
+
+@contextmanager
+def placement_wait(elastic: bool) -> Iterator[None]:
+    """An elastic run waits ELASTIC_START_S for each worker group's placement, for the run's
+    length. Ray Train sizes each (re)start by the nodes its resource coordinator saw last
+    (refreshed every 20 s), so a restart right after a node loss may still ask for the lost
+    node's rank; after this wait it tries again with a fresh view. Set, not defaulted: the
+    fixed-size runs' long wait (for GPU nodes an autoscaler is still starting), inherited from
+    a parent process or an earlier run in this one, would hold a shrunken run for 10 minutes."""
+    name = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    before = os.environ.get(name)
+    if elastic:
+        os.environ[name] = str(ELASTIC_START_S)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def fit_or_explain(trainer: Any) -> Any:
