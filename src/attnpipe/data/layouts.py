@@ -33,8 +33,8 @@ class RawRecord:
     """One labelled row of a raw dataset. `label` is the raw label text, not yet an index."""
 
     image_id: str
-    # The image's path as text: a million records hold a million of these, and a str takes a
-    # fifth of a pathlib.Path's memory (prepare's peak grew by about 500 B an image with Paths).
+    # The image's path as text: a million records live until prepare ends, and a Path per
+    # record cost about 400 B an image (pathlib interns every file name it parses).
     location: str
     label: str
     group: str | None = None

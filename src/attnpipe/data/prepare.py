@@ -209,7 +209,8 @@ def scan_images(
     with bar:
         if address:
             if shared is None:  # the folder holding every image, as the nodes see it
-                folders = [Path(p).resolve().parent for p in paths] or [Path.cwd()]
+                # Absolute, symlinks kept: the names below are made by `_rel`, which keeps them.
+                folders = [os.path.dirname(os.path.abspath(p)) for p in paths] or [os.getcwd()]
                 root = Path(os.path.commonpath(folders))
                 shared = SharedProject(str(root), root, ".")
             return _scan_on_ray(paths, max_pixels, address, bar, shared)
@@ -599,6 +600,7 @@ def _rel(path: Path | str, root: Path | str) -> str:
     symlinks followed: it runs once per image, and a file DVC linked to its cache keeps its
     workspace name."""
     absolute, base = os.path.abspath(path), os.path.abspath(root)
-    if absolute.startswith(base + os.sep):
-        return absolute[len(base) + 1 :]
+    inside = os.path.join(base, "")  # with its trailing separator (also for "/")
+    if absolute.startswith(inside):
+        return absolute[len(inside) :]
     return "." if absolute == base else str(path)
