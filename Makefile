@@ -1,6 +1,7 @@
 # Two commands on a fresh machine with Python 3.11+ and make:
 #   make demo   set up, then build the digits pipeline end to end with `dvc repro` (offline)
 #   make test   set up, then run the whole test suite
+#   make check  the tests that start no Ray, DVC or test hosts: the edit loop (docs/testing.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
@@ -10,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 export WANDB_SILENT := true
 
-.PHONY: help setup browser demo test lint format bench clean
+.PHONY: help setup browser demo test check lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -49,8 +50,18 @@ browser:  ## install Chromium (Debian's apt package) for the report test, if mis
 	  echo "browser: no Chromium and no root apt-get; the report browser test will be skipped"; \
 	fi
 
+# The unmarked tests run in-process, one thread each: two processes use both cores (-n 2); a
+# file's tests stay together (--dist loadfile), so a module's fixtures are built once.
+QUICK_TESTS := -m "not (ray or dvc or netns)" -n 2 --dist loadfile
+
+# Every test: the quick tier two at a time, then the tiers that start Ray, DVC and test hosts
+# one at a time (each of those keeps both cores busy, and some wait on deadlines).
 test: setup browser  ## run the whole test suite (tiny data; starts real Ray, DVC and W&B offline)
-	$(UV) run --frozen pytest
+	$(UV) run --frozen pytest $(QUICK_TESTS)
+	$(UV) run --frozen pytest -m "ray or dvc or netns"
+
+check: setup  ## the tests that need no Ray, DVC repository or test hosts (minutes; docs/testing.md)
+	$(UV) run --frozen pytest $(QUICK_TESTS)
 
 lint: setup  ## ruff: lint and format check
 	$(UV) run --frozen ruff check src tests benchmarks

@@ -23,12 +23,16 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Private clusters start lean: the dashboard is a process and an agent per node, seconds of CPU
+# per cluster, and only the Jobs API needs it (the tests that submit jobs start their own head).
+os.environ.setdefault("ATTNPIPE_RAY_DASHBOARD", "0")
 # Nothing is downloaded in tests: ImageNet weights must come from a cache the test filled.
 os.environ["ATTNPIPE_OFFLINE"] = "1"
 
-# Small enough for two CPU cores in seconds; the same code path as the demo.
+# Small enough for two CPU cores in seconds; the same code path as the demo. 16 pixels: the
+# digits are 8 x 8 scans, and a quarter of the demo's pixels trains 2.2x as fast and better.
 TINY_OVERRIDES = {
-    "model": {"name": "attention56_cifar", "input_size": 32, "kwargs": {"width_multiplier": 0.25}},
+    "model": {"name": "attention56_cifar", "input_size": 16, "kwargs": {"width_multiplier": 0.25}},
     "train": {
         "workers": 2,
         "epochs": 3,
@@ -39,6 +43,72 @@ TINY_OVERRIDES = {
         "max_failures": 1,
     },
 }
+
+
+# --------------------------------------------------------------------------- test tiers
+# `make check` runs the tests that need none of these; `make test` runs every test. A test
+# without the marker that fails at starting such a process (`forbid_tier_processes`).
+TIERS = {
+    "ray": "starts Ray (a cluster in this process or a child, `ray start`, a Ray job)",
+    "dvc": "runs DVC in a git repository",
+    "netns": "makes test hosts in network namespaces (needs root and `ip`)",
+}
+# Executables that only a marked test may start: (names, the marker that allows them).
+TIER_EXECUTABLES = (
+    (frozenset({"gcs_server", "raylet", "ray"}), "ray"),
+    (frozenset({"dvc"}), "dvc"),
+    (frozenset({"ip"}), "netns"),
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, what in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {what} (make check leaves it out)")
+
+
+# Shared fixtures that start those processes: a test using one carries its markers.
+FIXTURE_TIERS = {"repro_project": ("dvc", "ray")}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, tiers in FIXTURE_TIERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                for tier in tiers:
+                    item.add_marker(tier)
+
+
+def _executable(args: object) -> str:
+    """The program a Popen call starts: the first word of a command line, or of argv."""
+    if isinstance(args, (str, bytes, os.PathLike)):
+        first = next(iter(os.fsdecode(args).split()), "")
+    else:
+        first = os.fsdecode(next(iter(args), ""))  # type: ignore[call-overload]
+    return Path(first).name
+
+
+@pytest.fixture(autouse=True)
+def forbid_tier_processes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """An unmarked test that starts Ray, DVC or `ip` fails, naming the marker it needs: so
+    `make check` (no marked test) never starts them, and a marker cannot be forgotten."""
+    allowed = {name for name in TIERS if request.node.get_closest_marker(name)}
+    if allowed == set(TIERS):
+        yield
+        return
+    original = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        executable = _executable(args)
+        for names, tier in TIER_EXECUTABLES:
+            if executable in names and tier not in allowed:
+                raise RuntimeError(
+                    f"this test starts `{executable}`: mark it @pytest.mark.{tier} "
+                    f"({TIERS[tier]}); `make check` leaves such tests out"
+                )
+        original(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    yield
 
 
 def write_project(root: Path, overrides: dict | None = None, name: str = "digits") -> Path:

@@ -14,7 +14,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn import metrics as skm
 
 CALIBRATION_BINS = 15
 TOP_K = 5
@@ -153,6 +152,10 @@ class MetricCounts:
         return result
 
     def _binary_metrics(self) -> dict[str, float]:
+        # Imported here: scikit-learn costs every training worker a second at start-up, and
+        # only binary tasks need it.
+        from sklearn import metrics as skm
+
         labels, positive = self.binary_scores()
         both_present = len(np.unique(labels)) == 2
         (tn, fp), (fn, tp) = self.matrix

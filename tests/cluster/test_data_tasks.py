@@ -22,9 +22,9 @@ from attnpipe.cli import main
 from attnpipe.paths import PipelinePaths
 
 
-def slow(test):
+def on_ray(test):
     """Real Ray runs: a minute on an idle 2-core machine; the allowance covers a busy one."""
-    return pytest.mark.slow(pytest.mark.timeout(1200)(test))
+    return pytest.mark.ray(pytest.mark.timeout(1200)(test))
 
 
 OUTPUTS = ("manifest.parquet", "rejected.csv", "classes.json")
@@ -43,12 +43,12 @@ def _trace(folder: Path, kind: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-@pytest.fixture
-def two_nodes(monkeypatch) -> Iterator[tuple[str, set[str]]]:
-    """A head and one more node, one CPU each: (address, node ids)."""
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[tuple[str, set[str]]]:
+    """A head and one more node, one CPU each: (address, node ids). One cluster for the
+    module: every test connects and disconnects as a command would."""
     from ray.cluster_utils import Cluster
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         cluster.add_node(num_cpus=1)
@@ -73,7 +73,7 @@ def _damage(raw: Path) -> dict[str, str]:
     }
 
 
-@slow
+@on_ray
 def test_prepare_and_shard_on_two_nodes_match_a_local_run(
     digits_project, two_nodes, tmp_path, monkeypatch
 ):
@@ -151,7 +151,7 @@ def _photos_project(root: Path, count: int) -> tuple[PipelinePaths, int]:
     return paths, total
 
 
-@slow
+@on_ray
 def test_the_driver_moves_under_one_percent_of_the_image_bytes(
     two_nodes, tmp_path, monkeypatch, capsys
 ):
@@ -184,7 +184,7 @@ def test_the_driver_moves_under_one_percent_of_the_image_bytes(
     assert "cannot see" in error and "--shared-root" in error
 
 
-@slow
+@on_ray
 def test_tasks_read_images_from_and_write_shards_to_object_storage(s3_bucket, two_nodes, tmp_path):
     """--shared-root s3://...: the raw images are only on S3 (moto on loopback); the tasks
     read them there and write the tars and offsets there, the same bytes as a local run."""
@@ -212,7 +212,7 @@ def test_tasks_read_images_from_and_write_shards_to_object_storage(s3_bucket, tw
         assert data == (local.shards / name).read_bytes(), name
 
 
-@slow
+@on_ray
 def test_an_image_gone_since_prepare_fails_the_remote_shard_in_one_line(
     digits_project, two_nodes, tmp_path, capsys
 ):

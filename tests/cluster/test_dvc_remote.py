@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import S3Bucket, run_in
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.dvc, pytest.mark.timeout(1200)]
 
 
 def _run(cwd: Path, bucket: S3Bucket, *command: str) -> str:

@@ -32,7 +32,7 @@ from tests.cluster.manifests import (
     shared_mount,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 HERE_ONLY = [
     "train.use_gpu=false",

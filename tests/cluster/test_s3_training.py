@@ -21,7 +21,7 @@ from attnpipe.train.launch import build_loop_config, train
 from tests.train.trace import events
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 
 def _s3_checkpoints(bucket, run_name: str) -> dict[str, list[str]]:

@@ -34,7 +34,7 @@ from attnpipe.data.shard import publish_shards
 from tests.conftest import REPO, S3Bucket
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -121,6 +121,7 @@ TINY = {
 }
 
 
+@pytest.mark.ray
 def test_small_imagenet_from_kaggle_to_a_top5_report(tmp_path: Path, monkeypatch, capsys):
     files, val_classes = imagenet_files()
     server = FakeKaggle(competitions={COMPETITION: _zip(files)}, rules_not_accepted={COMPETITION})

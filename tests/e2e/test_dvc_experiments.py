@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import GIT_ID, ReproProject, run_in
 from tests.wandb_offline import read_records, run_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.dvc, pytest.mark.timeout(1200)]
 
 RECIPE = "pipelines/digits.yaml"
 EXPERIMENTS = {

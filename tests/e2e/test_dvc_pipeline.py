@@ -18,7 +18,7 @@ from tests.conftest import REPO, TINY_OVERRIDES, ReproProject, run_in
 from tests.wandb_offline import artifacts, exit_code, history_rows, offline_runs, summary
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.dvc, pytest.mark.timeout(1200)]
 
 
 def _stages_run(output: str) -> set[str]:

@@ -19,7 +19,7 @@ import yaml
 
 from tests.conftest import REPO, ReproProject, run_in
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.dvc, pytest.mark.timeout(1200)]
 
 RUN_HERE = [
     # First, while the copied project's outputs (copies, not links) are still dvc.lock's.

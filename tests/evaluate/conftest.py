@@ -20,6 +20,9 @@ from tests.conftest import TINY_OVERRIDES, write_project
 
 STEPS_PER_EPOCH = 12
 EPOCHS = 2
+# The demo's 32 pixels: this model is trained in-process in seconds, and the report, export
+# and prediction tests read images and overlays at the size a real pipeline gives them.
+EVALUATED_OVERRIDES = {**TINY_OVERRIDES, "model": {**TINY_OVERRIDES["model"], "input_size": 32}}
 
 
 @contextmanager
@@ -108,7 +111,7 @@ def trained_project(
     from attnpipe.tracking import write_history
 
     _, shared = digits_project
-    root = write_project(tmp_path_factory.mktemp("trained"), TINY_OVERRIDES)
+    root = write_project(tmp_path_factory.mktemp("trained"), EVALUATED_OVERRIDES)
     (root / "data").mkdir()
     (root / "data" / "digits").symlink_to(shared.data, target_is_directory=True)
     recipe = load_recipe("digits", root)

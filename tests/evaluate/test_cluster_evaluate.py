@@ -17,7 +17,7 @@ from attnpipe.data.loaders import split_info
 from attnpipe.evaluate.run import EXAMPLES_PER_CLASS, run_split
 from attnpipe.modelfile import load_model_file
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 def test_a_two_worker_cluster_scores_each_test_sample_once_as_one_process_does(

@@ -21,7 +21,7 @@ from tests.conftest import SECRET, ReproProject
 from tests.wandb_offline import history_rows, offline_runs, run_config, summary
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.dvc, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")

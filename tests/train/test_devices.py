@@ -26,7 +26,7 @@ from attnpipe.paths import PipelinePaths
 from attnpipe.raycluster import ClusterError
 from attnpipe.train.cluster import worker_shape
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 
 def test_gpu_less_cluster_with_use_gpu_true_is_one_line_before_any_worker(

@@ -32,7 +32,7 @@ from tests.train.rayhosts import RayHosts, attempts, running_ray_hosts, tail, wa
 from tests.train.trace import recorded_epoch
 from tests.wandb_offline import history_rows, read_records, run_ids
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.netns, pytest.mark.timeout(1200)]
 
 EPOCHS = 4
 KILL_AFTER = 2  # epochs recorded before host B dies

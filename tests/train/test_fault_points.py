@@ -23,7 +23,7 @@ from attnpipe.train.checkpoint import read_checkpoint
 from attnpipe.train.faults import FaultSpecError, planned_faults
 from tests.wandb_offline import history_rows, read_records, run_ids
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 FAULTS = "validated:1,checkpointed:1,logged:2"
 

@@ -20,7 +20,7 @@ from tests.train.trace import (
 from tests.wandb_offline import history_rows, read_records, run_ids
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 
 def _copy_project(digits_project, destination: Path) -> PipelinePaths:

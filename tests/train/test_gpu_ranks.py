@@ -15,7 +15,7 @@ import pytest
 from attnpipe.cli import main
 from attnpipe.paths import PipelinePaths
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")

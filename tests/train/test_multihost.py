@@ -28,7 +28,7 @@ from tests.train.rayhosts import RayHosts, attempts, running_ray_hosts, tail, wa
 from tests.train.trace import events, recorded_epoch
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.netns, pytest.mark.timeout(1200)]
 
 EPOCHS = 4
 

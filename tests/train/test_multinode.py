@@ -12,7 +12,7 @@ from attnpipe.train.launch import train
 from tests.train.trace import events
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 
 def test_two_node_cluster_trains_one_worker_per_node(digits_project, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from tests.train.trace import events, start_attnpipe
 from tests.wandb_offline import exit_code, final_state, offline_runs, summary
 
 # A short sweep: a few minutes on an idle 2-core machine, more when it is shared.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 LEARNING_RATES = [0.003, 1e-6, 0.002, 1e-5]
 
@@ -54,14 +54,16 @@ def _runs_started(trace: Path) -> Counter:
 def test_interrupted_sweep_resumes_then_asha_stops_bad_trials_and_reports_the_best(
     digits_project, tmp_path
 ):
-    """4 trials of 3 epochs, one at a time: Ctrl-C in the third, resume, then the reports.
+    """4 trials of 2 epochs, one at a time: Ctrl-C in the third, resume, then the reports.
 
     One sweep for both behaviours (each trial is a TorchTrainer run, the slow part here). One
     trial at a time keeps ASHA's decision deterministic: the 1e-6 trial reaches each rung
-    after the 0.003 trial has set the bar there. (Tune does not save the scheduler's rungs
-    with the experiment, so after the resume ASHA starts afresh.)
+    after the 0.003 trial has set the bar there. Two epochs give ASHA one rung (epoch 1, as
+    grace_period 1 and reduction_factor 2 place it) below the last epoch: enough to cut a
+    trial. (Tune does not save the scheduler's rungs with the experiment, so after the resume
+    ASHA starts afresh.)
     """
-    paths = _sweep_project(digits_project, tmp_path / "project", epochs=3, concurrent=1)
+    paths = _sweep_project(digits_project, tmp_path / "project", epochs=2, concurrent=1)
     trace = tmp_path / "trace"
     first = start_attnpipe(paths.root, "tune", trace)
     deadline = time.monotonic() + 600

@@ -12,7 +12,6 @@ import os
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -26,6 +25,7 @@ from attnpipe.config import PrepareConfig, Recipe
 from attnpipe.data import ray_tasks
 from attnpipe.data.images import BadImage, ImageInfo, inspect
 from attnpipe.data.layouts import RawIndex, RawRecord, read_layout
+from attnpipe.data.pools import process_pool
 from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 
@@ -222,7 +222,7 @@ def scan_images(
                 parts.append(_scan_chunk(chunk, max_pixels))
                 bar.update(len(chunk))
         else:
-            with ProcessPoolExecutor(workers) as pool:
+            with process_pool(workers, __name__) as pool:
                 for facts in pool.map(_scan_chunk, chunks, [max_pixels] * len(chunks)):
                     parts.append(facts)
                     bar.update(len(facts.modes))

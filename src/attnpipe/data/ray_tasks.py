@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,29 +82,37 @@ def run_tasks(
 ) -> Iterator[TaskDone]:
     """`function(*args)` as a Ray task per item of `arguments`, each reported as it ends.
 
-    Tasks are spread over the nodes, one CPU each, and retried when their node dies. An
-    expected error raised in a task (an `AttnpipeError`) is raised here as itself.
+    Each task takes one CPU on the node with the fewest tasks in flight per CPU (`NodeLoad`),
+    so every node gets work as soon as there are as many tasks as nodes, whatever the order in
+    which Ray hears of them (SPREAD alone let one node take every task while another was still
+    starting its workers). Placement is soft: a task whose node dies runs elsewhere, and is
+    retried. An expected error raised in a task (an `AttnpipeError`) is raised here as itself.
     """
     with ray_connection(address):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(function)
-        limit = max(2, IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
-        pending: dict[Any, tuple[int, int]] = {}
+        task = ray.remote(num_cpus=1)(function)
+        load = NodeLoad()
+        pending: dict[Any, tuple[int, int, str | None]] = {}
         items = enumerate(arguments)
         exhausted = False
         while pending or not exhausted:
-            while not exhausted and len(pending) < limit:
+            while not exhausted and len(pending) < load.limit():
                 item = next(items, None)
                 if item is None:
                     exhausted = True
-                else:
-                    sent = _serialized_size(item[1])
-                    pending[task.remote(*item[1])] = (item[0], sent)
+                    break
+                node = load.take()
+                # No node with a CPU yet (an autoscaler's first): Ray picks when one comes.
+                strategy = NodeAffinitySchedulingStrategy(node, soft=True) if node else "SPREAD"
+                ref = task.options(scheduling_strategy=strategy).remote(*item[1])
+                pending[ref] = (item[0], _serialized_size(item[1]), node)
             if not pending:
                 break
             [done], _ = ray.wait(list(pending), num_returns=1)
-            position, sent = pending.pop(done)
+            position, sent, node = pending.pop(done)
+            load.release(node)
             try:
                 result = ray.get(done)
             except ray.exceptions.RayTaskError as error:
@@ -111,6 +120,52 @@ def run_tasks(
                     raise error.cause from None
                 raise
             yield TaskDone(position, result, sent, _serialized_size(result))
+
+
+class NodeLoad:
+    """Tasks in flight per alive node with CPUs; the node list is read again every
+    `REFRESH_S` seconds, so nodes that join (autoscaling) get work and dead ones none."""
+
+    REFRESH_S = 5.0
+
+    def __init__(self) -> None:
+        self.cpus: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}
+        self.read_at = -self.REFRESH_S
+        self._refresh()
+
+    def _refresh(self) -> None:
+        import ray
+
+        if time.monotonic() - self.read_at < self.REFRESH_S:
+            return
+        self.read_at = time.monotonic()
+        alive = {
+            node["NodeID"]: int(node["Resources"].get("CPU", 0))
+            for node in ray.nodes()
+            if node["Alive"] and node["Resources"].get("CPU", 0) >= 1
+        }
+        self.cpus = alive or self.cpus
+        for node in self.cpus:
+            self.in_flight.setdefault(node, 0)
+
+    def limit(self) -> int:
+        """Tasks in flight at most: `IN_FLIGHT_PER_CPU` per CPU of the cluster."""
+        self._refresh()
+        return max(2, IN_FLIGHT_PER_CPU * sum(self.cpus.values()))
+
+    def take(self) -> str | None:
+        """The node for the next task: the fewest in flight per CPU (ties: the first listed);
+        None while no node has a CPU."""
+        if not self.cpus:
+            return None
+        node = min(self.cpus, key=lambda name: self.in_flight[name] / self.cpus[name])
+        self.in_flight[node] += 1
+        return node
+
+    def release(self, node: str | None) -> None:
+        if node is not None:
+            self.in_flight[node] -= 1
 
 
 def check_visible(root: str, probe: str) -> None:

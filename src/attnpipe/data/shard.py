@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from attnpipe import storage
 from attnpipe.config import Recipe, ShardConfig
 from attnpipe.data import ray_tasks
 from attnpipe.data.images import BadImage, load_rgb
+from attnpipe.data.pools import process_pool
 from attnpipe.data.prepare import SPLITS, read_manifest
 from attnpipe.data.shard_index import (  # noqa: F401 (the index API, also from here)
     INDEX_NAME,
@@ -219,7 +220,7 @@ def write_shards(
         workers = workers or os.cpu_count() or 1
         if workers == 1 or len(jobs) == 1:
             return [_tick(bar, write_shard(job)) for job in jobs]
-        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+        with process_pool(min(workers, len(jobs)), __name__) as pool:
             return [_tick(bar, entry) for entry in pool.map(write_shard, jobs)]
 
 

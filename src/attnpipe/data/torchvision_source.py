@@ -24,7 +24,6 @@ import os
 import pickle
 import shutil
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
@@ -33,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from attnpipe.config import TorchvisionSource
+from attnpipe.data.pools import process_pool
 from attnpipe.data.sources import FetchError
 
 FGVC_BANNER_PIXELS = 20
@@ -271,7 +271,7 @@ def convert_fgvc(
     ):
         results: Iterable = map(_copy_fgvc_image, jobs)
         if workers > 1 and len(jobs) >= 64:
-            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            pool = stack.enter_context(process_pool(workers, __name__))
             results = pool.map(_copy_fgvc_image, jobs, chunksize=16)
         for _ in results:
             bar.update()
