@@ -56,9 +56,12 @@ QUICK_TESTS := -m "not (ray or dvc or netns)" -n 2 --dist loadfile
 
 # Every test: the quick tier two at a time, then the tiers that start Ray, DVC and test hosts
 # one at a time (each of those keeps both cores busy, and some wait on deadlines).
+# Both run whatever the first gives; the status is the first failure's.
 test: setup browser  ## run the whole test suite (tiny data; starts real Ray, DVC and W&B offline)
-	$(UV) run --frozen pytest $(QUICK_TESTS)
-	$(UV) run --frozen pytest -m "ray or dvc or netns"
+	@status=0; \
+	$(UV) run --frozen pytest $(QUICK_TESTS) || status=$$?; \
+	$(UV) run --frozen pytest -m "ray or dvc or netns" || { [ $$status != 0 ] || status=$$?; }; \
+	exit $$status
 
 check: setup  ## the tests that need no Ray, DVC repository or test hosts (minutes; docs/testing.md)
 	$(UV) run --frozen pytest $(QUICK_TESTS)
