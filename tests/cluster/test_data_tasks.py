@@ -14,6 +14,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,10 @@ def _trace(folder: Path, kind: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-@pytest.fixture(scope="module")
-def two_nodes() -> Iterator[tuple[str, set[str]]]:
-    """A head and one more node, one CPU each: (address, node ids). One cluster for the
-    module: every test connects and disconnects as a command would."""
+@contextmanager
+def _two_node_cluster() -> Iterator[tuple[str, set[str]]]:
+    """A head and one more node, one CPU each: (address, node ids). The nodes' processes
+    inherit this process's environment as it is when they start."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -56,6 +57,21 @@ def two_nodes() -> Iterator[tuple[str, set[str]]]:
         yield cluster.address, {node.node_id for node in cluster.list_all_nodes()}
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[tuple[str, set[str]]]:
+    """One cluster for the module: every test connects and disconnects as a command would."""
+    with _two_node_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def two_nodes_with_s3(s3_bucket) -> Iterator[tuple[str, set[str]]]:
+    """Nodes started with the S3 test server's credentials and endpoint (AWS_*), as real
+    nodes have theirs: the module's cluster started before the bucket existed."""
+    with _two_node_cluster() as cluster:
+        yield cluster
 
 
 def _damage(raw: Path) -> dict[str, str]:
@@ -185,12 +201,14 @@ def test_the_driver_moves_under_one_percent_of_the_image_bytes(
 
 
 @on_ray
-def test_tasks_read_images_from_and_write_shards_to_object_storage(s3_bucket, two_nodes, tmp_path):
+def test_tasks_read_images_from_and_write_shards_to_object_storage(
+    s3_bucket, two_nodes_with_s3, tmp_path
+):
     """--shared-root s3://...: the raw images are only on S3 (moto on loopback); the tasks
     read them there and write the tars and offsets there, the same bytes as a local run."""
     from attnpipe import storage
 
-    address, _ = two_nodes
+    address, _ = two_nodes_with_s3
     local, _ = _photos_project(tmp_path / "local", 24)
     remote = PipelinePaths(tmp_path / "remote", "photos")
     shutil.copytree(local.root, remote.root)
@@ -247,3 +265,21 @@ def test_an_unreachable_cluster_fails_in_one_line_before_any_output_changes(
     assert main([*argv, "--address", "head-without-port"]) == 1
     assert "is not HOST:PORT" in capsys.readouterr().err
     assert _digest(paths.root / "data") == before
+
+
+def test_tasks_go_to_the_least_loaded_node_per_cpu():
+    """The data stages' task placement, without a cluster: every node gets work as soon as
+    there are as many tasks as nodes, a node with twice the CPUs twice the tasks, a finished
+    task's node the next one, and nodes that join are used."""
+    from attnpipe.data.ray_tasks import NodeLoad
+
+    nodes = {"a": 1, "b": 2}
+    load = NodeLoad(lambda: dict(nodes))
+    assert load.limit() == 2 * 3  # IN_FLIGHT_PER_CPU per CPU
+    assert [load.take() for _ in range(6)] == ["a", "b", "b", "a", "b", "b"]
+    load.release("a")
+    assert load.take() == "a"
+    nodes["c"] = 1
+    load.read_at = None  # as after REFRESH_S
+    assert load.limit() == 2 * 4 and load.take() == "c"
+    assert NodeLoad(dict).take() is None  # no node with a CPU yet: Ray places the task

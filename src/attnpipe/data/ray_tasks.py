@@ -122,30 +122,35 @@ def run_tasks(
             yield TaskDone(position, result, sent, _serialized_size(result))
 
 
+def alive_cpu_nodes() -> dict[str, int]:
+    """{node id: whole CPUs} of the cluster's alive nodes that have a CPU."""
+    import ray
+
+    return {
+        node["NodeID"]: int(node["Resources"].get("CPU", 0))
+        for node in ray.nodes()
+        if node["Alive"] and node["Resources"].get("CPU", 0) >= 1
+    }
+
+
 class NodeLoad:
-    """Tasks in flight per alive node with CPUs; the node list is read again every
-    `REFRESH_S` seconds, so nodes that join (autoscaling) get work and dead ones none."""
+    """Tasks in flight per alive node with CPUs. The node list (`read_nodes`) is read again
+    every `REFRESH_S` seconds, so nodes that join (autoscaling) get work and gone ones none."""
 
     REFRESH_S = 5.0
 
-    def __init__(self) -> None:
+    def __init__(self, read_nodes: Callable[[], dict[str, int]] = alive_cpu_nodes) -> None:
+        self.read_nodes = read_nodes
         self.cpus: dict[str, int] = {}
         self.in_flight: dict[str, int] = {}
-        self.read_at = -self.REFRESH_S
+        self.read_at: float | None = None
         self._refresh()
 
     def _refresh(self) -> None:
-        import ray
-
-        if time.monotonic() - self.read_at < self.REFRESH_S:
+        if self.read_at is not None and time.monotonic() - self.read_at < self.REFRESH_S:
             return
         self.read_at = time.monotonic()
-        alive = {
-            node["NodeID"]: int(node["Resources"].get("CPU", 0))
-            for node in ray.nodes()
-            if node["Alive"] and node["Resources"].get("CPU", 0) >= 1
-        }
-        self.cpus = alive or self.cpus
+        self.cpus = self.read_nodes() or self.cpus
         for node in self.cpus:
             self.in_flight.setdefault(node, 0)
 
