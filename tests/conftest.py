@@ -49,7 +49,7 @@ TINY_OVERRIDES = {
 # `make check` runs the tests that need none of these; `make test` runs every test. A test
 # without the marker that fails at starting such a process (`forbid_tier_processes`).
 TIERS = {
-    "ray": "starts Ray (a cluster in this process or a child, `ray start`, a Ray job)",
+    "ray": "starts Ray or a training launcher (a cluster here or in a child, a Ray job, torchrun)",
     "dvc": "runs DVC in a git repository",
     "netns": "makes test hosts in network namespaces (needs root and `ip`)",
 }
@@ -208,7 +208,14 @@ def repro_project(tmp_path_factory: pytest.TempPathFactory) -> ReproProject:
     run_in(root, "git", "add", "-A")
     run_in(root, "git", "commit", "-q", "-m", "pipeline")
     secrets = {name: SECRET for name in ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "KAGGLE_KEY")}
-    output = run_in(root, "dvc", "repro", env={"ATTNPIPE_TRACE_DIR": str(trace), **secrets})
+    # As `make demo` runs it: the private cluster with its dashboard (the product's default).
+    output = run_in(
+        root,
+        "dvc",
+        "repro",
+        env={"ATTNPIPE_TRACE_DIR": str(trace), **secrets},
+        unset=("ATTNPIPE_RAY_DASHBOARD",),
+    )
     return ReproProject(root, output, trace)
 
 
