@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from attnpipe.config import parse_recipe
-from attnpipe.data import prepare as prepare_module
+from attnpipe.data import scan as scan_module
 from attnpipe.data.layouts import LayoutError, read_csv_layout
 from attnpipe.data.prepare import PrepareError, prepare
 from attnpipe.data.shard import sample_key, shard
@@ -136,7 +136,7 @@ def hostile(tmp_path_factory):
     paths = make_hostile_project(tmp_path_factory.mktemp("hostile"))
     recipe = _recipe(workers=2)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(prepare_module, "SEQUENTIAL_BELOW", 0)  # scan in worker processes
+        patch.setattr(scan_module, "SEQUENTIAL_BELOW", 0)  # scan in worker processes
         result = prepare(recipe, paths, progress=False)
     shard(recipe, paths, progress=False)
     return paths, result

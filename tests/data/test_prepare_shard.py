@@ -211,15 +211,15 @@ def test_a_manifest_written_in_row_groups_holds_the_same_rows_and_shards(
 def test_manifest_paths_are_workspace_names_even_for_files_linked_to_a_cache(tmp_path: Path):
     """A raw file DVC linked to its cache (cache.type symlink) keeps its name under the
     project in the manifest, not the cache file's."""
-    from attnpipe.data.prepare import _rel
+    from attnpipe.data.scan import workspace_name
 
     root, cache = tmp_path / "project", tmp_path / "cache"
     (root / "raw").mkdir(parents=True)
     cache.mkdir()
     (cache / "ab12").write_bytes(b"x")
     (root / "raw" / "a.png").symlink_to(cache / "ab12")
-    assert _rel(root / "raw" / "a.png", root) == "raw/a.png"
-    assert _rel(str(root / "raw" / "a.png"), str(root)) == "raw/a.png"
-    assert _rel(root, root) == "."
-    assert _rel(cache / "ab12", root) == str(cache / "ab12")  # outside: as given
-    assert _rel(str(root / "raw" / "a.png"), "/") == str(root / "raw" / "a.png")[1:]
+    assert workspace_name(root / "raw" / "a.png", root) == "raw/a.png"
+    assert workspace_name(str(root / "raw" / "a.png"), str(root)) == "raw/a.png"
+    assert workspace_name(root, root) == "."
+    assert workspace_name(cache / "ab12", root) == str(cache / "ab12")  # outside: as given
+    assert workspace_name(str(root / "raw" / "a.png"), "/") == str(root / "raw" / "a.png")[1:]
