@@ -47,7 +47,7 @@ TINY_OVERRIDES = {
 
 # --------------------------------------------------------------------------- test tiers
 # `make check` runs the tests that need none of these; `make test` runs every test. A test
-# without the marker that fails at starting such a process (`forbid_tier_processes`).
+# without the marker fails when it starts such a process (`forbid_tier_processes`).
 TIERS = {
     "ray": "starts Ray or a training launcher (a cluster here or in a child, a Ray job, torchrun)",
     "dvc": "runs DVC in a git repository",
