@@ -60,7 +60,7 @@ QUICK_TESTS := -m "not (ray or dvc or netns)" -n 2 --dist loadfile
 test: setup browser  ## run the whole test suite (tiny data; starts real Ray, DVC and W&B offline)
 	@status=0; \
 	$(UV) run --frozen pytest $(QUICK_TESTS) || status=$$?; \
-	$(UV) run --frozen pytest -m "ray or dvc or netns" || { [ $$status != 0 ] || status=$$?; }; \
+	$(UV) run --frozen pytest -m "ray or dvc or netns" || { code=$$?; [ $$status != 0 ] || status=$$code; }; \
 	exit $$status
 
 check: setup  ## the tests that need no Ray, DVC repository or test hosts (minutes; docs/testing.md)

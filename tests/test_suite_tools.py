@@ -47,3 +47,14 @@ def test_an_unmarked_test_cannot_start_dvc_and_is_told_the_marker():
     with pytest.raises(RuntimeError, match=r"mark it @pytest\.mark\.dvc"):
         subprocess.run(["dvc", "--version"], capture_output=True)
     assert subprocess.run(["true"]).returncode == 0  # other programs start as usual
+
+
+def test_data_pools_start_workers_from_a_fork_server_not_from_this_process():
+    """A fork of this (threaded) process crashed a shard worker; pool workers must be children
+    of the fork server instead."""
+    import os
+
+    from attnpipe.data.pools import process_pool
+
+    with process_pool(1, "json") as pool:
+        assert pool.submit(os.getppid).result() != os.getpid()
