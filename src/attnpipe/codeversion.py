@@ -26,7 +26,7 @@ PACKAGE = "attnpipe"
 # section against the registry (the data stages do not depend on the models), and this module
 # reads the source-kind table only to list the fetch and layout modules.
 OUTSIDE_THE_RESULT = {
-    ("attnpipe.config", "attnpipe.models"),
+    ("attnpipe.config.recipe", "attnpipe.models"),
     ("attnpipe.codeversion", "attnpipe.data.source_kinds"),
 }
 

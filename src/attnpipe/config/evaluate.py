@@ -1,0 +1,56 @@
+"""`tracking` and `evaluate`: where runs are logged, and how the test split is scored."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from attnpipe.config.base import Strict
+
+
+class WandbConfig(Strict):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "attnpipe"
+    entity: str | None = None
+
+
+class TrackingConfig(Strict):
+    wandb: WandbConfig = WandbConfig()
+
+
+class EvaluateConfig(Strict):
+    batch_size: int = Field(128, ge=1)
+    threshold: float = Field(0.5, gt=0, lt=1, description="binary tasks: positive if p >= this")
+    flip_tta: bool = False
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        description="the side evaluation feeds the model; default model.input_size (the paper "
+        "tests Attention-92 at 320 after training at 224: its pooling is global)",
+    )
+    crop_ratio: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="resize the shorter side to image_size / crop_ratio, then centre-crop "
+        "image_size (0.875: ImageNet's resize-256 / crop-224 protocol; 1.0: resize to "
+        "image_size and crop only the longer side)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where evaluate runs the model; auto: the GPU when there is one"
+    )
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="with --address: Ray workers scoring the split; auto: one per GPU the "
+        "cluster has or can add, else one per node with the CPUs for one",
+    )
+    cpus_per_worker: float | None = Field(None, gt=0, description="default: train's")
+    gpus_per_worker: float | None = Field(None, ge=0, description="default: train's")
+
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("evaluate.workers must be auto or at least 1")
+        return value
