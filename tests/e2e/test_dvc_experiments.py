@@ -47,7 +47,11 @@ def _start_queue(root: Path, log: Path) -> None:
     }
     with log.open("w") as out:
         done = subprocess.run(
-            ["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, stdout=out, stderr=out
+            ["dvc", "queue", "start", "-j", str(len(EXPERIMENTS))],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=out,
         )
     assert done.returncode == 0, log.read_text()[-2000:]
 
@@ -62,26 +66,35 @@ def _queue_states(root: Path) -> dict[str, str]:
     return states
 
 
-def _wait_for_queue(root: Path) -> dict[str, str]:
-    deadline = time.monotonic() + QUEUE_DEADLINE_S
-    while time.monotonic() < deadline:
-        states = _queue_states(root)
-        if len(states) == len(EXPERIMENTS) and all(
-            state in ("Success", "Failed") for state in states.values()
-        ):
-            return states
-        time.sleep(2)
-    raise AssertionError(f"the queue did not finish in {QUEUE_DEADLINE_S} s: {states}")
+def _worker_infos(root: Path) -> list[dict]:
+    """What dvc-task knows of each queue worker `dvc queue start` spawned: one JSON file each,
+    written atomically, with the `returncode` filled in once the worker has exited."""
+    folder = root / ".dvc" / "tmp" / "exps" / "celery"
+    return [json.loads(info.read_text()) for info in folder.glob("dvc-exp-worker-*.json")]
 
 
 def _worker_pids(root: Path) -> list[int]:
-    """The queue workers `dvc queue start` spawned (dvc-task writes one JSON file each)."""
-    pids = []
-    for info in (root / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.json"):
-        pid = json.loads(info.read_text()).get("pid")
-        if pid:
-            pids.append(int(pid))
-    return pids
+    return [int(info["pid"]) for info in _worker_infos(root) if info.get("pid")]
+
+
+def _wait_for_queue(root: Path, workers: int) -> dict[str, str]:
+    """Wait for the queue's workers to exit (each does 10 s after the queue is empty), then read
+    `dvc queue status` once.
+
+    Polling `dvc queue status` while experiments run races with DVC itself: an executor rewrites
+    its info file in place, and a status read in between fails with a JSON error (it failed CI).
+    Once the workers have exited nothing writes there.
+    """
+    deadline = time.monotonic() + QUEUE_DEADLINE_S
+    while time.monotonic() < deadline:
+        infos = _worker_infos(root)
+        if len(infos) == workers and all(info.get("returncode") is not None for info in infos):
+            return _queue_states(root)
+        time.sleep(2)
+    raise AssertionError(
+        f"the queue workers did not exit in {QUEUE_DEADLINE_S} s: {_worker_infos(root)}; "
+        f"queue: {run_in(root, 'dvc', 'queue', 'status')}"
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -136,7 +149,7 @@ def queued(repro_project: ReproProject, tmp_path_factory: pytest.TempPathFactory
     started = time.monotonic()
     try:
         _start_queue(root, tmp_path_factory.mktemp("queue") / "start.log")
-        states = _wait_for_queue(root)
+        states = _wait_for_queue(root, workers=len(EXPERIMENTS))
     finally:
         _stop_workers(root)
     print(f"both experiments ran in {time.monotonic() - started:.0f} s")
