@@ -91,7 +91,7 @@ def stage_modules(stage: str, root: Path | None = None) -> tuple[Path, ...]:
     files: dict[str, Path] = {}
     while pending:
         module = pending.pop()
-        if module in files or module == f"{PACKAGE}.cli":
+        if module in files or module.split(".")[:2] == [PACKAGE, "cli"]:
             continue
         path = _module_file(module, root)
         if path is None:

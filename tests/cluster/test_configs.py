@@ -460,11 +460,11 @@ def _job_recipe(name: str):
 
 @pytest.mark.parametrize("name", RAYJOBS)
 def test_rayjob_entrypoint_is_a_valid_attnpipe_run(name):
-    from attnpipe.cli import _run_all
+    from attnpipe.cli.stages import run_all
 
     args, recipe = _job_recipe(name)
-    assert args.handler is _run_all, "the job runs every stage: fetch ... export"
-    assert recipe.train.use_gpu is True, "auto would ask the CPU-only head"
+    assert args.handler is run_all, "the job runs every stage: fetch ... export"
+    assert recipe.train.use_gpu is True, "true: a cluster without GPUs fails, never trains on CPU"
     job = load(f"kuberay/{name}")
     assert job["spec"]["shutdownAfterJobFinishes"] is True
 
