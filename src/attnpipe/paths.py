@@ -80,7 +80,13 @@ class PipelinePaths:
 
     @property
     def data_report(self) -> Path:
+        """The prepare stage's DVC metrics: samples per split, rejected, duplicates."""
         return self.reports / "data.json"
+
+    @property
+    def class_counts(self) -> Path:
+        """Samples per class and split, written by prepare beside `data.json` (not metrics)."""
+        return self.reports / "class_counts.csv"
 
     @property
     def train_history(self) -> Path:

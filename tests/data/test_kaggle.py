@@ -30,6 +30,9 @@ CASSAVA_CLASSES = {
     "3": "Cassava Mosaic Disease (CMD)",
     "4": "Healthy",
 }
+# Ten per class: the cassava recipe's 0.8/0.1/0.1 gives each class a validation and a test image
+# (prepare refuses a split that comes out empty).
+CASSAVA_IMAGES = 50
 
 
 def _jpeg(color: tuple[int, int, int]) -> bytes:
@@ -54,10 +57,10 @@ def cassava_zip() -> bytes:
         "train_tfrecords/ld_train00-1338.tfrec": b"\0" * 64,
     }
     rows = ["image_id,label"]
-    for i in range(10):
+    for i in range(CASSAVA_IMAGES):
         image_id = f"{1000 + i}.jpg"
         rows.append(f"{image_id},{i % 5}")
-        files[f"train_images/{image_id}"] = _jpeg((i * 20, 100, 200 - i * 10))
+        files[f"train_images/{image_id}"] = _jpeg((i * 5, 100, 200 - i * 3))  # no duplicates
     files["train.csv"] = ("\n".join(rows) + "\n").encode()
     return _zip(files)
 
@@ -118,10 +121,10 @@ def test_competition_download_extracts_and_a_rerun_downloads_nothing(
     assert not (raw / "train_tfrecords").exists()  # excluded
     assert not (raw / ".download").exists()  # the zip is gone once extracted
     index = read_layout(_competition(), raw)
-    assert len(index.records) == 10 and all(r.path.is_file() for r in index.records)
+    assert len(index.records) == CASSAVA_IMAGES and all(r.path.is_file() for r in index.records)
     assert index.class_names[4] == "Healthy" and index.label_values == ["0", "1", "2", "3", "4"]
     marker = json.loads((raw / MARKER_NAME).read_text())
-    assert marker["source"]["competition"] == CASSAVA and marker["files"] == 14
+    assert marker["source"]["competition"] == CASSAVA and marker["files"] == CASSAVA_IMAGES + 4
 
     seen = len(kaggle_env.requests)
     fetch(_competition(), raw, progress=False)

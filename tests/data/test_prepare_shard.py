@@ -37,6 +37,8 @@ def test_manifest_and_report_describe_every_sample(digits_project):
     assert sum(report["samples"].values()) == 1797
     assert report["rejected"] == 0
     assert json.loads(paths.classes.read_text())["classes"][3] == "three"
+    # per class and split, beside the totals (DVC metrics) rather than in them
+    assert paths.class_counts.read_text().splitlines()[4].startswith("three,")
 
 
 def test_shard_index_matches_the_tars(digits_project):

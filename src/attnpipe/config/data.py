@@ -10,9 +10,22 @@ from attnpipe.config.base import Strict
 
 
 class SplitRatios(Strict):
-    train: float = Field(0.7, gt=0, lt=1)
-    val: float = Field(0.1, ge=0, lt=1)
-    test: float = Field(0.2, ge=0, lt=1)
+    """The shares of the images in each split (they sum to 1)."""
+
+    train: float = Field(0.7, gt=0, lt=1, description="share of the images trained on")
+    val: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="share validated on each epoch (picks the best epoch and early stopping); "
+        "it must not be 0 for training",
+    )
+    test: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="share held out for `evaluate` (ignored with test_split: official)",
+    )
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitRatios:
@@ -23,24 +36,67 @@ class SplitRatios(Strict):
 
 
 class PrepareConfig(Strict):
-    splits: SplitRatios = SplitRatios()
+    """How the fetched images are validated, de-duplicated and split."""
+
+    splits: SplitRatios = Field(
+        SplitRatios(),
+        description="train/val/test shares, stratified by class (and group-aware when the "
+        "source has groups)",
+    )
     test_split: Literal["stratified", "official"] = Field(
         "stratified",
         description="official: the dataset's own test set (CIFAR, FGVC-Aircraft, ImageNet's "
         "50,000 validation images) is the test split and the rest is split train/val by their "
-        "ratio, stratified (splits.test is ignored)",
+        "ratio, stratified (splits.test is ignored). A folder source with owner splits (split "
+        "folders, or source.split_column) keeps them with either value: test and val exactly as "
+        "given; a missing val (or, with stratified, a missing test) is carved from train by the "
+        "splits' ratios, stratified; official with no test split given is an error",
     )
-    seed: int = 0
-    folds: int = Field(0, ge=0, description="0 = no k-fold column; else k-fold over train+val")
-    max_reject_fraction: float = Field(0.01, ge=0, le=1)
-    duplicates: Literal["keep-first", "error"] = "keep-first"
-    max_pixels: int = Field(90_000_000, gt=0, description="decompression-bomb guard")
-    workers: int = Field(0, ge=0, description="scan processes; 0 = one per core")
+    seed: int = Field(
+        0,
+        description="seeds the split, the folds and the training shards' order; another seed "
+        "gives another split (and a new data version)",
+    )
+    folds: int = Field(
+        0,
+        ge=0,
+        description="k: a stratified, group-aware k-fold index over train+val in the manifest's "
+        "fold column (-1 for test), for cross-validation; 0 or 1: none",
+    )
+    max_reject_fraction: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="fraction of unusable images (missing, corrupt, too large) above which "
+        "prepare fails instead of leaving them out (each is listed in rejected.csv)",
+    )
+    duplicates: Literal["keep-first", "error"] = Field(
+        "keep-first",
+        description="byte-identical images: keep-first keeps the first by id and lists the "
+        "others as rejected; error fails, naming them",
+    )
+    max_pixels: int = Field(
+        90_000_000,
+        gt=0,
+        description="images with more pixels (width x height) are rejected: a guard against "
+        "decompression bombs; raise it for very large scans",
+    )
+    workers: int = Field(
+        0, ge=0, description="processes that decode and check the images; 0: one per core"
+    )
 
 
 class ShardConfig(Strict):
-    maxcount: int = Field(1000, gt=0, description="samples per shard at most")
-    maxsize: int = Field(256 * 1024 * 1024, gt=0, description="bytes per shard at most")
+    """How each split is written as WebDataset tar shards, the input of training."""
+
+    maxcount: int = Field(
+        1000, gt=0, description="samples per shard at most (more shards when a split has more)"
+    )
+    maxsize: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="bytes per shard at most, estimated from the source files (default 256 MiB)",
+    )
     min_shards: int = Field(
         4,
         ge=1,
@@ -48,15 +104,29 @@ class ShardConfig(Strict):
         "readers split shards by sample, so any count works for any number of ranks and loader "
         "workers)",
     )
-    image_size: int | None = Field(None, gt=0, description="shorter side at shard time")
-    format: Literal["jpg", "png"] = "jpg"
+    image_size: int | None = Field(
+        None,
+        gt=0,
+        description="resize so that the shorter side is this many pixels (never enlarged) "
+        "before encoding: smaller shards, faster reading; set it at or a little above "
+        "model.input_size for large images; null: stored as they are",
+    )
+    format: Literal["jpg", "png"] = Field(
+        "jpg", description="how images are encoded: jpg (lossy, small) or png (lossless)"
+    )
     jpeg_quality: int = Field(
-        90, ge=1, le=100, description="90: 30% fewer bytes and 20% faster decoding than 95"
+        90,
+        ge=1,
+        le=100,
+        description="jpg: the encoder's quality; 90 gives 30% fewer bytes and 20% faster "
+        "decoding than 95",
     )
     jpeg_subsampling: Literal["4:2:0", "4:4:4"] = Field(
         "4:2:0", description="chroma resolution: 4:2:0 halves the bytes and the decoding time"
     )
-    workers: int = Field(0, ge=0, description="writer processes; 0 = one per core")
+    workers: int = Field(
+        0, ge=0, description="processes that write shards; 0: one per core (ignored with Ray)"
+    )
     publish_to: str | None = Field(
         None,
         description="also upload the shards here (s3://bucket/prefix, gs://..., or an absolute "

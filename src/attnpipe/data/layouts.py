@@ -6,6 +6,7 @@ A record references an image file; nothing is decoded here (that is `prepare`'s 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -50,6 +51,9 @@ class RawIndex:
     records: list[RawRecord]
     class_names: list[str]  # index -> human-readable name
     label_values: list[str]  # index -> the raw label text used in the CSV
+    # The records' splits are their owner's (a folder source's split folders or split column):
+    # prepare keeps them whatever prepare.test_split says.
+    keeps_splits: bool = False
 
 
 class LayoutError(AttnpipeError, ValueError):
@@ -196,14 +200,32 @@ def read_torchvision(source: TorchvisionSource, raw_dir: Path) -> RawIndex:
 
 
 def read_folder(source: FolderSource, raw_dir: Path) -> RawIndex:
-    return read_csv_layout(
+    """What `fetch` wrote: train.csv with a split column (empty where the owner gave none)."""
+    index = read_csv_layout(
         raw_dir,
         "train.csv",
         "train_images",
         "label_map.json",
         group_column="group",
         image_suffix=source.image_suffix if source.labels_csv else "",
+        # A raw folder fetched before splits were kept has no such column: no owner splits.
+        split_column="split" if "split" in _csv_columns(raw_dir / "train.csv") else None,
     )
+    strange = sorted({r.split for r in index.records} - {None, "train", "val", "test"})
+    if strange:
+        raise LayoutError(
+            f"{raw_dir / 'train.csv'}: split(s) {', '.join(strange)} are not train, val or "
+            "test; the file was not written by `attnpipe fetch`: fetch again"
+        )
+    owned = any(r.split for r in index.records)
+    return dataclasses.replace(index, keeps_splits=owned) if owned else index
+
+
+def _csv_columns(path: Path) -> list[str]:
+    if not path.is_file():
+        return []  # read_csv_layout says what is missing
+    with path.open(newline="") as handle:
+        return next(csv.reader(handle), [])
 
 
 def read_csv_layout(

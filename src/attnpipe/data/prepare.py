@@ -1,7 +1,8 @@
 """`prepare`: validate every image, drop what cannot be used (saying why), split, write a manifest.
 
 Outputs: `data/<name>/manifest.parquet` (one row per usable sample), `classes.json`,
-`rejected.csv` and the metrics file `reports/<name>/data.json`.
+`rejected.csv`, the metrics file `reports/<name>/data.json` (totals) and
+`reports/<name>/class_counts.csv` (samples per class and split).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from attnpipe.config import PrepareConfig, Recipe
 from attnpipe.data import ray_tasks
 from attnpipe.data.layouts import RawIndex, RawRecord, read_layout
 from attnpipe.data.scan import ScanFacts, SharedProject, scan_images, workspace_name
+from attnpipe.data.split_check import split_problem
 from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 
@@ -110,29 +112,18 @@ def prepare(
         )
 
     kept, duplicates = _drop_duplicates(
-        good, config.duplicates, facts, official_test=config.test_split == "official"
+        good,
+        config.duplicates,
+        facts,
+        official_test=config.test_split == "official" or index.keeps_splits,
+        official_val=index.keeps_splits,
     )
     rejected.extend(
         Rejection(dup.record.image_id, workspace_name(dup.record.location, paths.root), reason)
         for dup, reason in duplicates
     )
 
-    official = None
-    if config.test_split == "official":
-        official = [s.record.split for s in kept]
-        if "test" not in official:
-            raise PrepareError(
-                f"prepare.test_split is 'official' but {paths.raw} marks no image as test "
-                "(the torchvision sources and the imagenet layout carry an official split); use "
-                "'stratified'"
-            )
-    splits = assign_splits(
-        labels=[s.label for s in kept],
-        groups=[s.record.group for s in kept],
-        ids=[s.record.image_id for s in kept],
-        config=config,
-        official=official,
-    )
+    splits = _split(kept, index, config, paths.raw)
     folds = assign_folds(
         labels=[s.label for s in kept],
         groups=[s.record.group for s in kept],
@@ -148,8 +139,7 @@ def prepare(
     report = data_report(
         kept, splits, index.class_names, len(rejected) - len(duplicates), len(duplicates)
     )
-    paths.data_report.parent.mkdir(parents=True, exist_ok=True)
-    paths.data_report.write_text(json.dumps(report, indent=2) + "\n")
+    write_data_report(paths, report)
     return PrepareResult(len(kept), len(rejected) - len(duplicates), len(duplicates), report)
 
 
@@ -187,16 +177,23 @@ def _resolve_labels(index: RawIndex, origin: str) -> np.ndarray:
 
 
 def _drop_duplicates(
-    samples: list[Sample], policy: str, facts: ScanFacts, official_test: bool = False
+    samples: list[Sample],
+    policy: str,
+    facts: ScanFacts,
+    official_test: bool = False,
+    official_val: bool = False,
 ) -> tuple[list[Sample], list[tuple[Sample, str]]]:
     """Keep the first (by id) of each set of byte-identical files; say why each other went.
 
     With `official_test`, the dataset's test images come first and are all kept: the test split
     stays exactly as published, and a training copy of a test image is dropped (it would leak).
+    `official_val` does the same for the owner's validation images.
     """
+    given = {"test"} if official_test else set()
+    given |= {"val"} if official_val else set()
 
     def is_test(sample: Sample) -> bool:
-        return official_test and sample.record.split == "test"
+        return sample.record.split in given
 
     first_by_hash: dict[bytes, Sample] = {}
     kept, duplicates = [], []
@@ -220,6 +217,33 @@ def _drop_duplicates(
 
 
 # --------------------------------------------------------------------------- splitting
+def _split(samples: list[Sample], index: RawIndex, config: PrepareConfig, raw: Path) -> list[str]:
+    """Each sample's split, the owner's kept where there is one; checked (`split_check`)."""
+    official = None
+    if config.test_split == "official" or index.keeps_splits:
+        official = [s.record.split for s in samples]
+        if config.test_split == "official" and "test" not in official:
+            raise PrepareError(
+                f"prepare.test_split is 'official' but {raw} marks no image as test (the "
+                "torchvision sources, the imagenet layout, and folder sources with a test/ "
+                "folder or a split column carry an official split); use 'stratified'"
+            )
+    labels = [s.label for s in samples]
+    splits = assign_splits(
+        labels=labels,
+        groups=[s.record.group for s in samples],
+        ids=[s.record.image_id for s in samples],
+        config=config,
+        official=official,
+    )
+    problem = split_problem(
+        labels, splits, official, index.class_names, config, keeps_splits=index.keeps_splits
+    )
+    if problem:
+        raise PrepareError(problem)
+    return splits
+
+
 def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
     """Largest-remainder rounding: each count within one of `n * ratio`, summing to `n`."""
     ideal = np.asarray(ratios, dtype=np.float64) * n
@@ -240,17 +264,21 @@ def assign_splits(
     """Stratified (by class) and, when groups are given, group-aware train/val/test split.
 
     Deterministic: depends only on the ids, labels, groups, ratios and seed, never on row order.
-    With `official` (the dataset's own split per sample), its test samples are the test split
-    and the others are split train/val in the ratio of `splits.train` to `splits.val`.
+    With `official` (the dataset's own split per sample), its test and val samples keep their
+    split, and the others are split between train and the splits it lacks, in the ratio of
+    their `splits` shares: with an official test split, train/val as `splits.train` to
+    `splits.val`; with official test and val, all the rest is train.
     """
     ratios = [config.splits.train, config.splits.val, config.splits.test]
     result = [""] * len(ids)
     if official is not None:
+        given = {"val", "test"} & set(official)
         for i, split in enumerate(official):
-            if split == "test":
-                result[i] = "test"
-        total = config.splits.train + config.splits.val
-        ratios = [config.splits.train / total, config.splits.val / total, 0.0]
+            if split in given:
+                result[i] = split
+        ratios = [0.0 if s in given else r for s, r in zip(SPLITS, ratios, strict=True)]
+        total = sum(ratios)
+        ratios = [r / total for r in ratios]
     rng = np.random.default_rng(config.seed)
     order = sorted((i for i in range(len(ids)) if not result[i]), key=lambda i: ids[i])
     if any(groups[i] is not None for i in order):
@@ -436,6 +464,21 @@ def data_report(
         "rejected": rejected,
         "duplicates": duplicates,
     }
+
+
+def write_data_report(paths: PipelinePaths, report: dict) -> None:
+    """`data.json`, DVC metrics: the totals only. The per-class counts go to
+    `class_counts.csv` (class, then a column per split), a plain output: as metrics they were a
+    column each in `dvc metrics show` and `dvc exp show` (3 x 1,000 for ImageNet)."""
+    paths.data_report.parent.mkdir(parents=True, exist_ok=True)
+    totals = {key: value for key, value in report.items() if key != "per_class"}
+    paths.data_report.write_text(json.dumps(totals, indent=2) + "\n")
+    release(paths.class_counts)
+    with paths.class_counts.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", *SPLITS])
+        for name in next(iter(report["per_class"].values())):
+            writer.writerow([name, *(report["per_class"][split][name] for split in SPLITS)])
 
 
 def format_data_report(report: dict) -> str:
