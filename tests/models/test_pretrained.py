@@ -198,8 +198,7 @@ def test_models_without_imagenet_weights_say_which_have_them(name: str) -> None:
     message = str(info.value)
     assert "\n" not in message and name in message
     assert all(n in message for n in imagenet_models())
-    with pytest.raises(PretrainedWeightsError, match="has no pretrained backbone"):
-        check_pretrained(name, "weights.pt")
+    check_pretrained(name, "weights.pt")  # a model.pt trained here: see test_transfer.py
     check_pretrained(name, None)  # fresh init is always fine
 
 

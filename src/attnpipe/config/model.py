@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -10,21 +11,43 @@ from attnpipe.config.base import Strict
 
 
 class ModelConfig(Strict):
+    """The network: which registry model, its input size, weights to start from, arguments."""
+
     name: str = Field(description="a registry model (`attnpipe models` lists them)")
-    input_size: int = Field(224, ge=8)
+    input_size: int = Field(
+        224,
+        ge=8,
+        description="side in pixels of the square crops the model trains on (and is evaluated "
+        "and exported at, unless evaluate.image_size says otherwise); 32 for CIFAR-sized models",
+    )
     pretrained: str | None = Field(
         None,
         description="imagenet: torchvision's ImageNet weights for the backbone (attnvgg16 and "
-        "the ResNet family); or the path of a state_dict file; none: trained from scratch",
+        "the ResNet family); or the path (relative to the project root) of a model.pt trained "
+        "here, e.g. models/digits/model.pt, of the same model name and kwargs, from which every "
+        "tensor loads but a classifier of another class count; or of a state_dict file; "
+        "none: trained from scratch",
     )
     kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="the model's own arguments (checked by name)"
+        default_factory=dict,
+        description="the model's own arguments, e.g. {width_multiplier: 0.5} (checked by name: "
+        "`attnpipe models` lists each model's, with defaults)",
     )
 
     @field_validator("pretrained")
     @classmethod
     def _none_is_none(cls, value: str | None) -> str | None:
         return None if value is None or value.strip().lower() in ("", "none") else value
+
+    def pretrained_file(self, root: Path | None) -> Path | None:
+        """The file `pretrained` names, a relative path taken from the project `root`; None for
+        none and imagenet, and for a relative path when the root is not known."""
+        if self.pretrained is None or self.pretrained == "imagenet":
+            return None
+        path = Path(self.pretrained).expanduser()
+        if path.is_absolute():
+            return path
+        return root / path if root is not None else None
 
 
 class AugmentConfig(Strict):
@@ -36,12 +59,38 @@ class AugmentConfig(Strict):
     random erasing, then MixUp or CutMix. Everything beyond the crop and flip is off by default.
     """
 
-    random_resized_crop_scale: tuple[float, float] = (0.08, 1.0)
-    random_resized_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    horizontal_flip: float = Field(0.5, ge=0, le=1)
-    vertical_flip: float = Field(0.0, ge=0, le=1)
-    rotation_degrees: float = Field(0.0, ge=0, le=180)
-    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation")
+    random_resized_crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0),
+        description="the random crop's area as a fraction of the image, [min, max]; raise min "
+        "(e.g. 0.35-0.75) for small images or small models",
+    )
+    random_resized_crop_ratio: tuple[float, float] = Field(
+        (3 / 4, 4 / 3), description="the random crop's aspect ratio (width/height), [min, max]"
+    )
+    horizontal_flip: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="probability of a left-right mirror; 0 where mirroring changes the class "
+        "(digits, text)",
+    )
+    vertical_flip: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="probability of an upside-down flip: for images with no up (microscopy, "
+        "aerial, dermoscopy)",
+    )
+    rotation_degrees: float = Field(
+        0.0, ge=0, le=180, description="random rotation by up to +/- this many degrees; 0: off"
+    )
+    color_jitter: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="strength of random brightness, contrast and saturation changes (each by a "
+        "factor in [1 - x, 1 + x]); 0: off",
+    )
     auto_augment: Literal["none", "randaugment", "trivialaugment"] = Field(
         "none",
         description="random image operations, no policy search: randaugment "
@@ -74,5 +123,14 @@ class AugmentConfig(Strict):
         description="with MixUp or CutMix on: the probability that a batch is mixed; with both "
         "on, a mixed batch uses one of them, chosen at random",
     )
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = Field(
+        (0.485, 0.456, 0.406),
+        description="per-channel (R, G, B) mean subtracted from pixels scaled to [0, 1], in "
+        "training, evaluation and the exported model; ImageNet's: keep them for pretrained "
+        "weights",
+    )
+    std: tuple[float, float, float] = Field(
+        (0.229, 0.224, 0.225),
+        description="per-channel (R, G, B) standard deviation the pixels are divided by after "
+        "the mean (ImageNet's)",
+    )

@@ -4,7 +4,8 @@ Every model returned by :func:`create_model` provides ``forward(x) -> logits``,
 ``forward_features(x)`` / ``forward_head(feats)``, ``forward_with_attention(x)`` and
 ``attention_maps(x) -> dict[str, Tensor]``, with at least one spatial map (N x 1 x h x w);
 :func:`spatial_maps` / :func:`spatial_attention` extract those. ``create_model(...,
-pretrained="imagenet")`` loads torchvision's ImageNet backbones (see ``pretrained``).
+pretrained="imagenet")`` loads torchvision's ImageNet backbones (see ``pretrained``);
+``pretrained="models/<name>/model.pt"`` starts from a model trained here (see ``transfer``).
 """
 
 from ._common import AttentionAPI, AttentionMaps
@@ -17,6 +18,8 @@ from .registry import (
     Pretrained,
     UnknownModelArgumentError,
     check_pretrained,
+    check_pretrained_file,
+    classifier_name,
     count_macs,
     count_parameters,
     create_model,
@@ -29,6 +32,7 @@ from .registry import (
     model_kwargs,
     supports_imagenet,
 )
+from .transfer import TransferReport
 
 __all__ = [
     "IMAGENET",
@@ -39,8 +43,11 @@ __all__ = [
     "ModelInfo",
     "Pretrained",
     "PretrainedWeightsError",
+    "TransferReport",
     "UnknownModelArgumentError",
     "check_pretrained",
+    "check_pretrained_file",
+    "classifier_name",
     "count_macs",
     "count_parameters",
     "create_model",

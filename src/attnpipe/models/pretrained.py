@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,8 +31,11 @@ __all__ = [
     "ensure_imagenet_file",
     "imagenet_cache_path",
     "load_backbone",
+    "load_file",
     "load_imagenet_state_dict",
+    "preview",
     "read_state_dict",
+    "unwrap_state_dict",
 ]
 
 OFFLINE_ENV = "ATTNPIPE_OFFLINE"
@@ -106,32 +110,46 @@ def load_imagenet_state_dict(weights: WeightsEnum, model: str) -> dict[str, Tens
     return _tensors_only(state, path)
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """A local state_dict file; training checkpoints wrapping it and DDP prefixes are accepted."""
+def load_file(path: str | Path) -> object:
+    """What a local weights file holds (tensors on the CPU), or a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise PretrainedWeightsError(
-            f"pretrained file not found: {path}; give a state_dict file, 'imagenet' or None"
+            f"pretrained file not found: {path}; give a model.pt of this project, a state_dict "
+            "file, 'imagenet' or None"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped when torch's zip format allows: a file only checked (a recipe being
+        # validated) is then not read into memory, and a loaded one is read once, by copying.
+        mmap = zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except _LOAD_ERRORS as error:
         raise PretrainedWeightsError(
             f"{path} is not a readable state_dict file ({_one_line(error)})"
         ) from error
+
+
+def unwrap_state_dict(obj: object, origin: str | Path) -> dict[str, Tensor]:
+    """The state_dict in ``obj``: training checkpoints wrapping it and DDP prefixes accepted."""
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    return {k.removeprefix("module."): v for k, v in _tensors_only(obj, path).items()}
+    return {k.removeprefix("module."): v for k, v in _tensors_only(obj, origin).items()}
 
 
-def _tensors_only(obj: object, origin: Path) -> dict[str, Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A local state_dict file; training checkpoints wrapping it and DDP prefixes are accepted."""
+    return unwrap_state_dict(load_file(path), path)
+
+
+def _tensors_only(obj: object, origin: str | Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise PretrainedWeightsError(f"{origin} does not hold a state_dict of tensors")
     return obj
 
 
-def _preview(keys: Iterable[str], limit: int = 5) -> str:
+def preview(keys: Iterable[str], limit: int = 5) -> str:
+    """Up to ``limit`` of ``keys``, sorted, and how many more there are."""
     keys = sorted(keys)
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -164,9 +182,9 @@ def load_backbone(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} key(s): {_preview(missing)}")
+            parts.append(f"missing {len(missing)} key(s): {preview(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {_preview(unexpected)}")
+            parts.append(f"unexpected {len(unexpected)} key(s): {preview(unexpected)}")
         raise PretrainedWeightsError(
             f"pretrained backbone {origin} does not match: " + "; ".join(parts)
         )
@@ -178,6 +196,6 @@ def load_backbone(
     if bad_shapes:
         raise PretrainedWeightsError(
             f"pretrained backbone {origin} has shape mismatches (file vs model): "
-            + _preview(bad_shapes)
+            + preview(bad_shapes)
         )
     model.load_state_dict(source_keys, strict=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -25,8 +25,8 @@ from .pretrained import (
     PretrainedWeightsError,
     ensure_imagenet_file,
     load_imagenet_state_dict,
-    read_state_dict,
 )
+from .transfer import PretrainedFile, load_whole_model, read_pretrained_file
 
 __all__ = [
     "IMAGENET",
@@ -36,6 +36,8 @@ __all__ = [
     "Pretrained",
     "UnknownModelArgumentError",
     "check_pretrained",
+    "check_pretrained_file",
+    "classifier_name",
     "count_macs",
     "count_parameters",
     "create_model",
@@ -50,7 +52,8 @@ __all__ = [
 ]
 
 IMAGENET = "imagenet"
-# None (fresh init), "imagenet" (torchvision's weights) or the path of a local state_dict file.
+# None (fresh init), "imagenet" (torchvision's weights) or the path of a local file: a model.pt
+# of this project or a state_dict.
 Pretrained = str | os.PathLike[str] | None
 
 
@@ -68,6 +71,9 @@ class ModelSpec:
     factory: Callable[..., nn.Module]
     input_size: int
     summary_classes: int  # classes used for the parameter/MAC summary (1000 unless CIFAR)
+    # The module that outputs the logits (timm's default_cfg["classifier"]): the part of a
+    # pretrained model.pt that starts fresh when the number of classes differs.
+    classifier: str
     # torchvision ImageNet weights of the backbone (None: no pretrained backbone). A model with
     # them implements ``load_backbone(state_dict_or_path)``.
     imagenet_weights: WeightsEnum | None = None
@@ -79,17 +85,17 @@ _R18, _R50 = ResNet18_Weights.IMAGENET1K_V1, ResNet50_Weights.IMAGENET1K_V1
 _VGG = VGG16_BN_Weights.IMAGENET1K_V1  # the only vgg16_bn weights, what AttnMel loads
 
 _SPECS = (
-    ModelSpec("attention56", residual_attention.attention56, 224, 1000),
-    ModelSpec("attention92", residual_attention.attention92, 224, 1000),
-    ModelSpec("attention56_cifar", residual_attention.attention56_cifar, 32, 10),
-    ModelSpec("attention92_cifar", residual_attention.attention92_cifar, 32, 10),
-    ModelSpec("attnvgg16", attn_vgg.attnvgg16, 224, 1000, _VGG),
-    ModelSpec("ltpa_vgg_cifar", ltpa.ltpa_vgg_cifar, 32, 100),
-    ModelSpec("resnet50", resnet.resnet50, 224, 1000, _R50),
-    ModelSpec("se_resnet18", resnet.se_resnet18, 224, 1000, _R18),
-    ModelSpec("se_resnet50", resnet.se_resnet50, 224, 1000, _R50),
-    ModelSpec("streamlined_resnet18", resnet.streamlined_resnet18, 224, 1000, _R18),
-    ModelSpec("streamlined_resnet50", resnet.streamlined_resnet50, 224, 1000, _R50),
+    ModelSpec("attention56", residual_attention.attention56, 224, 1000, "fc"),
+    ModelSpec("attention92", residual_attention.attention92, 224, 1000, "fc"),
+    ModelSpec("attention56_cifar", residual_attention.attention56_cifar, 32, 10, "fc"),
+    ModelSpec("attention92_cifar", residual_attention.attention92_cifar, 32, 10, "fc"),
+    ModelSpec("attnvgg16", attn_vgg.attnvgg16, 224, 1000, "classifier", _VGG),
+    ModelSpec("ltpa_vgg_cifar", ltpa.ltpa_vgg_cifar, 32, 100, "classifier"),
+    ModelSpec("resnet50", resnet.resnet50, 224, 1000, "fc", _R50),
+    ModelSpec("se_resnet18", resnet.se_resnet18, 224, 1000, "fc", _R18),
+    ModelSpec("se_resnet50", resnet.se_resnet50, 224, 1000, "fc", _R50),
+    ModelSpec("streamlined_resnet18", resnet.streamlined_resnet18, 224, 1000, "fc", _R18),
+    ModelSpec("streamlined_resnet50", resnet.streamlined_resnet50, 224, 1000, "fc", _R50),
 )
 # Read-only view: the registry is fixed at import time, nothing registers at runtime.
 _REGISTRY = MappingProxyType({spec.name: spec for spec in _SPECS})
@@ -130,27 +136,62 @@ def supports_imagenet(name: str) -> bool:
     return _spec(name).imagenet_weights is not None
 
 
-def check_pretrained(name: str, pretrained: Pretrained) -> None:
-    """Validate a ``pretrained`` choice for model ``name`` without loading anything.
+def classifier_name(name: str) -> str:
+    """The module of model ``name`` that outputs the logits (timm's ``classifier``)."""
+    return _spec(name).classifier
 
-    None always works; "imagenet" and local backbone files only for ``imagenet_models()``.
-    Raises PretrainedWeightsError (a ValueError) with a one-line message otherwise; whether a
-    file exists is checked when the model is built.
+
+def check_pretrained(name: str, pretrained: Pretrained) -> None:
+    """Validate a ``pretrained`` choice for model ``name`` without reading anything.
+
+    None and file paths always pass; "imagenet" only for ``imagenet_models()``. Raises
+    PretrainedWeightsError (a ValueError) with a one-line message otherwise. A file is read
+    by ``check_pretrained_file`` and when the model is built.
     """
     spec = _spec(name)
     if pretrained is None:
         return
     if not isinstance(pretrained, str | os.PathLike) or str(pretrained) == "":
         raise PretrainedWeightsError(
-            f"pretrained must be None, {IMAGENET!r} or the path of a state_dict file, "
-            f"got {pretrained!r}"
+            f"pretrained must be None, {IMAGENET!r} or the path of a model.pt or state_dict "
+            f"file, got {pretrained!r}"
         )
-    if spec.imagenet_weights is None:
-        what = "ImageNet weights" if pretrained == IMAGENET else "pretrained backbone"
+    if pretrained == IMAGENET and spec.imagenet_weights is None:
         raise PretrainedWeightsError(
-            f"model {name!r} has no {what} (pretrained={str(pretrained)!r}); models with "
-            f"ImageNet backbones: {', '.join(imagenet_models())}"
+            f"model {name!r} has no ImageNet weights (pretrained={IMAGENET!r}); models with "
+            f"ImageNet backbones: {', '.join(imagenet_models())}; any model can start from "
+            "a model.pt trained here"
         )
+
+
+def check_pretrained_file(
+    name: str, path: str | os.PathLike[str], kwargs: Mapping[str, object] | None = None
+) -> None:
+    """Check, without building the model, that file ``path`` can start model ``name`` built
+    with ``kwargs``: it exists, is readable and, for a model.pt, was made by the same
+    architecture. PretrainedWeightsError (one line) otherwise; tensor shapes are checked when
+    the model is built."""
+    _spec(name)
+    _check_architecture(name, dict(kwargs or {}), read_pretrained_file(path))
+
+
+def _check_architecture(name: str, kwargs: dict[str, object], source: PretrainedFile) -> None:
+    if not source.is_model_file:
+        return  # a plain state_dict records no architecture: its keys are checked on loading
+    want = {**model_kwargs(name), **kwargs}
+    file_name = str(source.model_name)
+    known = model_kwargs(file_name) if file_name in _REGISTRY else {}
+    have = {**known, **source.model_kwargs}
+    if (file_name, have) != (name, want):
+        raise PretrainedWeightsError(
+            f"{source.origin} holds {_signature(file_name, have)} but the model to build is "
+            f"{_signature(name, want)}: a model.pt starts only the same architecture; use its "
+            "model name and kwargs, or a file of this architecture"
+        )
+
+
+def _signature(name: str, kwargs: Mapping[str, object]) -> str:
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
 
 
 def fetch_imagenet_weights(name: str) -> Path:
@@ -170,10 +211,14 @@ def create_model(
 ) -> nn.Module:
     """Build registry model ``name`` with ``num_classes`` outputs.
 
-    ``pretrained``: None (fresh init), "imagenet" (torchvision's ImageNet weights from torch's
-    hub cache, downloaded unless ``ATTNPIPE_OFFLINE=1``; see ``attnpipe.models.pretrained``)
-    or the path of a local state_dict of the same torchvision backbone. Only backbone tensors
-    load; attention branches and the classifier keep their fresh init.
+    ``pretrained``: None (fresh init); "imagenet": torchvision's ImageNet weights from torch's
+    hub cache, downloaded unless ``ATTNPIPE_OFFLINE=1`` (see ``attnpipe.models.pretrained``),
+    of which only backbone tensors load (attention branches and classifier keep their fresh
+    init); or the path of a local file (relative to the current directory): a model.pt of this
+    project, of the same name and kwargs, or a state_dict of this model, loads every tensor but
+    a classifier of another class count (see ``attnpipe.models.transfer``; the model's
+    ``pretrained_summary`` says what loaded, also logged to "attnpipe.models"), and for
+    ``imagenet_models()`` any other state_dict is taken as one of the torchvision backbone.
 
     Raises ValueError for an unknown name, UnknownModelArgumentError (a TypeError and a
     ValueError) for a keyword the model does not take, and PretrainedWeightsError (a
@@ -191,25 +236,45 @@ def create_model(
             f"valid arguments: {choices}"
         )
     check_pretrained(name, pretrained)
-    # Fetch before building: a missing file fails fast, without a model's construction time.
-    source = _pretrained_state(spec, pretrained)
+    # Read before building: a missing or mismatched file fails fast, without a model's
+    # construction time.
+    source = _pretrained_source(spec, pretrained, kwargs)
     model = spec.factory(num_classes=num_classes, **kwargs)
     if source is not None:
-        state, origin = source
-        model.load_backbone(state, origin=origin)
+        _load_pretrained(model, spec, source, num_classes, backbone=pretrained == IMAGENET)
     return model
 
 
-def _pretrained_state(
-    spec: ModelSpec, pretrained: Pretrained
-) -> tuple[dict[str, torch.Tensor], str] | None:
+def _pretrained_source(
+    spec: ModelSpec, pretrained: Pretrained, kwargs: dict[str, object]
+) -> PretrainedFile | None:
     if pretrained is None:
         return None
     if pretrained == IMAGENET:
         assert spec.imagenet_weights is not None  # guaranteed by check_pretrained
         weights = spec.imagenet_weights
-        return load_imagenet_state_dict(weights, spec.name), f"{weights} ({weights.url})"
-    return read_state_dict(pretrained), str(pretrained)
+        state = load_imagenet_state_dict(weights, spec.name)
+        return PretrainedFile(f"{weights} ({weights.url})", state)
+    source = read_pretrained_file(pretrained)
+    _check_architecture(spec.name, kwargs, source)
+    return source
+
+
+def _load_pretrained(
+    model: nn.Module, spec: ModelSpec, source: PretrainedFile, num_classes: int, backbone: bool
+) -> None:
+    """A backbone load (the ImageNet weights, or a plain state_dict that is not this model's,
+    for a model with a torchvision backbone) or a whole-model load (everything else)."""
+    if not source.is_model_file and spec.imagenet_weights is not None:
+        backbone = backbone or source.state.keys() != model.state_dict().keys()
+    if backbone:
+        model.load_backbone(source.state, origin=source.origin)
+        return
+    report = load_whole_model(
+        model, source, head=spec.classifier, name=spec.name, num_classes=num_classes
+    )
+    # Read by whoever builds the model (the trainer prints it once, from rank 0).
+    model.pretrained_summary = str(report)
 
 
 def count_parameters(model: nn.Module) -> int:
