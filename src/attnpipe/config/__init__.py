@@ -6,7 +6,9 @@ a typo never silently falls back to a default.
 
 One module per recipe section (`sources`, `data`, `model`, `train`, `evaluate`, `tune`);
 `recipe` composes them and loads a file. Their field descriptions are the reference
-(`docs/recipe.md` is generated from them).
+(`docs/recipe.md` is generated from them by `attnpipe.config.reference`, which is not
+re-exported here: every stage imports this package, and the doc generator must not become
+part of the code a stage's result depends on, see `attnpipe.codeversion`).
 """
 
 from attnpipe.config.base import ConfigError, Strict
@@ -23,6 +25,7 @@ from attnpipe.config.recipe import (
     parse_assignments,
     parse_recipe,
     pipeline_path,
+    resolve_pretrained,
 )
 from attnpipe.config.sources import (
     SOURCE_CONFIGS,
@@ -82,4 +85,5 @@ __all__ = [
     "parse_assignments",
     "parse_recipe",
     "pipeline_path",
+    "resolve_pretrained",
 ]

@@ -10,19 +10,45 @@ from attnpipe.config.base import Strict
 
 
 class WandbConfig(Strict):
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "attnpipe"
-    entity: str | None = None
+    """Weights & Biases: where training, evaluation and sweeps log their runs."""
+
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline",
+        description="offline: runs are written locally (wandb sync uploads them later); online: "
+        "logged live (needs WANDB_API_KEY or a ~/.netrc login, else offline); disabled: none",
+    )
+    project: str = Field("attnpipe", description="the W&B project the runs go to")
+    entity: str | None = Field(
+        None, description="the W&B team or user; null: the logged-in account's default"
+    )
 
 
 class TrackingConfig(Strict):
-    wandb: WandbConfig = WandbConfig()
+    """Where runs are logged."""
+
+    wandb: WandbConfig = Field(WandbConfig(), description="Weights & Biases")
 
 
 class EvaluateConfig(Strict):
-    batch_size: int = Field(128, ge=1)
-    threshold: float = Field(0.5, gt=0, lt=1, description="binary tasks: positive if p >= this")
-    flip_tta: bool = False
+    """How the test split is scored (and the model exported)."""
+
+    batch_size: int = Field(
+        128,
+        ge=1,
+        description="images per forward pass in evaluation, and in training's validation",
+    )
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="binary tasks: predict the positive class when its probability is at least "
+        "this (also the exported model's rule); lower it to trade specificity for sensitivity",
+    )
+    flip_tta: bool = Field(
+        False,
+        description="average the probabilities of each image and its mirror (test-time "
+        "augmentation; twice the compute)",
+    )
     image_size: int | None = Field(
         None,
         ge=8,
@@ -45,8 +71,14 @@ class EvaluateConfig(Strict):
         description="with --address: Ray workers scoring the split; auto: one per GPU the "
         "cluster has or can add, else one per node with the CPUs for one",
     )
-    cpus_per_worker: float | None = Field(None, gt=0, description="default: train's")
-    gpus_per_worker: float | None = Field(None, ge=0, description="default: train's")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs each evaluation worker reserves; null: train.cpus_per_worker"
+    )
+    gpus_per_worker: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs each evaluation worker reserves on GPUs; null: train.gpus_per_worker",
+    )
 
     @field_validator("workers")
     @classmethod

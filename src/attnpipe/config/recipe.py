@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from attnpipe.config.base import ConfigError, Strict
 from attnpipe.config.data import PrepareConfig, ShardConfig
@@ -22,16 +22,21 @@ from attnpipe.config.tune import TuneConfig
 class Recipe(Strict):
     """One pipeline's whole recipe, as in `pipelines/<name>.yaml`."""
 
-    name: str
-    source: Source
-    prepare: PrepareConfig = PrepareConfig()
-    shard: ShardConfig = ShardConfig()
-    model: ModelConfig
-    augment: AugmentConfig = AugmentConfig()
-    train: TrainConfig = TrainConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    tune: TuneConfig = TuneConfig()
+    name: str = Field(
+        description="the pipeline's name: set from the file name (pipelines/<name>.yaml); "
+        "names its data/, models/ and reports/ folders"
+    )
+    source: Source = Field(description="where the images come from; `kind` picks the type")
+    prepare: PrepareConfig = Field(
+        PrepareConfig(), description="validation, de-duplication and the train/val/test split"
+    )
+    shard: ShardConfig = Field(ShardConfig(), description="the WebDataset shards training reads")
+    model: ModelConfig = Field(description="the network")
+    augment: AugmentConfig = Field(AugmentConfig(), description="train-time augmentation")
+    train: TrainConfig = Field(TrainConfig(), description="the training run")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="experiment tracking")
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), description="scoring the test split")
+    tune: TuneConfig = Field(TuneConfig(), description="a hyperparameter sweep (`attnpipe tune`)")
 
     @model_validator(mode="after")
     def _space_names_recipe_keys(self) -> Recipe:
@@ -45,12 +50,25 @@ class Recipe(Strict):
         return self
 
     def fingerprint(self, *sections: str) -> str:
-        """Stable hash of the named sections (all when none): identifies a training run."""
+        """Stable hash of the named sections (all when none)."""
         data = self.model_dump(mode="json")
         if sections:
             data = {key: data[key] for key in sections}
-        blob = json.dumps(data, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return _digest(data)
+
+    def weights_fingerprint(self) -> str:
+        """Stable hash of what shapes the trained weights: the model, augmentation and training
+        settings less those that only say how the run executes (`TrainConfig.EXECUTION_KEYS`),
+        so that changing those resumes a run instead of starting it again."""
+        data = self.model_dump(mode="json", include={"model", "augment", "train"})
+        for key in TrainConfig.EXECUTION_KEYS:
+            data["train"].pop(key)
+        return _digest(data)
+
+
+def _digest(data: dict[str, Any]) -> str:
+    blob = json.dumps(data, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- loading
@@ -103,10 +121,16 @@ def load_recipe(name: str, root: Path | str = ".") -> Recipe:
     if not path.is_file():
         choices = ", ".join(available_pipelines(root)) or "none found"
         raise ConfigError(f"unknown pipeline '{name}': no {path}; choose one of: {choices}")
-    return parse_recipe(yaml.safe_load(path.read_text()) or {}, name=name, origin=str(path))
+    data = yaml.safe_load(path.read_text()) or {}
+    return parse_recipe(data, name=name, origin=str(path), root=root)
 
 
-def parse_recipe(data: dict[str, Any], name: str, origin: str = "<recipe>") -> Recipe:
+def parse_recipe(
+    data: dict[str, Any], name: str, origin: str = "<recipe>", root: Path | None = None
+) -> Recipe:
+    """Validate a recipe mapping. With the project `root`, a relative `model.pretrained` file
+    is checked too (an absolute one always is); without it, that waits for `resolve_pretrained`.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping at the top level")
     data = {"name": name, **data}
@@ -116,11 +140,11 @@ def parse_recipe(data: dict[str, Any], name: str, origin: str = "<recipe>") -> R
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
         raise ConfigError(format_validation_error(error, Recipe, origin)) from None
-    _check_model_section(recipe, origin)
+    _check_model_section(recipe, origin, root)
     return recipe
 
 
-def _check_model_section(recipe: Recipe, origin: str) -> None:
+def _check_model_section(recipe: Recipe, origin: str, root: Path | None) -> None:
     """`model.name`, every key of `model.kwargs` and `model.pretrained` against the registry:
     a typo fails here, naming its key path, not later inside the training workers."""
     from attnpipe.models import ModelError, check_pretrained, list_models, model_kwargs
@@ -143,6 +167,40 @@ def _check_model_section(recipe: Recipe, origin: str) -> None:
         check_pretrained(model.name, model.pretrained)
     except ModelError as error:
         raise ConfigError(f"{origin}: 'model.pretrained': {error}") from None
+    path = model.pretrained_file(root)
+    if path is not None:
+        _check_pretrained_file(recipe, path, origin)
+
+
+def _check_pretrained_file(recipe: Recipe, path: Path, origin: str) -> None:
+    """The file exists, is readable and, for a model.pt, has the recipe's architecture."""
+    from attnpipe.models import ModelError, check_pretrained_file
+
+    if not path.is_file():
+        raise ConfigError(
+            f"{origin}: 'model.pretrained': {path} does not exist (a relative path is taken "
+            "from the project root): train the pipeline that writes it first "
+            "(`attnpipe train <name>` writes models/<name>/model.pt), or fix the path"
+        )
+    try:
+        check_pretrained_file(recipe.model.name, path, recipe.model.kwargs)
+    except ModelError as error:
+        raise ConfigError(f"{origin}: 'model.pretrained': {error}") from None
+
+
+def resolve_pretrained(recipe: Recipe, root: Path, origin: str = "<recipe>") -> Recipe:
+    """`recipe` with a relative `model.pretrained` made absolute under the project `root`, and
+    the file checked: training workers run in other folders (Ray's trial directories).
+
+    The recipe as written keeps the relative path, so run names (its fingerprint) do not depend
+    on where the project lives, e.g. in DVC's temporary copy of an experiment."""
+    path = recipe.model.pretrained_file(root)
+    if path is None:
+        return recipe
+    path = path.resolve()
+    _check_pretrained_file(recipe, path, origin)
+    model = recipe.model.model_copy(update={"pretrained": str(path)})
+    return recipe.model_copy(update={"model": model})
 
 
 def parse_assignments(assignments: list[str], origin: str = "--set") -> dict[str, Any]:
