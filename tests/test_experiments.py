@@ -44,6 +44,43 @@ def test_experiments_never_share_a_wandb_run_but_find_the_same_checkpoints():
     assert run_identity(changed, "dvc:abc", "code1")[0] != plain[0]
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("train.loader_workers", 3),
+        ("train.max_failures", 7),
+        ("train.cpus_per_worker", 4),
+        ("train.checkpoints_to_keep", 5),
+        ("train.storage_path", "s3://bucket/checkpoints"),
+    ],
+)
+def test_how_a_run_executes_is_not_its_identity(key, value):
+    """Changing one of these resumes the run (same name: same checkpoint folder)."""
+    recipe = load_recipe("digits", REPO)
+    changed = apply_overrides(recipe, {key: value}, "test")
+    assert run_identity(changed, "dvc:abc", "code1") == run_identity(recipe, "dvc:abc", "code1")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("train.optimizer.lr", 0.05),
+        ("train.batch_size", 16),
+        ("train.workers", 3),
+        ("train.seed", 1),
+        ("train.amp", "bf16"),
+        ("augment.rotation_degrees", 0),
+        ("model.input_size", 48),
+    ],
+)
+def test_what_shapes_the_weights_is_a_new_run(key, value):
+    recipe = load_recipe("digits", REPO)
+    changed = apply_overrides(recipe, {key: value}, "test")
+    assert (
+        run_identity(changed, "dvc:abc", "code1")[0] != run_identity(recipe, "dvc:abc", "code1")[0]
+    )
+
+
 def test_runs_and_checkpoints_outlive_dvcs_temporary_copy(tmp_path, monkeypatch):
     workspace = tmp_path / "project"
     copy = workspace / ".dvc" / "tmp" / "exps" / "tmpabc123"

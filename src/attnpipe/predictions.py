@@ -1,8 +1,9 @@
 """One way to turn a model and batches into class probabilities: validation, evaluate, predict.
 
-The network's output is kept as log-probabilities (log-softmax, float32): the probabilities
-are their exponential (in float64, the metrics' input), and the validation loss is their
-negative mean at the true class, which is exactly the cross-entropy of the logits. Batches go
+The network's output is kept as log-probabilities (log-softmax, float32; under mixed precision
+the head runs in float32): the probabilities are their exponential (in float64, the metrics'
+input), and the validation loss is their negative mean at the true class, which is exactly the
+cross-entropy of the logits. Batches go
 straight into streamed counts (`attnpipe.metrics.MetricCounts`); no split-sized matrix is
 kept. Flip test-time augmentation averages the *probabilities* of an image and its mirror
 (a log-sum-exp in this form). What class those probabilities decide is
@@ -25,13 +26,27 @@ from attnpipe.metrics import MetricCounts
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # images (N, 3, S, S), labels (N,), ids
 
 
+def class_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(N, C) float32 logits. Under mixed precision the backbone runs in bf16/fp16 but the
+    head in float32: bf16 logits keep 8 bits of mantissa (steps of 0.5 around 100), coarse
+    enough to tie close classes and move the metrics, and casting them afterwards restores
+    nothing. Models without the `forward_features` / `forward_head` split run whole."""
+    device = images.device.type
+    split = hasattr(model, "forward_features") and hasattr(model, "forward_head")
+    if not (split and torch.is_autocast_enabled(device)):
+        return model(images).float()
+    features = model.forward_features(images)
+    with torch.autocast(device, enabled=False):
+        return model.forward_head(features.float()).float()
+
+
 def class_log_probabilities(
     model: nn.Module, images: torch.Tensor, flip_tta: bool = False
 ) -> torch.Tensor:
     """(N, C) float32 log-probabilities; with `flip_tta`, of the mean of image and mirror."""
-    log_probs = model(images).float().log_softmax(dim=1)
+    log_probs = class_logits(model, images).log_softmax(dim=1)
     if flip_tta:
-        mirrored = model(images.flip(-1)).float().log_softmax(dim=1)
+        mirrored = class_logits(model, images.flip(-1)).log_softmax(dim=1)
         log_probs = torch.logaddexp(log_probs, mirrored) - math.log(2.0)
     return log_probs
 

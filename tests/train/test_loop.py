@@ -4,6 +4,7 @@ learning-rate scaling and position, checkpoint contents, device switches."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,10 +15,13 @@ from torch import nn
 
 from attnpipe.config import TrainConfig, apply_overrides
 from attnpipe.train import checkpoint as checkpoint_module
+from attnpipe.train.build import speed_settings
 from attnpipe.train.checkpoint import read_checkpoint, restore_rng, rng_state
+from attnpipe.train.ema import ema_step_decay
 from attnpipe.train.launch import build_loop_config
-from attnpipe.train.loop import run_training, speed_settings, train_step
+from attnpipe.train.loop import run_training
 from attnpipe.train.schedules import LrSchedule, scaled_lr
+from attnpipe.train.steps import train_step
 
 
 class LocalSession:
@@ -30,7 +34,7 @@ class LocalSession:
         self.keep = keep
         self.reports: list[dict] = []
 
-    def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
+    def prepare_model(self, model: nn.Module, forward_sync_buffers: bool = True) -> nn.Module:
         return model
 
     @contextlib.contextmanager
@@ -173,7 +177,7 @@ def test_the_position_follows_samples_seen_not_the_step_count():
     samples an epoch), then on 1 rank (39 batches, 1,248 samples an epoch). It resumes where
     2,432 samples put it, 2,432 / 1,248 of an epoch of 39 steps: step 76, not 2 x 39 = 78."""
     from attnpipe.config import ScheduleConfig
-    from attnpipe.train.loop import epoch_samples
+    from attnpipe.train.build import epoch_samples
 
     assert epoch_samples(1257, 2, 32) == 1216 and epoch_samples(1257, 1, 32) == 1248
     assert epoch_samples(5, 2, 32) == 4  # a tiny split: one batch of samples // world each
@@ -220,3 +224,106 @@ def test_speed_switches_are_on_for_gpus_and_off_for_cpus():
     assert cpu.memory_format == torch.contiguous_format and not (cpu.cudnn_benchmark or cpu.tf32)
     forced = speed_settings(TrainConfig(channels_last=True), torch.device("cpu"))
     assert forced.memory_format == torch.channels_last
+
+
+def test_the_ema_spans_the_same_images_on_1_and_2_ranks():
+    """`train.ema_decay` is per reference batch of images: at batch 64 per rank, 1,280 images
+    are 20 steps on one rank and 10 on two, and leave the same share of the start in the EMA."""
+    one, two = ema_step_decay(0.999, 1 * 64, 256), ema_step_decay(0.999, 2 * 64, 256)
+    assert one**20 == pytest.approx(two**10, rel=1e-12)
+    assert one ** (1 / 64) == pytest.approx(two ** (1 / 128), rel=1e-12)  # the decay per image
+    assert ema_step_decay(0.999, 256, 256) == 0.999  # as given, at the reference batch
+    assert two < one  # more images per step: more decay per step
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_run_gets_the_ema_decay_of_its_world_size(digits_project, tmp_path, world):
+    """Built as rank 0 of `world` (no process group is needed to build)."""
+    from attnpipe.train.build import build
+
+    recipe, paths = digits_project
+    changes = {"train.ema_decay": 0.99, "train.batch_size": 32, "tracking.wandb.mode": "disabled"}
+    recipe = apply_overrides(recipe, changes, origin="test")
+    session = LocalSession(tmp_path)
+    session.world_size = world
+    threads = torch.get_num_threads()
+    try:
+        run = build(build_loop_config(recipe, paths), session)
+    finally:
+        torch.set_num_threads(threads)
+    reference = recipe.train.optimizer.reference_batch
+    assert run.ema.decay == pytest.approx(0.99 ** (world * 32 / reference))
+
+
+def _rates(schedule: LrSchedule, steps: int) -> list[float]:
+    """The rate of each of the next `steps` optimizer steps."""
+    rates = []
+    for _ in range(steps):
+        rates.append(schedule.get_last_lr()[0])
+        schedule.step()
+    return rates
+
+
+def test_after_growing_the_rate_ramps_from_the_old_scale_to_the_new():
+    """8 -> 16 ranks with linear scaling: 0.4 -> 0.8, over 4 steps, not at once."""
+    from attnpipe.config import ScheduleConfig
+
+    param = nn.Parameter(torch.zeros(1))
+    on_16 = LrSchedule(
+        torch.optim.SGD([param], lr=1.0), ScheduleConfig(name="constant"), 0.8, 10, 8
+    )
+    on_16.set_position(3)
+    on_16.rewarm(0.4, 4)
+    assert _rates(on_16, 5) == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.8])
+    # A restart 2 steps into the ramp (at 16 ranks) goes on with it.
+    on_16.set_position(3)
+    on_16.rewarm(0.4, 4, done=2)
+    assert _rates(on_16, 3) == pytest.approx([0.7, 0.8, 0.8])
+    # The schedule's own factor applies on top of the ramping base.
+    cosine = LrSchedule(torch.optim.SGD([param], lr=1.0), ScheduleConfig(), 0.8, 10, 8)
+    cosine.set_position(3)
+    factor = cosine.factor()
+    cosine.rewarm(0.4, 4)
+    assert cosine.get_last_lr()[0] == pytest.approx(0.5 * factor)
+    shrunk = LrSchedule(
+        torch.optim.SGD([param], lr=1.0), ScheduleConfig(name="constant"), 0.4, 10, 8
+    )
+    shrunk.rewarm(0.8, 4)  # fewer ranks: the lower rate at once, nothing to ramp
+    assert _rates(shrunk, 2) == pytest.approx([0.4, 0.4])
+
+
+def test_a_resume_on_more_ranks_re_warms_and_others_do_not():
+    from attnpipe.train.schedules import rewarm_plan
+
+    assert rewarm_plan([8, 8], 16, 30, 100) == (8, 0)  # grew just now
+    assert rewarm_plan([8, 16], 16, 30, 100) == (8, 30)  # restarted 30 steps into the ramp
+    assert rewarm_plan([8, 16, 16, 16, 16], 16, 30, 100) is None  # ramp over (120 steps)
+    assert rewarm_plan([16, 16], 16, 30, 100) is None  # same size
+    assert rewarm_plan([16], 8, 30, 100) is None  # shrank: a lower rate needs no ramp
+    assert rewarm_plan([8], 16, 30, 0) is None  # train.rewarm_steps: 0 is off
+    assert rewarm_plan([], 16, 30, 100) is None and rewarm_plan([None], 16, 30, 100) is None
+
+
+def test_resume_after_growth_sets_the_ramp_from_the_history():
+    from attnpipe.train.checkpoint import TrainingState
+    from attnpipe.train.checkpointing import rewarm_after_growth
+
+    train = TrainConfig(
+        batch_size=32, optimizer={"lr": 0.1, "reference_batch": 256, "scale_lr": "linear"}
+    )
+    param = nn.Parameter(torch.zeros(1))
+    schedule = LrSchedule(
+        torch.optim.SGD([param], lr=1.0),
+        train.schedule.model_copy(update={"name": "constant"}),
+        scaled_lr(train.optimizer, 16 * 32),
+        10,
+        8,
+    )
+    state = TrainingState()
+    state.history = [{"epoch": 1, "world_size": 8}]
+    run = SimpleNamespace(train=train, world=16, rank=1, schedule=schedule)
+    rewarm_after_growth(run, state)
+    ramp = _rates(schedule, train.rewarm_steps + 1)
+    assert ramp[0] == pytest.approx(0.1 + 0.1 / train.rewarm_steps)  # from 8 ranks' 0.1...
+    assert ramp[-2:] == pytest.approx([0.2, 0.2])  # ...to 16 ranks' 0.2, in rewarm_steps
+    assert all(a < b for a, b in itertools.pairwise(ramp[:-1]))

@@ -16,7 +16,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from attnpipe.config import apply_overrides
+from attnpipe.train import build as build_module
 from attnpipe.train import loop as loop_module
+from attnpipe.train import steps as steps_module
 from attnpipe.train.checkpoint import CHECKPOINT_FILE, read_checkpoint, restore_scaler
 from attnpipe.train.ema import DeviceEma
 from attnpipe.train.launch import build_loop_config
@@ -35,7 +37,7 @@ class ResumableSession:
         self.reports: list[dict] = []
         self.stop_answers: list[bool] = []
 
-    def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
+    def prepare_model(self, model: nn.Module, forward_sync_buffers: bool = True) -> nn.Module:
         return model
 
     @contextlib.contextmanager
@@ -105,7 +107,7 @@ def test_deterministic_switches_are_set_before_cuda_starts(monkeypatch):
     from attnpipe.config import TrainConfig
 
     gpu = torch.device("cuda", 0)
-    assert not loop_module.speed_settings(TrainConfig(deterministic=True), gpu).cudnn_benchmark
+    assert not build_module.speed_settings(TrainConfig(deterministic=True), gpu).cudnn_benchmark
 
 
 def test_an_epoch_that_did_not_improve_stores_no_second_copy_of_the_weights(
@@ -231,9 +233,9 @@ def test_a_stop_requested_mid_epoch_ends_the_run_after_the_next_check(
     session = ResumableSession(tmp_path)
     session.stop_answers = [True]
     steps: list[int] = []
-    original = loop_module.train_step
+    original = steps_module.train_step
     monkeypatch.setattr(
-        loop_module,
+        steps_module,
         "train_step",
         lambda run, step, *a: steps.append(step) or original(run, step, *a),
     )
@@ -257,8 +259,8 @@ def test_the_next_epoch_is_requested_from_the_loader_workers_before_validation(d
     config = build_loop_config(recipe, paths)
     session = ResumableSession(Path("unused"))
     shards = split_info(config.shards, "train").shards
-    stream = loop_module._stream(recipe, shards, session, train=True)
-    loader = loop_module._loader(
+    stream = build_module.build_stream(recipe, shards, session, train=True)
+    loader = build_module.build_loader(
         stream, 256, recipe.train, session, torch.contiguous_format, purpose=0
     )
     first = sum(1 for _ in loader)  # epoch 0, whole
@@ -282,15 +284,71 @@ def test_ddp_broadcasts_buffers_only_without_sync_batchnorm(digits_project, sync
     class TwoRanks(ResumableSession):
         world_size = 2
 
-        def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
-            asked.append(broadcast_buffers)
+        def prepare_model(self, model: nn.Module, forward_sync_buffers: bool = True) -> nn.Module:
+            asked.append(forward_sync_buffers)
             return model
 
     threads = torch.get_num_threads()
     try:
-        run = loop_module.build(build_loop_config(recipe, paths), TwoRanks(Path("unused")))
+        run = build_module.build(build_loop_config(recipe, paths), TwoRanks(Path("unused")))
     finally:
         torch.set_num_threads(threads)
     assert asked == [not sync_batchnorm]
     synced = any(isinstance(m, nn.SyncBatchNorm) for m in run.model.modules())
     assert synced == sync_batchnorm
+
+
+def _ended_checkpoint(repeatable_run: Path, folder: Path, early_stopped: bool) -> Path:
+    """Epoch 1's checkpoint as a run that ended: after 3 epochs of which only the first was
+    the best (early stopped with patience 2), or as is (all of `epochs: 1` trained)."""
+    saved = read_checkpoint(repeatable_run / "epoch1")
+    if early_stopped:
+        state = saved["state"]
+        worse = {**state["history"][0], "val_accuracy": -1.0, "val_loss": 9.0}
+        state["history"] += [{**worse, "epoch": 2}, {**worse, "epoch": 3}]
+        state["epoch"], state["samples_seen"] = 3, 3 * state["samples_seen"]
+    folder.mkdir()
+    torch.save(saved, folder / CHECKPOINT_FILE)
+    return folder
+
+
+@pytest.mark.parametrize("early_stopped", [True, False])
+def test_a_run_that_ended_trains_nothing_when_launched_again(
+    digits_project, repeatable_run, tmp_path, monkeypatch, capfd, early_stopped
+):
+    """Launched again (dvc repro after a failed upload, a re-submitted job), an early-stopped
+    or finished run decides before its first epoch: no step, no checkpoint, the same weights
+    and the same best epoch. Before, the early-stopped one trained epoch 4 (and, with each
+    launch, up to `patience` more) before asking whether to stop."""
+    resume = _ended_checkpoint(repeatable_run, tmp_path / "ended", early_stopped)
+    saved = read_checkpoint(resume)
+    steps: list[int] = []
+    original = steps_module.train_step
+    monkeypatch.setattr(
+        steps_module,
+        "train_step",
+        lambda run, step, *a: steps.append(step) or original(run, step, *a),
+    )
+    finished: list[tuple] = []
+    monkeypatch.setattr(
+        loop_module,
+        "finish",
+        lambda run, state, tracker: finished.append((run.model.state_dict(), state)),
+    )
+    train = {"epochs": 10, "early_stopping_patience": 2} if early_stopped else {"epochs": 1}
+    session = _train(digits_project, tmp_path, resume=resume, **train)
+
+    assert steps == [] and session.reports == []  # no step, nothing checkpointed
+    ((weights, state),) = finished  # ...and it still finishes: W&B summary, model artifact
+    assert state.epoch == saved["state"]["epoch"] and len(state.history) == state.epoch
+    assert state.best_epoch == 1
+    assert state.best_location == saved["state"]["best_location"]  # the same model.pt
+    for key, value in saved["model"].items():
+        assert torch.equal(weights[key], value), key
+    said = capfd.readouterr().out
+    reason = (
+        "early stopping ended it at epoch 3 (patience 2)"
+        if early_stopped
+        else "it trained all its epochs (1)"
+    )
+    assert f"nothing to train: {reason}; the best epoch stays 1" in said

@@ -13,7 +13,7 @@ from torch import nn
 
 from attnpipe.config import apply_overrides
 from attnpipe.data.loaders import split_info, steps_per_epoch
-from attnpipe.train import loop
+from attnpipe.train import build, loop
 from attnpipe.train.loop_config import LoopConfig
 
 
@@ -26,7 +26,7 @@ class LocalSession:
     def __init__(self) -> None:
         self.reports: list[tuple[dict[str, float], list[str]]] = []
 
-    def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
+    def prepare_model(self, model: nn.Module, forward_sync_buffers: bool = True) -> nn.Module:
         return model
 
     @contextmanager
@@ -85,8 +85,8 @@ def test_one_epoch_with_mixup_and_cutmix_reports_finite_losses(
         logged.append(TargetLog(loop_build_loss(config, counts)))
         return logged[-1]
 
-    loop_build_loss = loop.build_loss
-    monkeypatch.setattr(loop, "build_loss", build_loss)
+    loop_build_loss = build.build_loss
+    monkeypatch.setattr(build, "build_loss", build_loss)
     session = LocalSession()
     config = LoopConfig(
         recipe=recipe,

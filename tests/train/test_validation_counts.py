@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from attnpipe.metrics import MetricCounts, classification_metrics
-from attnpipe.train.loop import reduce_counts
+from attnpipe.train.validation import reduce_counts
 
 pytestmark = pytest.mark.timeout(300)
 

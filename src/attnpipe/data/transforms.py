@@ -10,7 +10,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
-from attnpipe.config import AugmentConfig
+from attnpipe.config import AugmentConfig, Recipe
 
 IMAGE_KEYS = ("jpg", "png")
 
@@ -119,6 +119,18 @@ def build_transform(
         strength = augment.color_jitter
         steps.append(v2.ColorJitter(strength, strength, strength))
     return ImageTransform(v2.Compose(steps), augment.mean, augment.std)
+
+
+def evaluation_size(recipe: Recipe, trained_size: int) -> int:
+    """`evaluate.image_size`, else the size the model was trained at."""
+    return recipe.evaluate.image_size or trained_size
+
+
+def evaluation_transform(recipe: Recipe, size: int) -> ImageTransform:
+    """The recipe's evaluation protocol at `size` (from `evaluation_size`): the resize and
+    centre crop of `evaluate.crop_ratio`. Validation during training and the test use this one
+    function, so the epoch chosen as best is chosen by what the test measures."""
+    return build_transform(recipe.augment, size, train=False, crop_ratio=recipe.evaluate.crop_ratio)
 
 
 def decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int, dict]:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from attnpipe.config import Recipe
-from attnpipe.data.loaders import ShardStream, build_transform, make_loader, split_info
+from attnpipe.data.loaders import ShardStream, make_loader, split_info
 from attnpipe.data.shard_index import shard_location
+from attnpipe.data.transforms import evaluation_size, evaluation_transform
 from attnpipe.devices import require_cuda
 from attnpipe.errors import AttnpipeError
 from attnpipe.evaluate.scoring import (
@@ -40,11 +41,6 @@ __all__ = ["EXAMPLES_PER_CLASS", "MAX_EXAMPLE_CLASSES", "SplitResult", "evaluate
 
 class EvaluateError(AttnpipeError, RuntimeError):
     pass
-
-
-def evaluation_size(recipe: Recipe, trained_size: int) -> int:
-    """`evaluate.image_size`, else the size the model was trained at."""
-    return recipe.evaluate.image_size or trained_size
 
 
 def evaluation_device(setting: str) -> torch.device:
@@ -105,9 +101,7 @@ def split_images(
 ) -> torch.Tensor:
     """The first `count` images of `split` in shard order, transformed as evaluation does."""
     info = split_info(shard_location(recipe, paths), split)
-    transform = build_transform(
-        recipe.augment, input_size, train=False, crop_ratio=recipe.evaluate.crop_ratio
-    )
+    transform = evaluation_transform(recipe, input_size)
     stream = ShardStream(info.shards, rank=0, world_size=1, transform=transform, train=False)
     images: list[torch.Tensor] = []
     for batch, _, _ in make_loader(stream, count, workers=0):

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from attnpipe.config import Recipe
-from attnpipe.data.loaders import ShardStream, build_transform, make_loader
+from attnpipe.data.loaders import ShardStream, make_loader
 from attnpipe.data.shard_index import ShardEntry
+from attnpipe.data.transforms import evaluation_transform
 from attnpipe.devices import memory_format_for, resolve_amp
 from attnpipe.metrics import MetricCounts, predict_classes
 from attnpipe.overlays import denormalize
@@ -259,9 +260,7 @@ def score_share(
     """Scores share `rank` of `world_size` of a split (every sample of it when 1 of 1) on
     `device`, with the recipe's loader workers (`train.loader_workers`), mixed precision
     (`train.amp`) and memory format (`train.channels_last`), as training validates."""
-    transform = build_transform(
-        recipe.augment, input_size, train=False, crop_ratio=recipe.evaluate.crop_ratio
-    )
+    transform = evaluation_transform(recipe, input_size)
     stream = ShardStream(shards, rank=rank, world_size=world_size, transform=transform, train=False)
     memory_format = memory_format_for(recipe.train.channels_last, device)
     if device.type == "cuda":  # the speed switches training uses on GPUs

@@ -20,6 +20,14 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 
+def ema_step_decay(decay: float, global_batch: int, reference_batch: int) -> float:
+    """The decay per optimizer step of `train.ema_decay`, which is given per `reference_batch`
+    images (`optimizer.reference_batch`): decay ** (global_batch / reference_batch). Per step,
+    the average's horizon in images would grow with the world size (twice the ranks, twice the
+    images per step); per image, it is the same on 1 GPU or 16."""
+    return decay ** (global_batch / reference_batch)
+
+
 class DeviceEma(AveragedModel):
     """EMA of a model's parameters and buffers (BatchNorm statistics averaged too)."""
 

@@ -2,8 +2,10 @@
 
 A run is named after the pipeline and a fingerprint of everything that shapes the weights
 (model, augmentation, training settings, data version, and the version of the code that
-trains). Launching the same run again, after a crash, a Ctrl-C or a preempted node, continues
-from its latest checkpoint; changing any of those starts a new run beside it.
+trains), not of how it executes (`TrainConfig.EXECUTION_KEYS`: loader processes, CPUs per
+rank, failure budget, checkpoints kept, where they are stored). Launching the same run again,
+after a crash, a Ctrl-C or a preempted node, or with only those changed, continues from its
+latest checkpoint; changing anything else starts a new run beside it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from attnpipe.capacity import WorkerPlan
 from attnpipe.codeversion import code_version
-from attnpipe.config import Recipe
+from attnpipe.config import Recipe, resolve_pretrained
 from attnpipe.data.shard_index import ShardError, read_index, shard_location
 from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
@@ -70,7 +72,7 @@ def run_identity(
     them; a change to any of them is a new run (nothing stale is resumed). The W&B id also
     holds the DVC experiment's name: two experiments never share a W&B run, even when their
     training settings are equal (their checkpoints are the same run, found again)."""
-    fingerprint = recipe.fingerprint("model", "augment", "train")
+    fingerprint = recipe.weights_fingerprint()
     short = hashlib.sha256(f"{fingerprint}{data_ver}{code_ver}".encode()).hexdigest()[:10]
     run_name = f"{recipe.name}-{short}"
     suffix = experiment.run_id_suffix() if experiment else ""
@@ -90,7 +92,8 @@ def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> LoopConfig:
     run_name, wandb_id = run_identity(recipe, data_ver, code_ver, experiment)
     storage = recipe.train.storage_path or str(paths.checkpoints.resolve())
     return LoopConfig(
-        recipe=recipe,
+        # The run's name comes from the recipe as written; the workers get absolute paths.
+        recipe=resolve_pretrained(recipe, paths.root, origin=f"pipelines/{recipe.name}.yaml"),
         shards=shards,
         run_name=run_name,
         best_weights_dir=best_weights_dir(storage, run_name),

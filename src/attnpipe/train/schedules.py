@@ -5,7 +5,9 @@ position is set from the training samples seen so far (`set_position_by_samples`
 epochs of the *current* world size and then in its optimizer steps. A run resumed on a different
 number of ranks (an elastic run that lost or regained nodes: other steps per epoch, and other
 samples per epoch, since each epoch drops the remainder of world_size x batch_size) thus
-continues where the samples it has trained on put it, not where its step count would.
+continues where the samples it has trained on put it, not where its step count would. With
+`scale_lr`, a run that grew also gets a higher base rate: it re-warms to it over
+`train.rewarm_steps` steps (`rewarm_plan`, `LrSchedule.rewarm`).
 """
 
 from __future__ import annotations
@@ -40,8 +42,35 @@ def scaled_lr(config: OptimizerConfig, global_batch: int) -> float:
     return config.lr
 
 
+def rewarm_plan(
+    worlds: list[int | None], world: int, steps_per_epoch: int, rewarm_steps: int
+) -> tuple[int, int] | None:
+    """Whether a run resumed on `world` ranks is re-warming after it grew: (the world size
+    before the growth, optimizer steps already trained since), or None.
+
+    `worlds`: the world size of each trained epoch (the history's rows). The ramp is worked
+    out from them rather than saved, so that a restart in the middle of it (an epoch shorter
+    than the ramp) goes on with it instead of jumping to the full rate.
+    """
+    if rewarm_steps <= 0:
+        return None
+    since = 0  # epochs trained at this world size since the last change
+    for trained_on in reversed(worlds):
+        if trained_on != world:
+            break
+        since += 1
+    else:
+        return None  # no change of world size (or none recorded)
+    before = worlds[len(worlds) - 1 - since]
+    done = since * steps_per_epoch
+    if before is None or before >= world or done >= rewarm_steps:
+        return None
+    return before, done
+
+
 class LrSchedule:
-    """Sets every parameter group's rate to `base_lr x lr_factor(step)` before each step."""
+    """Sets every parameter group's rate to `base_lr x lr_factor(step)` before each step;
+    after a growth of the world size (`rewarm`), with the base rate ramped up to `base_lr`."""
 
     def __init__(
         self,
@@ -58,6 +87,7 @@ class LrSchedule:
         self.total_steps = steps_per_epoch * epochs
         self.warmup_steps = round(config.warmup_epochs * steps_per_epoch)
         self.step_count = 0
+        self._rewarm: tuple[int, float, int] | None = None  # (first step, base before, steps)
         self._apply()
 
     def step(self) -> None:
@@ -75,6 +105,23 @@ class LrSchedule:
         `samples_per_epoch`: what one epoch of this world size trains on (all ranks)."""
         self.set_position(samples_seen / samples_per_epoch)
 
+    def rewarm(self, from_base_lr: float, steps: int, done: int = 0) -> None:
+        """Ramp the base rate linearly from `from_base_lr` (what the smaller world trained at)
+        to `base_lr` over `steps` optimizer steps, `done` of which are already trained, from
+        the current position: a run that grew (8 to 16 ranks) does not double its rate at
+        once. The schedule's factor (warmup, cosine...) applies on top."""
+        if steps > 0 and from_base_lr < self.base_lr:
+            self._rewarm = (self.step_count - done, from_base_lr, steps)
+            self._apply()
+
+    def current_base(self) -> float:
+        """The base rate of the current step: `base_lr`, or on the way to it after a growth."""
+        if self._rewarm is None:
+            return self.base_lr
+        first, before, steps = self._rewarm
+        done = min(1.0, (self.step_count - first + 1) / steps)
+        return before + (self.base_lr - before) * done
+
     def factor(self) -> float:
         return lr_factor(self.step_count, self.total_steps, self.warmup_steps, self.config)
 
@@ -82,6 +129,6 @@ class LrSchedule:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def _apply(self) -> None:
-        rate = self.base_lr * self.factor()
+        rate = self.current_base() * self.factor()
         for group in self.optimizer.param_groups:
             group["lr"] = rate

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import tempfile
@@ -17,13 +16,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from attnpipe.devices import require_cuda, wants_gpu
+from attnpipe.train.checkpoint_folders import CheckpointFolders
 from attnpipe.train.stop import StopFlagReader
 
 
@@ -33,9 +33,10 @@ class WorkerSession(Protocol):
     device: torch.device
     node_id: str
 
-    def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
+    def prepare_model(self, model: nn.Module, forward_sync_buffers: bool = True) -> nn.Module:
         """Move to the device and wrap for data parallelism (DDP) when there are several ranks;
-        `broadcast_buffers`: DDP copies rank 0's buffers to every rank before each forward."""
+        `forward_sync_buffers`: DDP copies rank 0's buffers to every rank before each forward
+        (`ddp_options`)."""
 
     def latest_checkpoint(self) -> AbstractContextManager[Path | None]:
         """Context manager: the folder of the newest checkpoint of this run, or None."""
@@ -45,6 +46,16 @@ class WorkerSession(Protocol):
 
     def stop_requested(self) -> bool:
         """This rank's view of whether the launcher asked the run to stop (ranks then agree)."""
+
+
+def ddp_options(forward_sync_buffers: bool) -> dict[str, Any]:
+    """DistributedDataParallel's keyword arguments, the same under Ray Train and torchrun.
+
+    `forward_sync_buffers` is torch's name since 2.13: the old `broadcast_buffers` prints a
+    FutureWarning from every rank, and when False it also skipped the copy of the buffers at
+    start, which changes nothing here (every rank builds or loads the same ones).
+    """
+    return {"forward_sync_buffers": forward_sync_buffers}
 
 
 class RaySession:
@@ -65,11 +76,11 @@ class RaySession:
         # Polled by rank 0 only: the loop shares its answer with the other ranks.
         self._stop_flag = StopFlagReader(stop_name if self.rank == 0 else None)
 
-    def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
+    def prepare_model(self, model: nn.Module, forward_sync_buffers: bool = True) -> nn.Module:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"broadcast_buffers": broadcast_buffers}
+            model, parallel_strategy_kwargs=ddp_options(forward_sync_buffers)
         )
 
     @contextmanager
@@ -112,14 +123,15 @@ def _quiet_ray_train_reports() -> None:
 
 
 class TorchrunSession:
-    """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; checkpoints are copied to `storage`.
+    """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; checkpoints are copied to `storage`
+    whole or not at all, the newest `keep` kept (`CheckpointFolders`).
 
     `use_gpu`: the recipe's `train.use_gpu`; "auto" trains on this process's GPU whenever the
     machine has an NVIDIA GPU, and then, as with True, fails (saying why) if CUDA cannot start:
     never a silent CPU run.
     """
 
-    def __init__(self, storage: Path, use_gpu: bool | str = "auto") -> None:
+    def __init__(self, storage: Path, use_gpu: bool | str = "auto", keep: int = 2) -> None:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -133,7 +145,7 @@ class TorchrunSession:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.node_id = socket.gethostname()
         self.storage = storage
-        self._count = len(self._checkpoints())
+        self.checkpoints = CheckpointFolders(storage, keep)
         # torchrun passes its SIGTERM on to every worker: note it, the loop stops cleanly.
         self._stop = threading.Event()
         if threading.current_thread() is threading.main_thread():
@@ -142,26 +154,21 @@ class TorchrunSession:
     def stop_requested(self) -> bool:
         return self._stop.is_set()
 
-    def prepare_model(self, model: nn.Module, broadcast_buffers: bool = True) -> nn.Module:
+    def prepare_model(self, model: nn.Module, forward_sync_buffers: bool = True) -> nn.Module:
         model = model.to(self.device)
         if self.world_size == 1:
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(
-            model, device_ids=device_ids, broadcast_buffers=broadcast_buffers
+            model, device_ids=device_ids, **ddp_options(forward_sync_buffers)
         )
-
-    def _checkpoints(self) -> list[Path]:
-        return sorted(self.storage.glob("checkpoint_*")) if self.storage.is_dir() else []
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        found = self._checkpoints()
-        yield found[-1] if found else None
+        yield self.checkpoints.latest()
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
-            self._count += 1
-            shutil.copytree(checkpoint_dir, self.storage / f"checkpoint_{self._count:06d}")
+            self.checkpoints.add(checkpoint_dir)
         if self.world_size > 1:
             dist.barrier()

@@ -6,6 +6,14 @@ check; here each check starts the vote asynchronously and reads the result of th
 check, started `every` steps earlier and long finished. A stop therefore takes effect one check
 later (`every` steps, plus at most one more for rank 0's poll of the driver's flag), the same
 step on every rank.
+
+Every epoch also ends with a vote (`close_epoch`), read once the epoch is validated and saved
+(`settle`): a request made in an epoch's last steps, or in an epoch of fewer than `every`
+steps, stops the run at that epoch's end instead of never.
+
+On a GPU the ballot goes up from pinned host memory without blocking (a plain
+`torch.tensor(..., device="cuda")` copies from pageable memory: the host waits for every
+kernel queued before it), and comes back through pinned memory behind a CUDA event.
 """
 
 from __future__ import annotations
@@ -28,41 +36,49 @@ class _Ballot:
     host: torch.Tensor  # the result, copied to (pinned) host memory
     copied: Any  # CUDA event after that copy; None on CPU
 
+    def agreed(self) -> bool:
+        if self.copied is not None:
+            self.copied.synchronize()  # waits for that old point only, not the queue
+        elif self.work is not None:
+            self.work.wait()
+        return bool(self.host[0])
+
 
 class StopVote:
     def __init__(self, session: WorkerSession, every: int = STOP_CHECK_STEPS) -> None:
         self.session = session
         self.every = every
-        self._ballot: _Ballot | None = None
+        self._ballots: list[_Ballot] = []  # in flight: at most a check's and the epoch end's
 
     def due(self, step: int) -> bool:
         return (step + 1) % self.every == 0
 
     def check(self) -> bool:
-        """Start this check's vote; whether the previous one agreed to stop."""
+        """Start this check's vote; whether the votes in flight agreed to stop."""
         agreed = self.settle()
-        self._ballot = self._start(self.session.stop_requested())
+        self._ballots.append(self._start(self.session.stop_requested()))
         return agreed
 
+    def close_epoch(self) -> None:
+        """After an epoch's last step: a vote of its own, read by `settle` once the epoch is
+        saved, so that every epoch, however short, asks (nothing waits here)."""
+        self._ballots.append(self._start(self.session.stop_requested()))
+
     def settle(self) -> bool:
-        """The outcome of the vote in flight (False if none); called at the same point on
-        every rank (a check, or the end of an epoch)."""
-        ballot, self._ballot = self._ballot, None
-        if ballot is None:
-            return False
-        if ballot.copied is not None:
-            ballot.copied.synchronize()  # waits for that old point only, not the queue
-        elif ballot.work is not None:
-            ballot.work.wait()
-        return bool(ballot.host[0])
+        """Whether any vote in flight agreed to stop (False if none); called at the same point
+        on every rank (a check, or the end of an epoch)."""
+        ballots, self._ballots = self._ballots, []
+        return any([ballot.agreed() for ballot in ballots])  # every one read: none left over
 
     def _start(self, wanted: bool) -> _Ballot:
         device = self.session.device
-        flag = torch.tensor([int(wanted)], dtype=torch.int32, device=device)
+        on_gpu = device.type == "cuda"
+        ask = torch.tensor([int(wanted)], dtype=torch.int32, pin_memory=on_gpu)
+        flag = ask.to(device, non_blocking=True)
         work = None
         if self.session.world_size > 1:
             work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
-        if device.type != "cuda":
+        if not on_gpu:
             return _Ballot(work, flag, None)
         if work is not None:
             work.wait()  # on a GPU: orders the copy after the all-reduce, the host goes on

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 -m attnpipe.train.torchrun digits --storage /tmp/run
 
 The training benchmark compares this against Ray Train; it is also handy for debugging the
-loop. It writes checkpoints to `--storage` (and resumes from them) but not `model.pt`.
+loop. It writes checkpoints to `--storage` (each whole or not at all, the newest
+`train.checkpoints_to_keep` kept) and resumes from them, but writes no `model.pt`.
 
 Across several nodes every rank must see the same checkpoints, or the ranks resume from
 different epochs and hang: a multi-node launch refuses a local `--storage` unless
@@ -69,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     config = build_loop_config(recipe, PipelinePaths(args.root.resolve(), args.pipeline))
     config = config.with_changes(best_weights_dir=str(args.storage.resolve() / "best"))
     apply_determinism(recipe.train.deterministic)  # before the session starts CUDA
-    run_training(config, TorchrunSession(args.storage, use_gpu=recipe.train.use_gpu))
+    session = TorchrunSession(
+        args.storage, use_gpu=recipe.train.use_gpu, keep=recipe.train.checkpoints_to_keep
+    )
+    run_training(config, session)
 
 
 if __name__ == "__main__":
