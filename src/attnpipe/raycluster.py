@@ -20,6 +20,11 @@ DASHBOARD_ENV = "ATTNPIPE_RAY_DASHBOARD"
 # (`dvc queue start -j 2`) each start one; give each its share: ATTNPIPE_RAY_CPUS=<cores / 2>.
 CPUS_ENV = "ATTNPIPE_RAY_CPUS"
 REACH_TIMEOUT_S = 5.0
+# Where Ray's State API clients look first for the dashboard (before RAY_ADDRESS, then a scan).
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+LOOPBACK = "127.0.0.1"
+DASHBOARD_PORT_TRIES = 3
 
 
 class ClusterError(AttnpipeError, ConnectionError):
@@ -92,22 +97,80 @@ def connect_ray(address: str | None, cpus_needed: int = 1) -> bool:
         # (`ray start`, a test's). Its one node is never drained, so Ray Train's preemption
         # watcher (an extra actor process per run) has nothing to watch.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        cpus = private_cluster_cpus(cpus_needed)
-        print(f"starting a private Ray cluster on this machine with {cpus} CPU(s)", flush=True)
-        ray.init(
-            address="local",
-            num_cpus=cpus,
-            # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner
-            # polls every second; without it each poll fails with a warning.
-            include_dashboard=os.environ.get(DASHBOARD_ENV, "1") != "0",
-            log_to_driver=True,
-            configure_logging=False,
-        )
+        _start_private_cluster(private_cluster_cpus(cpus_needed))
     # Ray's core installs a fatal-signal handler that aborts on SIGTERM; put ours back so a
     # `kill` unwinds (shutting Ray down, keeping checkpoints) like Ctrl-C does.
     if callable(sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm)
     return True
+
+
+def _start_private_cluster(cpus: int) -> None:
+    """`ray.init` of a new local cluster whose own processes know where its dashboard is.
+
+    Ray's State API clients, Ray Train's placement-group cleaner among them (it asks every
+    second whether the run's controller lives), find "the" cluster by scanning this machine's
+    processes. Where other Ray clusters run too (a test's, `dvc queue start -j 2`), that scan
+    fails ("Found multiple active Ray instances": a traceback in the log and a dead cleaner) or
+    finds another cluster's dashboard (404s, or an answer that our controller is gone). So the
+    dashboard gets a port chosen here, and the cluster's processes, which inherit this
+    environment, are told it (RAY_API_SERVER_ADDRESS); this process's is left as it was.
+    """
+    import ray
+
+    # Ray's own default for a new local cluster, chosen explicitly, which Ray otherwise says
+    # in a warning on every start. Ray read its config at import: it re-reads it, as Ray does.
+    if AUTH_MODE_ENV not in os.environ:
+        from ray._raylet import Config
+
+        os.environ[AUTH_MODE_ENV] = "token"
+        Config.initialize("")
+    # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls
+    # every second; without it each poll fails with a warning.
+    dashboard = os.environ.get(DASHBOARD_ENV, "1") != "0"
+    for attempt in range(DASHBOARD_PORT_TRIES):
+        port = _free_local_port()
+        url = f"http://{LOOPBACK}:{port}"
+        where = f", its dashboard at {url}" if dashboard else ""
+        print(
+            f"starting a private Ray cluster on this machine with {cpus} CPU(s){where}", flush=True
+        )
+        try:
+            with _environment(API_SERVER_ENV, url):
+                ray.init(
+                    address="local",
+                    num_cpus=cpus,
+                    include_dashboard=dashboard,
+                    dashboard_host=LOOPBACK,
+                    dashboard_port=port,
+                    log_to_driver=True,
+                    configure_logging=False,
+                )
+            return
+        except ValueError as error:
+            # Another process bound the port between our check and Ray's: choose another.
+            if "already occupied" not in str(error) or attempt == DASHBOARD_PORT_TRIES - 1:
+                raise
+
+
+def _free_local_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """`name=value` in this process's environment (and so its children's) for the block."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 @contextmanager

@@ -6,6 +6,7 @@ Real DVC, real Ray (2 workers, gloo), W&B offline: nothing mocked. Tiny settings
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -29,6 +30,11 @@ def test_repro_runs_every_stage_and_writes_the_contract(repro_project: ReproProj
     root, output = repro_project.root, repro_project.output
     # Ray configured so that its placement-group cleaner has the State API it polls.
     assert "State API" not in output and "Failed to query" not in output
+    # `make demo` prints no traceback and no warning (issue 27): Ray's and torch's included,
+    # and with the other tests' Ray clusters on the machine (the cleaner once found those).
+    noisy = [line for line in output.splitlines() if re.search("traceback|warning", line, re.I)]
+    assert not noisy, "\n".join(noisy)
+    assert "RAY_AUTH_MODE" not in output  # Ray's notice that it chose token auth itself
     assert _stages_run(output) == {
         f"{stage}@digits" for stage in ("fetch", "prepare", "shard", "train", "evaluate", "export")
     }
@@ -39,6 +45,7 @@ def test_repro_runs_every_stage_and_writes_the_contract(repro_project: ReproProj
         "data/digits/shards/index.json",
         "models/digits/model.pt",
         "reports/digits/data.json",
+        "reports/digits/class_counts.csv",
         "reports/digits/train_history.csv",
         "reports/digits/metrics.json",
         "reports/digits/confusion.csv",
@@ -70,6 +77,18 @@ def test_metrics_and_plots_show(repro_project: ReproProject, tmp_path):
     run_in(root, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
     page = (tmp_path / "plots" / "index.html").read_text()
     assert "reports_digits_train_history_csv" in page and "reports_digits_confusion_csv" in page
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 27: the per-class counts left data.json (1,000+ -> ~640 columns); the rest "
+    "is 16 metric columns and the W&B references (run_id, run_path, folder, run_name) that "
+    "docs/experiments.md has `dvc exp show` list: which of them stay metrics is still open",
+)
+def test_metrics_show_fits_200_columns(repro_project: ReproProject):
+    """`make demo` ends with `dvc metrics show`: a table that a terminal shows whole."""
+    table = run_in(repro_project.root, "dvc", "metrics", "show")
+    assert max(map(len, table.splitlines())) <= 200, table
 
 
 def test_a_change_to_model_code_retrains_a_new_run_and_tests_or_docs_change_nothing(
@@ -169,7 +188,8 @@ def lock_commit(root) -> str:
 def test_the_readme_wandb_figure_is_drawn_from_the_offline_runs(
     repro_project: ReproProject, tmp_path
 ):
-    """README's `python docs/wandb_story.py . docs/images/wandb_story.png`, on the demo build."""
+    """docs/wandb.md's `python docs/wandb_story.py . docs/images/wandb_story.png`, on the demo
+    build."""
     figure = tmp_path / "wandb_story.png"
     output = run_in(
         repro_project.root, sys.executable, str(REPO / "docs/wandb_story.py"), ".", str(figure)
