@@ -111,6 +111,17 @@ def forbid_tier_processes(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
     yield
 
 
+# --------------------------------------------------------------------------- test hosts
+# `netns` tests need root and iproute2's `ip`; where either is missing they are skipped, saying
+# which (a machine that has both but cannot make namespaces still fails them, loudly).
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("netns") is not None:
+        from tests.netns import missing_requirement
+
+        if (missing := missing_requirement()) is not None:
+            pytest.skip(f"needs root and `ip` for test hosts in network namespaces: {missing}")
+
+
 def write_project(root: Path, overrides: dict | None = None, name: str = "digits") -> Path:
     """Copy the repository's pipeline files into `root`, with recipe overrides merged in.
 

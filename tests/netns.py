@@ -131,6 +131,17 @@ def require_root() -> None:
         )
 
 
+def missing_requirement() -> str | None:
+    """Why this machine cannot make test hosts, or None: root and `ip`, checked without running
+    anything (whether the kernel allows namespaces shows only when `create_hosts` tries)."""
+    try:
+        require_root()
+        ip_binary()
+    except NetnsUnavailable as missing:
+        return str(missing)
+    return None
+
+
 def create_hosts(count: int = 2) -> Network:
     """Two hosts joined by a veth pair (a link has two ends; more would need a bridge)."""
     if count != 2:

@@ -1,8 +1,8 @@
 """A DVC remote on S3 (moto's server on 127.0.0.1): `dvc push`, then `dvc pull` in a fresh clone.
 
 Real git and DVC (dvc-s3) in subprocesses. The endpoint reaches DVC only through the remote's
-`endpointurl` setting (AWS_ENDPOINT_URL is removed from its environment), as in README.md; the
-credentials only through the environment, never through .dvc/config.
+`endpointurl` setting (AWS_ENDPOINT_URL is removed from its environment), as docs/experiments.md
+shows it; the credentials only through the environment, never through .dvc/config.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,32 +68,49 @@ def _queue_states(root: Path) -> dict[str, str]:
 
 
 def _worker_infos(root: Path) -> list[dict]:
-    """What dvc-task knows of each queue worker `dvc queue start` spawned: one JSON file each,
-    written atomically, with the `returncode` filled in once the worker has exited."""
-    folder = root / ".dvc" / "tmp" / "exps" / "celery"
-    return [json.loads(info.read_text()) for info in folder.glob("dvc-exp-worker-*.json")]
+    """What dvc-task knows of each queue worker `dvc queue start` spawned (one JSON file each,
+    written atomically)."""
+    return [
+        json.loads(info.read_text()) for info in _celery_folder(root).glob("dvc-exp-worker-*.json")
+    ]
+
+
+def _celery_folder(root: Path) -> Path:
+    return root / ".dvc" / "tmp" / "exps" / "celery"
 
 
 def _worker_pids(root: Path) -> list[int]:
     return [int(info["pid"]) for info in _worker_infos(root) if info.get("pid")]
 
 
-def _wait_for_queue(root: Path, workers: int) -> dict[str, str]:
-    """Wait for the queue's workers to exit (each does 10 s after the queue is empty), then read
-    `dvc queue status` once.
+# Celery's line when a worker's task is over, success or not: DVC runs an experiment, collects
+# it and cleans up in this one task, so after it nothing writes the experiment's info file.
+TASK_OVER = re.compile(
+    r"Task dvc\.repo\.experiments\.queue\.tasks\.run_exp\[[^\]]+\] (succeeded|raised)"
+)
+
+
+def _tasks_over(root: Path) -> int:
+    logs = _celery_folder(root).glob("dvc-exp-worker-*.out")
+    return sum(len(TASK_OVER.findall(log.read_text(errors="replace"))) for log in logs)
+
+
+def _wait_for_queue(root: Path) -> dict[str, str]:
+    """Wait until the workers say every experiment's task is over, then read `dvc queue status`
+    once.
 
     Polling `dvc queue status` while experiments run races with DVC itself: an executor rewrites
     its info file in place, and a status read in between fails with a JSON error (it failed CI).
-    Once the workers have exited nothing writes there.
+    The workers' own logs say when each task, collection and cleanup included, has ended; the
+    workers themselves may idle on (`_stop_workers` ends them).
     """
     deadline = time.monotonic() + QUEUE_DEADLINE_S
     while time.monotonic() < deadline:
-        infos = _worker_infos(root)
-        if len(infos) == workers and all(info.get("returncode") is not None for info in infos):
+        if _tasks_over(root) >= len(EXPERIMENTS):
             return _queue_states(root)
         time.sleep(2)
     raise AssertionError(
-        f"the queue workers did not exit in {QUEUE_DEADLINE_S} s: {_worker_infos(root)}; "
+        f"the queue did not finish in {QUEUE_DEADLINE_S} s: {_tasks_over(root)} task(s) over; "
         f"queue: {run_in(root, 'dvc', 'queue', 'status')}"
     )
 
@@ -149,7 +167,7 @@ def queued(repro_project: ReproProject, tmp_path_factory: pytest.TempPathFactory
     started = time.monotonic()
     try:
         _start_queue(root, tmp_path_factory.mktemp("queue") / "start.log")
-        states = _wait_for_queue(root, workers=len(EXPERIMENTS))
+        states = _wait_for_queue(root)
     finally:
         _stop_workers(root)
     print(f"both experiments ran in {time.monotonic() - started:.0f} s")

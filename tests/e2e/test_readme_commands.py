@@ -1,6 +1,7 @@
-"""Every command README.md shows is either run here, as written, or named with the reason it
-cannot run on this machine (a cloud account, a download, a cluster). A new command in the
-README fails `test_every_readme_command_is_run_or_excused` until it is one or the other.
+"""Every command README.md and docs/*.md show (their ```bash blocks) is either run here, as
+written, or named with the reason it cannot run on this machine (a cloud account, a download, a
+cluster). A new command in those pages fails `test_every_readme_command_is_run_or_excused` until
+it is one or the other.
 
 `uv run CMD` means "CMD in the project's environment": the tests run CMD with this
 environment's bin/ first on PATH, in a copy of the digits project that `dvc repro` built
@@ -13,6 +14,8 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -36,8 +39,8 @@ RUN_HERE = [
     # Last: it changes the workspace (and checks that only the model stages re-run).
     "uv run dvc exp run -S pipelines/digits.yaml:train.epochs=1",
 ]
-# Run in the repository itself: they check or describe it.
-RUN_IN_REPO = ["make lint", "make help"]
+# Run in the repository itself: they check or describe it (`uv run python`: this environment's).
+RUN_IN_REPO = ["make lint", "make help", "uv run python -m tests.count_assertions"]
 # The stage commands are dvc.yaml's (which the session's `dvc repro` build runs, with
 # --no-progress); `attnpipe models` is run by tests/test_cli_help.py.
 STAGES = ("fetch", "prepare", "shard", "train", "evaluate", "export")
@@ -69,6 +72,7 @@ NOT_HERE = {
     "uv run attnpipe train digits --set tracking.wandb.mode=online": WANDB_ACCOUNT,
     "make demo": "this suite's `dvc repro` build is the demo with tiny settings",
     "make test": "this is make test",
+    "make check": "runs this suite's tests that start no Ray, DVC or test hosts",
     "make format": "rewrites the working tree; `make lint`, its check, runs here",
     "ray up cluster/aws.yaml && ray dashboard cluster/aws.yaml &": CLUSTER,
     "uv run attnpipe submit digits --address http://127.0.0.1:8265": CLUSTER,
@@ -95,6 +99,32 @@ NOT_HERE = {
     "uv run dvc exp run -S pipelines/cifar10.yaml:train.optimizer.lr=0.042": DOWNLOAD,
 }
 
+# docs/testing.md: ways into this suite, which does not run itself.
+SUITE = "runs this test suite, or a part of it"
+NOT_HERE |= {
+    "uv run pytest tests/train/test_loop.py": SUITE,
+    'uv run pytest -m "ray and not netns"': SUITE,
+    'uv run pytest -m "not (ray or dvc or netns)" -n 2': SUITE + " (make check)",
+    'make test PYTEST_ADDOPTS="--durations=0" > test.log 2>&1 && uv run python -m tests.durations '
+    "test.log": SUITE + "; tests/test_suite_tools.py checks the per-file report of tests.durations",
+}
+# README, "Your own images": they need a folder of your images.
+# The README's "Your own images" block: tests/e2e/test_own_images.py runs it as written, on a
+# generated folder of split folders standing for /path/to/images.
+OWN_IMAGES_COMMANDS = (
+    "uv run attnpipe init mine --from /path/to/images",
+    "uv run attnpipe config show mine",
+    "uv run attnpipe run mine",
+    "uv run attnpipe prepare mine --set prepare.seed=1",
+)
+NOT_HERE |= dict.fromkeys(OWN_IMAGES_COMMANDS, "run by tests/e2e/test_own_images.py")
+# Where the commands are shown: the README and every page under docs/.
+PAGES = ("README.md", "docs/*.md")
+
+
+def shown_pages() -> list[Path]:
+    return [path for pattern in PAGES for path in sorted(REPO.glob(pattern))]
+
 
 def readme_commands(text: str) -> list[str]:
     """The commands of every ```bash block: continuation lines joined, comments dropped."""
@@ -108,10 +138,12 @@ def readme_commands(text: str) -> list[str]:
 
 
 def test_every_readme_command_is_run_or_excused():
-    shown = set(readme_commands((REPO / "README.md").read_text()))
+    pages = shown_pages()
+    assert REPO / "README.md" in pages and len(pages) > 1, pages
+    shown = {command for page in pages for command in readme_commands(page.read_text())}
     planned = set(RUN_HERE) | set(RUN_IN_REPO) | set(BY_DVC_REPRO) | set(ELSEWHERE) | set(NOT_HERE)
-    assert shown - planned == set(), "README commands neither run here nor excused"
-    assert planned - shown == set(), "commands no longer in README.md"
+    assert shown - planned == set(), "README/docs commands neither run here nor excused"
+    assert planned - shown == set(), "commands no longer in README.md or docs/*.md"
 
 
 def _as_written(command: str) -> list[str]:
@@ -147,8 +179,13 @@ def test_readme_commands_run_as_written(repro_project: ReproProject, tmp_path):
     history = (root / "reports/digits/train_history.csv").read_text().splitlines()
     assert len(history) == 1 + 1  # the experiment's one epoch, applied to the workspace
     for command in RUN_IN_REPO:
-        done = subprocess.run(shlex.split(command), cwd=REPO, capture_output=True, text=True)
+        words = shlex.split(command)
+        if words[:3] == ["uv", "run", "python"]:
+            words = [sys.executable, *words[3:]]
+        done = subprocess.run(words, cwd=REPO, capture_output=True, text=True)
         assert done.returncode == 0, f"{command}:\n{(done.stdout + done.stderr)[-2000:]}"
+        if "count_assertions" in command:
+            assert "checks (assert statements and pytest.raises)" in done.stdout, done.stdout
 
 
 def test_the_stage_commands_are_the_ones_dvc_repro_runs():

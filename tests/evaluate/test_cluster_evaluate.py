@@ -26,7 +26,7 @@ def test_a_two_worker_cluster_scores_each_test_sample_once_as_one_process_does(
     """Two nodes of one CPU each; `evaluate.workers: auto` on a GPU-less cluster is one worker
     per node, each reading its share with 2 loader workers. The merged result is the one
     process's: the same ids once each, predictions, probabilities, counts and examples. Then
-    the command the README shows, `attnpipe evaluate digits --address ...`, writes the same
+    the command docs/cluster.md shows, `attnpipe evaluate digits --address ...`, writes the same
     metrics and one confusion row per test sample."""
     import ray
     from ray.cluster_utils import Cluster
