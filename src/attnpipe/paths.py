@@ -94,12 +94,24 @@ class PipelinePaths:
 
     @property
     def train_metrics(self) -> Path:
-        """The train stage's DVC metrics: best epoch and its validation metrics, the W&B run."""
+        """The train stage's record: best epoch and its validation metrics, the run, its W&B
+        run (a plain output; its headline is `train_summary`)."""
         return self.reports / "train.json"
 
     @property
+    def train_summary(self) -> Path:
+        """The train stage's DVC metrics: a few columns of `dvc metrics show`."""
+        return self.reports / "train_summary.json"
+
+    @property
     def metrics(self) -> Path:
+        """Every test metric (a plain output; its headline is `test_summary`)."""
         return self.reports / "metrics.json"
+
+    @property
+    def test_summary(self) -> Path:
+        """The evaluate stage's DVC metrics: a few columns of `dvc metrics show`."""
+        return self.reports / "test_summary.json"
 
     @property
     def confusion(self) -> Path:

@@ -134,15 +134,24 @@ def _stop_workers(root: Path) -> None:
         os.kill(pid, 9)
 
 
+# Each stage's record: plain outputs kept in git, so in each experiment's commit.
+RECORDS = ("reports/digits/train.json", "reports/digits/metrics.json")
+
+
 def _experiments(root: Path) -> dict[str, dict]:
-    """`dvc exp show --json`: experiment name -> {metrics file: its data}."""
+    """Experiment name -> {file: its data}: the DVC metrics `dvc exp show --json` lists (the
+    stages' summaries), and the records read from the experiment's commit."""
     shown = json.loads(run_in(root, "dvc", "exp", "show", "--json", "--no-fetch"))
     found = {}
     for baseline in shown:
         for experiment in baseline.get("experiments") or []:
             revision = experiment["revs"][0]
             metrics = revision["data"]["metrics"]
-            found[experiment["name"]] = {path: item["data"] for path, item in metrics.items()}
+            files = {path: item["data"] for path, item in metrics.items()}
+            for record in RECORDS:
+                text = run_in(root, "git", "show", f"{revision['rev']}:{record}")
+                files[record] = json.loads(text)
+            found[experiment["name"]] = files
     return found
 
 
@@ -173,7 +182,7 @@ def queued(repro_project: ReproProject, tmp_path_factory: pytest.TempPathFactory
     print(f"both experiments ran in {time.monotonic() - started:.0f} s")
     logs = {name: run_in(root, "dvc", "queue", "logs", name) for name in EXPERIMENTS}
     # The README's table (shown with `pytest -s`).
-    keep = "Experiment|best_epoch|best.val_accuracy|test.accuracy|.*:wandb.run_id"
+    keep = "Experiment|best_epoch|val_accuracy|test_accuracy|wandb_run"
     wide = {"COLUMNS": "300"}
     print(run_in(root, "dvc", "exp", "show", "--drop", ".*", "--keep", keep, env=wide))
     return root, states, logs, runs_before
@@ -205,11 +214,14 @@ def test_the_training_experiment_names_its_own_wandb_run_found_from_exp_show(que
     root, _, _, _ = queued
     shown = _experiments(root)
     train = shown["shorter"]["reports/digits/train.json"]
-    # `dvc exp show` lists the train stage's metrics beside the test metrics.
-    assert train["best_epoch"] == 1 and train["epochs_run"] == 1
-    assert 0 < train["best"]["val_accuracy"] <= 1
-    assert "accuracy" in shown["shorter"]["reports/digits/metrics.json"]["test"]
+    # `dvc exp show` lists the train stage's headline beside the test's: the W&B run found there.
+    summary = shown["shorter"]["reports/digits/train_summary.json"]
+    assert summary["best_epoch"] == 1 and train["epochs_run"] == 1
+    assert summary["val_accuracy"] == train["best"]["val_accuracy"] > 0
+    test = shown["shorter"]["reports/digits/metrics.json"]["test"]
+    assert shown["shorter"]["reports/digits/test_summary.json"]["test_accuracy"] == test["accuracy"]
     wandb_ref = train["wandb"]
+    assert summary["wandb_run"] == wandb_ref["run_id"]
     assert wandb_ref["run_id"].endswith("-shorter")
     assert wandb_ref["run_path"] == f"attnpipe/{wandb_ref['run_id']}"
     # The offline run is in the workspace, not in DVC's deleted temporary copy.

@@ -36,6 +36,9 @@ def test_every_test_image_is_scored_once_and_the_metrics_agree_with_the_rows(eva
     saved = json.loads(paths.metrics.read_text())["test"]
     assert saved == pytest.approx(metrics)
     assert saved["test_samples"] == len(test_ids) == 361
+    # The DVC metrics: the headline of the same numbers, a few columns.
+    headline = json.loads(paths.test_summary.read_text())
+    assert headline == {"test_accuracy": saved["accuracy"], "test_macro_f1": saved["macro_f1"]}
 
     rows = _rows(paths.confusion)
     assert [r["id"] for r in rows] == sorted(test_ids)  # each test image exactly once

@@ -26,8 +26,10 @@ STAGES = {
         "Decodes every image referenced in data/<name>/raw/ (in parallel), rejects unusable "
         "files with a reason into data/<name>/rejected.csv, drops exact duplicates, splits "
         "train/val/test stratified by class (group-aware when the dataset has groups) and "
-        "writes data/<name>/manifest.parquet, data/<name>/classes.json and the metrics "
-        "reports/<name>/data.json.",
+        "writes data/<name>/manifest.parquet, data/<name>/classes.json, the metrics "
+        "reports/<name>/data.json (images kept, rejected, duplicates) and the counts per class "
+        "and split, reports/<name>/class_counts.csv. Folder sources with split folders "
+        "(train/ val/ test/) or a split column keep those splits.",
     ),
     "shard": (
         "write WebDataset tar shards per split",
@@ -45,7 +47,9 @@ STAGES = {
         "models/<name>/checkpoints/ (or train.storage_path, e.g. s3://bucket/checkpoints, "
         "which a multi-node cluster needs); an interrupted run resumes from "
         "its last checkpoint when started again. Writes models/<name>/model.pt (best epoch on "
-        "validation) and reports/<name>/train_history.csv. Connects to RAY_ADDRESS or "
+        "validation), reports/<name>/train_history.csv, the run's record "
+        "reports/<name>/train.json and its headline, the metrics "
+        "reports/<name>/train_summary.json. Connects to RAY_ADDRESS or "
         "--address when given, else starts a local Ray cluster.",
     ),
     "evaluate": (
@@ -54,7 +58,8 @@ STAGES = {
         "reports/<name>/train_history.csv. Predicts every test image exactly once (with flip "
         "TTA when the recipe's evaluate.flip_tta is on) and writes reports/<name>/metrics.json "
         "(accuracy, balanced accuracy, macro precision/recall/F1, ECE, top-5 with more than 5 "
-        "classes; binary: ROC-AUC, PR-AUC, sensitivity and specificity at evaluate.threshold), "
+        "classes; binary: ROC-AUC, PR-AUC, sensitivity and specificity at evaluate.threshold) "
+        "and its headline, the metrics reports/<name>/test_summary.json, "
         "reports/<name>/confusion.csv (one row per test image), reports/<name>/per_class.csv, "
         "PNG figures in reports/<name>/figures/ (confusion matrix, training curves, "
         "calibration, attention overlays of right and wrong test images) and "

@@ -167,16 +167,26 @@ def evaluate(
 def write_metrics_file(
     paths: PipelinePaths, metrics: dict[str, Any], wandb: dict[str, Any] | None = None
 ) -> None:
-    """`metrics.json` (DVC metrics): the test metrics, and the W&B run that holds them."""
+    """`metrics.json`: every test metric, and the W&B run that holds them; and its headline,
+    `test_summary.json` (the stage's DVC metrics, a few columns of `dvc metrics show`; the
+    training run's W&B id is in train_summary.json, this evaluation's in metrics.json)."""
     content: dict[str, Any] = {"test": json_safe(metrics)}
     if wandb:
         content["wandb"] = wandb
     paths.metrics.write_text(json.dumps(content, indent=2) + "\n")
+    test = content["test"]
+    summary = {f"test_{key}": test[key] for key in HEADLINE_METRICS if key in test}
+    paths.test_summary.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def json_safe(values: dict[str, Any]) -> dict[str, Any]:
     """NaN (e.g. ROC-AUC with one class present) is not JSON: write null instead."""
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
+
+
+# The test metrics `dvc metrics show` lists (all of them are in metrics.json): accuracy, and
+# the one that says more where classes are unbalanced (binary tasks: ROC-AUC).
+HEADLINE_METRICS = ("accuracy", "macro_f1", "roc_auc")
 
 
 @dataclass(frozen=True)

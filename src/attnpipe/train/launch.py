@@ -278,8 +278,10 @@ def write_outputs(
 def write_train_metrics(
     paths: PipelinePaths, loop: LoopConfig, state: TrainingState, best: dict[str, float]
 ) -> dict[str, Any]:
-    """`reports/<name>/train.json`, the train stage's DVC metrics: `dvc exp show` lists the
-    best epoch, its validation metrics and the W&B run beside the test metrics."""
+    """`reports/<name>/train.json`, the run's record (best epoch, its validation metrics, the
+    W&B run), and its headline, `train_summary.json`, the train stage's DVC metrics: the best
+    epoch, the monitored metric and the W&B run id, which `dvc exp show` lists beside the test
+    headline. Only a few columns, so that `dvc metrics show` fits a terminal."""
     metrics = {
         "best_epoch": state.best_epoch,
         "epochs_run": len(state.history),
@@ -290,6 +292,11 @@ def write_train_metrics(
     }
     paths.train_metrics.parent.mkdir(parents=True, exist_ok=True)
     paths.train_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    monitor = loop.recipe.train.monitor
+    summary = {"best_epoch": state.best_epoch, monitor: best.get(monitor)}
+    if metrics["wandb"]:
+        summary["wandb_run"] = metrics["wandb"]["run_id"]
+    paths.train_summary.write_text(json.dumps(summary, indent=2) + "\n")
     return metrics
 
 
