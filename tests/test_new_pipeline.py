@@ -59,6 +59,9 @@ def test_init_writes_a_valid_recipe_that_keeps_the_owners_splits(tmp_path, capsy
     assert recipe.model.name == "attention56_cifar" and recipe.model.pretrained is None
     assert recipe.model.input_size == 32
     assert recipe.train.workers == "auto"
+    text = (root / "pipelines/mine.yaml").read_text()
+    assert "# 24-pixel images: a CIFAR-layout network" in text, "each choice says why"
+    assert "# the owner's splits (train, val, test) are kept" in text
     params = yaml.safe_load((root / "params.yaml").read_text())
     assert params["pipelines"] == ["digits", "mine"]
     assert "# Pipelines that `dvc repro` builds" in (root / "params.yaml").read_text()
@@ -76,6 +79,9 @@ def test_large_photos_get_imagenet_weights_and_smaller_shards(tmp_path):
     assert recipe.model.pretrained == "imagenet"
     assert recipe.shard.image_size == 256, "stored at the size training crops 224 from"
     assert recipe.evaluate.crop_ratio == 0.875
+    text = (root / "pipelines/photos.yaml").read_text()
+    assert "# ImageNet weights: 12 training images are too few" in text
+    assert "# stored at 256 pixels" in text
     assert created.recipe_file == root / "pipelines/photos.yaml"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,10 +58,12 @@ def init_pipeline(
         raise ConfigError(f"{target} exists: choose another name, or pass --force to replace it")
     if origin.startswith("kaggle:"):
         sections, summary = _kaggle_sections(origin), f"Kaggle source {origin[7:]}"
+        reasons = {"source": "classes and counts are read when `attnpipe fetch` downloads it"}
     else:
         found = describe_image_source(_resolve(origin, root))
         sections, summary = _image_sections(found, root, model), found.describe()
-    text = _render(name, origin, sections)
+        reasons = _reasons(found, sections)
+    text = _render(name, origin, sections, reasons)
     target.parent.mkdir(parents=True, exist_ok=True)
     previous = target.read_text() if target.exists() else None
     target.write_text(text)
@@ -113,6 +116,38 @@ def _image_sections(found: SourceSummary, root: Path, model: str | None) -> dict
         "train": _train_section(pretrained is not None),
         "evaluate": {"crop_ratio": 1.0 if small else 0.875, "flip_tta": False},
         "tracking": {"wandb": {"mode": "offline", "project": "attnpipe"}},
+    }
+
+
+def _reasons(found: SourceSummary, sections: dict[str, Any]) -> dict[str, str]:
+    """Why init chose each section's values: a comment above it in the recipe."""
+    model, train, shard = sections["model"], sections["train"], sections["shard"]
+    side = found.median_side
+    if found.owner_splits:
+        split = (
+            f"the owner's splits ({', '.join(found.owner_splits)}) are kept as given; the "
+            "fractions only carve what is missing, stratified"
+        )
+    else:
+        split = "fractions that leave the smallest class images in validation and test"
+    if model["pretrained"] == "imagenet":
+        start = f"ImageNet weights: {found.split_total('train') or found.total} training images"
+        start += " are too few to learn features from scratch"
+    elif side <= SMALL_IMAGE_SIDE:
+        start = f"{side}-pixel images: a CIFAR-layout network, from scratch"
+    else:
+        start = "from scratch: enough images to learn features"
+    stored = shard.get("image_size")
+    return {
+        "source": f"{found.images} images, {len(found.classes)} classes ({found.layout})",
+        "prepare": split,
+        "shard": f"stored at {stored} pixels (shorter side), the size training crops from"
+        if stored
+        else f"full resolution: the images ({side} pixels) are no larger than training needs",
+        "model": start,
+        "train": f"for the GPUs of the cluster that runs it: a rank per GPU (auto), "
+        f"{train['loader_workers']} loader processes per rank (from this machine's cores), "
+        "the rate scaled with the global batch",
     }
 
 
@@ -212,16 +247,17 @@ def _kaggle_sections(origin: str) -> dict[str, Any]:
     }
 
 
-def _render(name: str, origin: str, sections: dict[str, Any]) -> str:
+def _render(name: str, origin: str, sections: dict[str, Any], reasons: dict[str, str]) -> str:
     header = (
         f"# Written by `attnpipe init {name} --from {origin}`: edit freely.\n"
         f"# Every key with its default: `attnpipe config show {name}`; what each does: "
         "docs/recipe.md.\n"
     )
-    blocks = [
-        yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=None, width=96)
-        for key, value in sections.items()
-    ]
+    blocks = []
+    for key, value in sections.items():
+        why = "".join(f"# {line}\n" for line in textwrap.wrap(reasons.get(key, ""), 94))
+        body = yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=None, width=96)
+        blocks.append(why + body)
     return header + "\n".join(blocks)
 
 
