@@ -81,8 +81,10 @@ def test_a_stop_asked_in_epochs_shorter_than_a_check_ends_the_run_after_the_epoc
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    # Spawned, not forked: the test process has threads (pytest-xdist's, Ray's in a session
+    # that started it), and a child forked from it can hang on a lock one of them held.
     mp.start_processes(
-        _rank, args=(port, str(tmp_path / "rank")), nprocs=2, join=True, start_method="fork"
+        _rank, args=(port, str(tmp_path / "rank")), nprocs=2, join=True, start_method="spawn"
     )
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks == [["after its checkpoint", 1]] * 2  # both ranks, the same epoch, saved

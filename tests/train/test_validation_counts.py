@@ -48,9 +48,10 @@ def test_two_ranks_reduce_counts_to_the_whole_splits_metrics(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # Forked: the ranks start with this process's imports instead of importing torch again.
+    # Spawned, not forked: the test process has threads (pytest-xdist's), and a child forked
+    # from it can hang on a lock one of them held (the stop-vote test did, under xdist).
     mp.start_processes(
-        _rank, args=(port, str(tmp_path / "rank")), nprocs=2, join=True, start_method="fork"
+        _rank, args=(port, str(tmp_path / "rank")), nprocs=2, join=True, start_method="spawn"
     )
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # the same numbers on every rank
