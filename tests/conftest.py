@@ -261,6 +261,11 @@ def moto_endpoint() -> Iterator[str]:
 @pytest.fixture
 def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
     """A fresh bucket; AWS_* point this process (and what it starts) at the moto server."""
+    return make_s3_bucket(moto_endpoint, monkeypatch)
+
+
+def make_s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """`s3_bucket` for any scope: a module's fixture passes a `pytest.MonkeyPatch.context()`."""
     import boto3
 
     env = {

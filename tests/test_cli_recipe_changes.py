@@ -20,6 +20,7 @@ RECIPE_COMMANDS = [
     ["tune"],
     ["run"],
     ["config", "show"],
+    ["plan"],
 ]
 
 

@@ -123,6 +123,7 @@ def test_submit_refuses_recipes_whose_data_would_not_reach_the_cluster(
     recipe = yaml.safe_load((root / "pipelines/digits.yaml").read_text())
     recipe["shard"]["publish_to"] = "s3://bucket/digits/shards"
     (root / "pipelines/digits.yaml").write_text(yaml.safe_dump(recipe))
-    # evaluate keeps no checkpoints: only the shards' location matters.
-    assert jobs.check_recipe_for_cluster(root, "digits", "evaluate") == []
-    assert "train.storage_path" in jobs.check_recipe_for_cluster(root, "digits", "train")[0]
+    # Every stage needs shared storage: evaluate reads the training run's model from it, and
+    # each job publishes its outputs there (tests/test_joboutputs.py).
+    for stage in ("train", "evaluate"):
+        assert "train.storage_path" in jobs.check_recipe_for_cluster(root, "digits", stage)[0]

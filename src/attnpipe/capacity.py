@@ -8,6 +8,11 @@ autoscaler has not started yet). `train.use_gpu: auto` therefore asks Ray what t
 or can add, and a run that will use GPUs first proves, with one small task placed like a
 worker, that CUDA starts there: a driver too old for the locked torch fails the run at once
 with what to do, instead of after minutes or, worse, as a silent CPU run.
+
+Whether workers fit is decided per node (`attnpipe.placement`): each worker is a bundle that
+one node must hold, so `auto` and the capacity check count whole workers per node, never the
+cluster's sums, and a refusal names the node types that hold none and the setting that would
+change that.
 """
 
 from __future__ import annotations
@@ -16,11 +21,18 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from attnpipe.devices import CudaStatus, cuda_status, nvidia_gpus
-from attnpipe.raycluster import ClusterError, connect_ray, private_cluster_cpus
+from attnpipe.placement import ClusterCapacity, NodeType, Share, live_capacity, pack, placed
+from attnpipe.raycluster import (
+    FIXED_START_TIMEOUT_S,
+    START_TIMEOUT_ENV,
+    ClusterError,
+    connect_ray,
+    private_cluster_cpus,
+)
 
 
 @dataclass(frozen=True)
@@ -39,45 +51,9 @@ class WorkerShape:
     workers_auto: bool = True  # whether that key takes `auto`
 
 
-@dataclass(frozen=True)
-class ClusterCapacity:
-    """Resources of the alive nodes, and the most the autoscaler's node types can add."""
-
-    alive: dict[str, float]
-    autoscaler: dict[str, float] | None  # None: no autoscaler (a fixed cluster)
-    node_cpus: tuple[float, ...] = ()  # each alive node's CPUs (`workers: auto` without GPUs)
-
-    def most(self, resource: str) -> float:
-        alive = self.alive.get(resource, 0.0)
-        if self.autoscaler is None:
-            return alive
-        return max(alive, float(self.autoscaler.get(resource, 0)))
-
-    def describe(self, resource: str) -> str:
-        scaled = (
-            "no autoscaler"
-            if self.autoscaler is None
-            else f"up to {self.autoscaler.get(resource, 0):g} with the autoscaler's node types"
-        )
-        return f"{self.alive.get(resource, 0.0):g} on alive nodes, {scaled}"
-
-
 def cluster_capacity() -> ClusterCapacity:
-    """What the connected cluster has now and could grow to (Ray Train asks the same)."""
-    import ray
-    from ray._private.state import state
-
-    alive = {key: float(value) for key, value in ray.cluster_resources().items()}
-    try:
-        scaled = state.get_max_resources_from_cluster_config()
-    except Exception:  # an older GCS without the autoscaler's config: treat as fixed
-        scaled = None
-    node_cpus = tuple(
-        float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]
-    )
-    return ClusterCapacity(
-        alive, {k: float(v) for k, v in scaled.items()} if scaled else None, node_cpus
-    )
+    """The connected cluster's nodes by type: alive ones, and the autoscaler's node types."""
+    return live_capacity()
 
 
 Workers = int | str | tuple[int, int]  # a count, "auto", or an elastic (min, max)
@@ -89,6 +65,8 @@ class WorkerPlan:
 
     workers: int | tuple[int, int]
     use_gpu: bool
+    # Where the workers go (an elastic run: as many as fit, up to its maximum).
+    shares: tuple[Share, ...] = field(default=(), compare=False)
 
     @property
     def fewest(self) -> int:
@@ -112,24 +90,29 @@ Announce = Callable[[WorkerPlan], None] | None
 def plan_workers(
     shape: WorkerShape, workers: Workers, use_gpu: bool, capacity: ClusterCapacity, where: str
 ) -> int | tuple[int, int]:
-    """`workers` against the cluster: `auto` is one per GPU the cluster has or its autoscaler
-    can add (each `gpus_per_worker` whole GPUs), without GPUs one per alive node that has a
-    worker's CPUs; a number or an elastic range is kept as given."""
+    """`workers` against the cluster: `auto` is `auto_workers`; a number or an elastic range
+    is kept as given."""
     if workers != "auto":
         return workers
-    if use_gpu:
-        count = int(capacity.most("GPU") // max(shape.gpus_per_worker, 1e-9))
-        found = f"{shape.gpus_per_worker:g} GPU(s) each, {capacity.describe('GPU')} GPUs"
-    else:
-        count = sum(cpus >= shape.cpus_per_worker for cpus in capacity.node_cpus)
-        found = f"nodes with {shape.cpus_per_worker:g} CPU(s): {count}"
+    count = auto_workers(shape, use_gpu, capacity)
     if count < 1:
+        bundle = worker_resources(shape, use_gpu)
+        why = "; ".join(node_notes(shape, bundle, capacity)) or _more_nodes(shape, bundle, capacity)
         raise ClusterError(
-            f"{shape.section}.workers: auto finds no room for a worker on the Ray cluster "
-            f"{where} ({found}): add nodes, or lower {shape.section}.gpus_per_worker or "
-            f"{shape.section}.cpus_per_worker"
+            f"{shape.section}.workers: auto finds no room for a worker of {_bundle(bundle)} on "
+            f"the Ray cluster {where} ({capacity.describe(_scarce(bundle))}): {why}"
         )
     return count
+
+
+def auto_workers(shape: WorkerShape, use_gpu: bool, capacity: ClusterCapacity) -> int:
+    """What `auto` counts. With GPUs: the whole workers one node holds, times the nodes of its
+    type alive or addable (alive first, `placement.pack`). Without: one per alive node that
+    holds a worker (a head without CPUs, as on KubeRay, does not count)."""
+    bundle = worker_resources(shape, use_gpu)
+    if use_gpu:
+        return placed(pack(bundle, capacity, None))
+    return sum(kind.alive for kind in capacity.node_types if kind.holds(bundle))
 
 
 def resolve_use_gpu(shape: WorkerShape, capacity: ClusterCapacity, where: str) -> bool:
@@ -155,39 +138,103 @@ def worker_resources(shape: WorkerShape, use_gpu: bool) -> dict[str, float]:
 
 def check_capacity(
     shape: WorkerShape, workers: int, use_gpu: bool, capacity: ClusterCapacity, where: str
-) -> None:
-    """Fail now, not after Ray's start timeout, when the workers can never all be placed."""
-    for resource, each in worker_resources(shape, use_gpu).items():
-        needed, most = each * workers, capacity.most(resource)
-        if needed > most + 1e-9:
-            raise ClusterError(
-                f"{workers} worker(s) need {needed:g} {resource} but the Ray cluster {where} "
-                f"has {capacity.describe(resource)}: {_fit_advice(shape, resource, each, most)}"
-            )
+) -> tuple[Share, ...]:
+    """Where the workers go, each on one node (`placement.pack`); fails now, not after Ray's
+    start timeout, when they can never all be placed, saying what fits and what would."""
+    bundle = worker_resources(shape, use_gpu)
+    shares = tuple(pack(bundle, capacity, workers))
+    fits = placed(shares)
+    if fits >= workers:
+        return shares
+    found = f"{fits} fit: " + ", ".join(share.describe() for share in shares) if fits else ""
+    said = [found or "none fits", *node_notes(shape, bundle, capacity)]
+    raise ClusterError(
+        f"{workers} worker(s) of {_bundle(bundle)} do not fit on the Ray cluster {where} "
+        f"({capacity.describe(_scarce(bundle))}): {'; '.join(said)}; "
+        f"{_fit_advice(shape, bundle, fits, capacity)}"
+    )
 
 
-def _fit_advice(shape: WorkerShape, resource: str, each: float, most: float) -> str:
+def _fit_advice(
+    shape: WorkerShape, bundle: dict[str, float], fits: int, capacity: ClusterCapacity
+) -> str:
     """What makes the workers fit. Never a fraction of a GPU per worker: NCCL refuses two DDP
     ranks on one GPU ("Duplicate GPU detected")."""
-    fits, key = int(most // each), shape.workers_key or f"{shape.section}.workers"
-    if resource == "GPU":
-        if most < 1:
-            return f"add GPU nodes, or set {shape.device_key}: {shape.device_others}"
-        if fits < 1:
-            return f"lower {shape.section}.gpus_per_worker to {int(most)}, or add GPU nodes"
-        # Only training's ranks can be elastic.
-        elastic = f", or [1, {fits}] to run elastic" if shape.section == "train" else ""
-        auto = " (or auto: one per GPU)" if shape.workers_auto else ""
-        return f"lower {key} to {fits}{auto}{elastic}, or add GPU nodes"
+    key = shape.workers_key or f"{shape.section}.workers"
     if fits < 1:
-        return f"lower {shape.section}.cpus_per_worker (to {most:g} at most), or add nodes"
+        return _more_nodes(shape, bundle, capacity)
     auto = " (or auto)" if shape.workers_auto else ""
-    return f"lower {key} to {fits}{auto}, or {shape.section}.cpus_per_worker, or add nodes"
+    # Only training's ranks can be elastic.
+    elastic = f", or [1, {fits}] to run elastic" if shape.section == "train" else ""
+    return f"lower {key} to {fits}{auto}{elastic}, or {_more_nodes(shape, bundle, capacity)}"
+
+
+def _more_nodes(shape: WorkerShape, bundle: dict[str, float], capacity: ClusterCapacity) -> str:
+    if bundle.get("GPU", 0) <= 0:
+        return "add nodes"
+    if capacity.most("GPU") <= 0:
+        return f"add GPU nodes, or set {shape.device_key}: {shape.device_others}"
+    return "add GPU nodes"
+
+
+def node_notes(
+    shape: WorkerShape, bundle: dict[str, float], capacity: ClusterCapacity
+) -> list[str]:
+    """The node types (alive or addable) that hold fewer workers than their GPUs would, and
+    the setting that changes that, e.g. 'gpu_1x, gpu_1x_spot node(s) (4 CPU, 1 GPU) hold
+    none: lower train.cpus_per_worker to 4 to use them'. Equal notes are said once."""
+    notes: dict[tuple[str, str], list[str]] = {}
+    for kind in capacity.node_types:
+        note = _node_note(shape, bundle, kind) if kind.alive or kind.addable != 0 else ""
+        if note:
+            notes.setdefault((kind.describe(), note), []).append(kind.name)
+    return [
+        f"{', '.join(names)} node(s) ({shown}) {note}"
+        if all(names)
+        else f"node(s) of {shown} {note}"
+        for (shown, note), names in notes.items()
+    ]
+
+
+def _node_note(shape: WorkerShape, bundle: dict[str, float], kind: NodeType) -> str:
+    """Why one node of `kind` holds fewer workers than it has room for, and what fixes it."""
+    cpus, gpus = kind.resources.get("CPU", 0.0), kind.resources.get("GPU", 0.0)
+    need_cpu, need_gpu = bundle.get("CPU", 0.0), bundle.get("GPU", 0.0)
+    if cpus <= 0 or (need_gpu > 0 and gpus < 1):
+        return ""  # no setting of the worker's makes it hold one
+    slots = int(gpus // need_gpu) if need_gpu > 0 else 1  # the workers its GPUs hold
+    holds, fixes = kind.holds(bundle), []
+    if need_gpu > 0 and slots < 1:
+        fixes.append(f"lower {shape.section}.gpus_per_worker to {gpus:g}")
+        slots = 1
+    if cpus < need_cpu * slots - 1e-9:
+        fixes.append(f"lower {shape.section}.cpus_per_worker to {cpus / slots:g}")
+    if not fixes or holds >= slots:
+        return ""
+    goal = "to use them" if holds == 0 else f"to use all {gpus:g} GPUs of each"
+    return f"hold {holds or 'none'}{' each' if holds else ''}: {' and '.join(fixes)} {goal}"
+
+
+def _bundle(bundle: dict[str, float]) -> str:
+    """E.g. '10 CPU + 1 GPU'."""
+    return " + ".join(f"{value:g} {key}" for key, value in bundle.items() if value > 0)
+
+
+def _scarce(bundle: dict[str, float]) -> str:
+    return "GPU" if bundle.get("GPU", 0) > 0 else "CPU"
 
 
 def _probe() -> dict[str, Any]:
     status = cuda_status()
     return {**status.__dict__, "node": socket.gethostname()}
+
+
+def node_start_wait_s() -> float:
+    """How long the GPU probe waits for a node that holds it: a fixed-size run's placement
+    wait (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 600 s unless set), elastic run or not. The
+    probe is what waits for the autoscaler to boot a GPU node (minutes); an elastic run's
+    short wait is for re-placing ranks on nodes that are up, and is set after the probe."""
+    return float(os.environ.get(START_TIMEOUT_ENV, str(FIXED_START_TIMEOUT_S)))
 
 
 def probe_gpu_worker(shape: WorkerShape) -> CudaStatus:
@@ -197,7 +244,7 @@ def probe_gpu_worker(shape: WorkerShape) -> CudaStatus:
 
     resources = worker_resources(shape, use_gpu=True)
     task = ray.remote(_probe).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
-    wait_s = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"))
+    wait_s = node_start_wait_s()
     pending = task.remote()
     try:
         found = ray.get(pending, timeout=wait_s)
@@ -237,8 +284,7 @@ def worker_plan_cluster(
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    given = 1 if workers == "auto" else workers
-    cpus = int((given[1] if isinstance(given, tuple) else given) * shape.cpus_per_worker)
+    cpus = cpus_needed(shape, workers)
     private = not (address or ray.is_initialized())
     if private:
         plan = plan_local_devices(shape, workers, private_cluster_cpus(cpus), announce)
@@ -248,6 +294,13 @@ def worker_plan_cluster(
     finally:
         if started_here:
             ray.shutdown()
+
+
+def cpus_needed(shape: WorkerShape, workers: Workers) -> int:
+    """CPUs a private cluster on this machine needs: every worker's (auto: one worker's; an
+    elastic range: its maximum's)."""
+    given = 1 if workers == "auto" else workers
+    return int((given[1] if isinstance(given, tuple) else given) * shape.cpus_per_worker)
 
 
 def decide_devices(shape: WorkerShape, workers: int, address: str | None) -> bool:
@@ -270,10 +323,32 @@ def plan_local_devices(
     """The same decision for a private cluster on this machine, made before Ray starts: the
     GPUs are the ones Ray would find here (through the NVIDIA driver, so a GPU whose CUDA
     cannot start is still seen, and reported, rather than silently skipped)."""
-    capacity = ClusterCapacity(
-        {"CPU": float(cpus), "GPU": float(nvidia_gpus())}, None, node_cpus=(float(cpus),)
-    )
-    return _decide(shape, workers, capacity, "(local)", _probe_here, announce)
+    return _decide(shape, workers, local_capacity(cpus), "(local)", _probe_here, announce)
+
+
+def local_capacity(cpus: int) -> ClusterCapacity:
+    """A private cluster on this machine: one node, `cpus` CPUs and the GPUs Ray finds here."""
+    return ClusterCapacity.fixed({"CPU": float(cpus), "GPU": float(nvidia_gpus())})
+
+
+def decide_plan(
+    shape: WorkerShape, workers: Workers, capacity: ClusterCapacity, where: str
+) -> WorkerPlan:
+    """How many workers on what, and on which nodes, from `capacity` alone (nothing started,
+    no probe): the decision a run makes, and what `attnpipe plan` prints."""
+    use_gpu = resolve_use_gpu(shape, capacity, where)
+    plan = WorkerPlan(plan_workers(shape, workers, use_gpu, capacity, where), use_gpu)
+    if shape.sync_batchnorm and plan.most > 1 and not use_gpu:
+        raise ClusterError(
+            "train.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only) but "
+            "this run trains on CPUs: set train.sync_batchnorm: false, or add GPU nodes"
+        )
+    # An elastic run starts with what is there, down to its minimum, and grows to its
+    # maximum as far as the nodes hold it.
+    shares = check_capacity(shape, plan.fewest, use_gpu, capacity, where)
+    if plan.most > plan.fewest:
+        shares = tuple(pack(worker_resources(shape, use_gpu), capacity, plan.most))
+    return replace(plan, shares=shares)
 
 
 def _decide(
@@ -284,18 +359,10 @@ def _decide(
     probe: Any,
     announce: Announce = None,
 ) -> WorkerPlan:
-    use_gpu = resolve_use_gpu(shape, capacity, where)
-    plan = WorkerPlan(plan_workers(shape, workers, use_gpu, capacity, where), use_gpu)
-    if shape.sync_batchnorm and plan.most > 1 and not use_gpu:
-        raise ClusterError(
-            "train.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only) but "
-            "this run trains on CPUs: set train.sync_batchnorm: false, or add GPU nodes"
-        )
-    # An elastic run starts with what is there, down to its minimum.
-    check_capacity(shape, plan.fewest, use_gpu, capacity, where)
+    plan = decide_plan(shape, workers, capacity, where)
     if announce is not None:
         announce(plan)
-    if use_gpu:
+    if plan.use_gpu:
         probe(shape)
     return plan
 

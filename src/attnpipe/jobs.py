@@ -7,6 +7,10 @@ cluster provides the third-party packages (the launcher configs in cluster/ inst
 uv.lock). Data and checkpoints live on object storage: the recipe's `shard.publish_to` and
 `train.storage_path`.
 
+The stage publishes its outputs (model.pt, reports, W&B offline runs) to `train.storage_path`
+and `submit` brings them home to where a local run writes them (`attnpipe.joboutputs`); for a
+job not followed here, `attnpipe pull` does.
+
 Credentials reach the job as environment variables of its runtime environment (AWS_*, WANDB_*
 and any named with --env); their values are never printed, and any that look secret are
 masked in the logs shown here.
@@ -18,6 +22,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import sys
 import time
 import uuid
@@ -26,9 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from attnpipe import storage
-from attnpipe.config import load_recipe
+import yaml
+
+from attnpipe import joboutputs, storage
+from attnpipe.config import Recipe, apply_overrides, load_recipe
 from attnpipe.errors import AttnpipeError
+from attnpipe.paths import PipelinePaths
 from attnpipe.tracking import SECRET_MARKERS
 
 SUBMIT_STAGES = ("train", "tune", "evaluate")
@@ -48,6 +56,7 @@ WORKING_DIR_EXCLUDES = (
     ".ruff_cache/",
     "/dvc_plots/",
     "*.egg-info/",
+    f"/{joboutputs.STAGING_PREFIX}*/",  # a download `pull` did not finish
 )
 UPLOAD_LIMIT_BYTES = 512 * 1024 * 1024  # Ray's cap on a working_dir package
 PASSTHROUGH_PREFIXES = ("AWS_", "WANDB_")
@@ -56,7 +65,11 @@ LOCAL_ONLY = re.compile(r"(_FILE|_DIR|_PATH|_BUNDLE)$|^AWS_PROFILE$|^AWS_DEFAULT
 # Set in the job's environment: the stage prints one line of JSON results for `submit` to read.
 RESULT_ENV = "ATTNPIPE_RESULT_LINE"
 RESULT_MARKER = "attnpipe-result: "
+# The dashboard URL with which train, evaluate and tune submit themselves (`dvc repro` on a
+# cluster); a job's environment never has it (see `passthrough_env`).
+CLUSTER_ENV = "ATTNPIPE_CLUSTER"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+YAML_DOCUMENT_END = "\n...\n"  # what yaml.safe_dump puts after a lone scalar
 
 
 class JobError(AttnpipeError, RuntimeError):
@@ -79,6 +92,7 @@ class JobOutcome:
     metrics: dict[str, Any] | None = None
     message: str = ""
     logs: str = field(default="", repr=False)
+    brought_home: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- environment
@@ -163,9 +177,29 @@ def build_runtime_env(root: Path, env: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def check_recipe_for_cluster(root: Path, pipeline: str, stage: str) -> list[str]:
-    """Stop before uploading anything when the job could not find its data or keep results."""
+def cluster_recipe(root: Path, pipeline: str, changes: dict[str, Any] | None = None) -> Recipe:
+    """The recipe the job runs: pipelines/<pipeline>.yaml with --overrides and --set."""
     recipe = load_recipe(pipeline, root)  # an unknown pipeline fails here, in a second
+    if changes:
+        recipe = apply_overrides(recipe, changes, origin=f"pipelines/{pipeline}.yaml + changes")
+    return recipe
+
+
+def stage_command(stage: str, pipeline: str, changes: dict[str, Any] | None = None) -> str:
+    """`attnpipe <stage> <pipeline>` with every recipe change as a --set (an overrides file
+    stays here: its values travel inline, in the order given, --set last, so --set wins)."""
+    words = ["attnpipe", stage, pipeline]
+    for key, value in (changes or {}).items():
+        text = yaml.safe_dump(value, default_flow_style=True, width=2**31)
+        words += ["--set", f"{key}={text.removesuffix(YAML_DOCUMENT_END).strip()}"]
+    return shlex.join(words)
+
+
+def check_recipe_for_cluster(
+    root: Path, pipeline: str, stage: str, changes: dict[str, Any] | None = None
+) -> list[str]:
+    """Stop before uploading anything when the job could not find its data or keep results."""
+    recipe = cluster_recipe(root, pipeline, changes)
     problems = []
     if not recipe.shard.publish_to:
         problems.append(
@@ -175,12 +209,20 @@ def check_recipe_for_cluster(root: Path, pipeline: str, stage: str) -> list[str]
         )
     storage_path = recipe.train.storage_path
     shared = bool(storage_path) and (storage.is_url(storage_path) or storage_path.startswith("/"))
-    if stage in ("train", "tune") and not shared:
+    if not shared:
+        why = {
+            "evaluate": "evaluate reads the training run's model from there, and the job "
+            "publishes its report there for this machine to bring home",
+        }.get(
+            stage,
+            "checkpoints and outputs would stay in the job's temporary folder on one node (and "
+            "Ray Train needs storage every node sees; this machine brings the outputs home "
+            "from there)",
+        )
         problems.append(
-            f"train.storage_path is not shared storage in pipelines/{pipeline}.yaml: "
-            "checkpoints would stay in the job's temporary folder on one node (and Ray "
-            "Train needs storage every node sees): set train.storage_path: "
-            "s3://BUCKET/checkpoints"
+            f"train.storage_path is not shared storage in pipelines/{pipeline}.yaml: {why}: "
+            "set train.storage_path: s3://BUCKET/checkpoints (or a folder every node and this "
+            "machine mount at the same path)"
         )
     return problems
 
@@ -213,17 +255,22 @@ def submit(
     extra_env: Iterable[str] = (),
     out: TextIO | None = None,
     entrypoint: str | None = None,
+    changes: dict[str, Any] | None = None,
 ) -> JobOutcome:
-    """Submit `attnpipe <stage> <pipeline>` as a Ray job; follow it unless `wait` is False."""
+    """Submit `attnpipe <stage> <pipeline>` (with `changes` as --set) as a Ray job; follow it
+    unless `wait` is False, and when it succeeds bring its outputs home. With `entrypoint`,
+    run that command instead (nothing is brought home)."""
     out = out or sys.stdout
     if stage not in SUBMIT_STAGES:
         raise JobError(f"unknown stage '{stage}'; choose one of: {', '.join(SUBMIT_STAGES)}")
     root = root.resolve()
+    storage_path = None
     if entrypoint is None:
-        problems = check_recipe_for_cluster(root, pipeline, stage)
+        problems = check_recipe_for_cluster(root, pipeline, stage, changes)
         if problems:
             raise JobError("; ".join(problems))
-        entrypoint = f"attnpipe {stage} {pipeline}"
+        entrypoint = stage_command(stage, pipeline, changes)
+        storage_path = cluster_recipe(root, pipeline, changes).train.storage_path
     plan = plan_upload(root)
     if plan.bytes >= UPLOAD_LIMIT_BYTES:
         biggest = ", ".join(f"{name} ({size / 2**20:.0f} MiB)" for name, size in plan.largest)
@@ -236,6 +283,7 @@ def submit(
     secrets = secret_values(env)
     client = connect(address)
     job_id = f"attnpipe-{stage}-{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    job_env = {**env, joboutputs.OUTPUTS_ENV: "1", joboutputs.JOB_ID_ENV: job_id}
     print(
         f"uploading {root} ({plan.files} files, {plan.bytes / 2**20:.1f} MiB; never "
         f"{', '.join(p.strip('/') for p in WORKING_DIR_EXCLUDES[:7])}...)",
@@ -247,7 +295,7 @@ def submit(
         client.submit_job(
             entrypoint=entrypoint,
             submission_id=job_id,
-            runtime_env=build_runtime_env(root, env),
+            runtime_env=build_runtime_env(root, job_env),
             metadata={"attnpipe_pipeline": pipeline, "attnpipe_stage": stage},
         )
     except Exception as error:
@@ -258,8 +306,40 @@ def submit(
             f"follow it: attnpipe jobs logs {job_id} --follow --address {job_address(address)}",
             file=out,
         )
+        if storage_path:
+            print(
+                f"once it succeeded, bring its outputs home: "
+                f"attnpipe pull {pipeline} --job {job_id}",
+                file=out,
+            )
         return JobOutcome(job_id, "PENDING", 0, message="submitted")
-    return follow(client, job_id, out=out, secrets=secrets)
+    result = follow(client, job_id, out=out, secrets=secrets)
+    if result.status == "SUCCEEDED" and storage_path:
+        result.brought_home = bring_job_home(root, pipeline, stage, storage_path, job_id, out)
+    return result
+
+
+def bring_job_home(
+    root: Path, pipeline: str, stage: str, storage_path: str, job_id: str, out: TextIO
+) -> list[str]:
+    """Copy the outputs a succeeded job published to where a local run writes them."""
+    folder = joboutputs.job_folder(storage_path, pipeline, stage, job_id)
+    published = joboutputs.find_published(storage_path, pipeline, stage, job_id)
+    if published is None:
+        raise JobError(
+            f"job {job_id} succeeded but published no outputs at {folder} (no "
+            f"{joboutputs.MANIFEST}): its logs say why (`attnpipe jobs logs {job_id}`)"
+        )
+    try:
+        entries = joboutputs.bring_home(published, PipelinePaths(root, pipeline))
+    except Exception as error:
+        raise JobError(
+            f"bringing job {job_id}'s outputs home from {folder} failed "
+            f"({' '.join(str(error).split())}); a failed download replaces nothing here: "
+            f"run `attnpipe pull {pipeline} --job {job_id}` to try again"
+        ) from error
+    print(f"brought home from {folder}: {', '.join(entries)}", file=out)
+    return entries
 
 
 def follow(

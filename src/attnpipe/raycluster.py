@@ -24,6 +24,10 @@ REACH_TIMEOUT_S = 5.0
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 LOOPBACK = "127.0.0.1"
+# How long a fixed-size run waits for its workers' placement (Ray's 60 s is too short for GPU
+# nodes that autoscale in, or for a loaded machine); the GPU probe waits as long.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+FIXED_START_TIMEOUT_S = 600
 DASHBOARD_PORT_TRIES = 3
 
 
@@ -37,8 +41,7 @@ def configure_ray_environment() -> None:
     # Under `uv run`, Ray would otherwise package the working directory (data/ included) and
     # start every worker through `uv run`; the workers share this environment already.
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    # Ray's 60 s is too short for GPU nodes that autoscale in, or for a loaded machine.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    os.environ.setdefault(START_TIMEOUT_ENV, str(FIXED_START_TIMEOUT_S))
 
 
 def private_cluster_cpus(cpus_needed: int = 1) -> int:

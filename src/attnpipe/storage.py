@@ -9,6 +9,7 @@ Nothing here prints or logs them.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -84,6 +85,14 @@ def upload_file(source: Path, destination: str) -> int:
         while chunk := handle.read(8 * 1024 * 1024):
             out.write(chunk)
     return filesystem.get_file_info(path).size
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write a small file (a manifest, a pointer) to a URL or a path, replacing it whole."""
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / "blob"
+        local.write_bytes(data)
+        upload_file(local, str(location))
 
 
 def list_files(location: str | Path) -> dict[str, int]:

@@ -3,7 +3,10 @@
 The head runs without the test's AWS_* variables: the job reaches the S3 bucket (moto on
 127.0.0.1) only through the variables `submit` passes in its runtime environment. The shards
 exist on S3 only as far as the job is concerned (data/ is never uploaded), and checkpoints go
-there too.
+there too, as do the outputs each job publishes for `submit` and `pull` to bring home.
+
+Jobs are the slow part: one head, one bucket and one trained run serve the whole module (the
+evaluate job scores that run), and each other behaviour rides on as few jobs as it can.
 
 The head is stopped by killing the processes it started (found by its private temp dir), never
 with `ray stop`, which would kill every Ray process on this shared machine.
@@ -11,6 +14,8 @@ with `ray stop`, which would kill every Ray process on this shared machine.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
 import shutil
@@ -20,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -31,7 +37,7 @@ import yaml
 from attnpipe import jobs
 from attnpipe.cli import main
 from attnpipe.data.shard import publish_shards
-from tests.conftest import REPO, S3Bucket
+from tests.conftest import REPO, S3Bucket, make_s3_bucket
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
@@ -154,20 +160,23 @@ def cluster_project(digits_project, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def cluster_env(ray_head, s3_bucket: S3Bucket, cluster_project: Path, monkeypatch) -> S3Bucket:
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("ATTNPIPE_TRACE_DIR", raising=False)
-    shards = s3_bucket.url("digits", "shards")
-    publish_shards(cluster_project / "data/digits/shards", shards)
-    recipe_file = cluster_project / "pipelines/digits.yaml"
-    recipe = yaml.safe_load(recipe_file.read_text())
-    recipe["shard"]["publish_to"] = shards
-    recipe["train"].update(epochs=1, storage_path=s3_bucket.url("ckpt"))
-    recipe["tracking"] = {"wandb": {"mode": "disabled"}}
-    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return s3_bucket
+@pytest.fixture(scope="module")
+def cluster_env(ray_head, moto_endpoint: str, cluster_project: Path) -> Iterator[S3Bucket]:
+    """One bucket for the module: the shards, the checkpoints and the published outputs."""
+    with pytest.MonkeyPatch.context() as patch:
+        bucket = make_s3_bucket(moto_endpoint, patch)
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        patch.delenv("RAY_ADDRESS", raising=False)
+        patch.delenv("ATTNPIPE_TRACE_DIR", raising=False)
+        shards = bucket.url("digits", "shards")
+        publish_shards(cluster_project / "data/digits/shards", shards)
+        recipe_file = cluster_project / "pipelines/digits.yaml"
+        recipe = yaml.safe_load(recipe_file.read_text())
+        recipe["shard"]["publish_to"] = shards
+        recipe["train"].update(epochs=1, storage_path=bucket.url("ckpt"))
+        recipe["tracking"] = {"wandb": {"mode": "disabled"}}
+        recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        yield bucket
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:
@@ -176,12 +185,47 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
     return code, captured.out + captured.err
 
 
-def test_submit_trains_on_the_cluster_and_returns_status_and_metrics(
-    ray_head, cluster_env, cluster_project, capsys
-):
-    root = str(cluster_project)
-    code, output = _cli(capsys, "--root", root, "submit", "digits", "--address", ray_head.address)
+@dataclass(frozen=True)
+class Trained:
+    code: int
+    output: str  # what `attnpipe submit` printed
+    model: bytes  # the model.pt it brought home
 
+
+@pytest.fixture(scope="module")
+def trained(ray_head, cluster_env: S3Bucket, cluster_project: Path) -> Trained:
+    """`attnpipe submit digits` (train), once: its run is the one the evaluate job scores."""
+    printed = StringIO()
+    with redirect_stdout(printed), redirect_stderr(printed):
+        code = main(["--root", str(cluster_project), "submit", "digits", *_at(ray_head)])
+    model = cluster_project / "models/digits/model.pt"
+    return Trained(code, printed.getvalue(), model.read_bytes() if model.is_file() else b"")
+
+
+def _at(head: Head) -> list[str]:
+    return ["--address", head.address]
+
+
+def _bucket_keys(bucket: S3Bucket, prefix: str) -> set[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=bucket.endpoint)
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket.name, Prefix=prefix)
+    return {item["Key"] for page in pages for item in page.get("Contents", [])}
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_submit_trains_on_the_cluster_and_brings_the_model_home(
+    ray_head, cluster_env, cluster_project, trained, capsys
+):
+    code, output = trained.code, trained.output
     assert code == 0, output[-4000:]
     assert re.search(r"uploading .* \(\d+ files", output)
     assert "AWS_SECRET_ACCESS_KEY" in output  # named ...
@@ -194,13 +238,25 @@ def test_submit_trains_on_the_cluster_and_returns_status_and_metrics(
     assert "SUCCEEDED (exit 0)" in summary and "val_accuracy" in summary
     job_id = re.search(r"submitted job (\S+):", output).group(1)
 
-    # The checkpoints went to S3 (the job had no other shared storage).
-    import boto3
+    # The checkpoints went to S3 (the job had no other shared storage), with the run's model
+    # file beside its best weights, and the job's outputs under its own folder.
+    run = results["run_name"]
+    keys = _bucket_keys(cluster_env, "ckpt/")
+    assert any(key.startswith(f"ckpt/{run}/checkpoint_") for key in keys)
+    assert f"ckpt/{run}/best/model.pt" in keys
+    assert f"ckpt/digits/outputs/train/{job_id}/manifest.json" in keys
+    assert results["outputs"] == cluster_env.url("ckpt", "digits", "outputs", "train", job_id)
 
-    keys = boto3.client("s3", endpoint_url=cluster_env.endpoint).list_objects_v2(
-        Bucket=cluster_env.name, Prefix=f"ckpt/{results['run_name']}/"
-    )
-    assert any("/checkpoint_" in item["Key"] for item in keys.get("Contents", []))
+    # ... and home, where a local run writes them, with the job's content.
+    from attnpipe.modelfile import read_payload
+
+    assert "brought home from" in output
+    reports = cluster_project / "reports/digits"
+    payload = read_payload(cluster_project / "models/digits/model.pt")
+    assert (payload["run_name"], payload["epoch"]) == (run, results["best_epoch"])
+    assert json.loads((reports / "train.json").read_text())["run_name"] == run
+    with (reports / "train_history.csv").open() as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1"]
 
     code, listing = _cli(capsys, "jobs", "list", "--address", ray_head.address)
     assert code == 0 and re.search(rf"{job_id}\s+SUCCEEDED\s+train\s+digits", listing), listing
@@ -209,23 +265,88 @@ def test_submit_trains_on_the_cluster_and_returns_status_and_metrics(
     assert cluster_env.env["AWS_SECRET_ACCESS_KEY"] not in listing + logs
 
 
-def test_a_failing_job_returns_non_zero(ray_head, cluster_env, cluster_project, capsys):
-    # evaluate needs models/digits/model.pt in the working directory: there is none.
-    assert not (cluster_project / "models/digits/model.pt").exists()
-    code, output = _cli(
-        capsys,
-        "--root",
-        str(cluster_project),
-        "submit",
-        "digits",
-        "--stage",
-        "evaluate",
-        "--address",
-        ray_head.address,
-    )
+def test_evaluate_scores_the_stored_run_and_brings_its_report_home(
+    ray_head, cluster_env, cluster_project, trained, capsys
+):
+    run = jobs.parse_results(trained.output)["run_name"]
+    model = cluster_project / "models/digits/model.pt"
+    figures = cluster_project / "reports/digits/figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    (figures / "stale.png").write_bytes(b"a figure the new report does not have")
+    # Uploaded with the project (no .gitignore here), and not a model: the job must score the
+    # run from storage, never this file.
+    model.write_bytes(b"not a model")
+    try:
+        argv = ["--root", str(cluster_project), "submit", "digits", "--stage", "evaluate"]
+        code, output = _cli(capsys, *argv, *_at(ray_head))
+    finally:
+        model.write_bytes(trained.model)
+    assert code == 0, output[-4000:]
+    assert f"evaluating training run '{run}'" in output
+    results = jobs.parse_results(output)
+    assert results["stage"] == "evaluate"
+
+    reports = cluster_project / "reports/digits"
+    metrics = json.loads((reports / "metrics.json").read_text())["test"]
+    assert metrics["test_samples"] == results["metrics"]["test_samples"]
+    assert metrics["accuracy"] == pytest.approx(results["metrics"]["accuracy"])
+    with (reports / "confusion.csv").open() as handle:
+        assert sum(1 for _ in csv.DictReader(handle)) == metrics["test_samples"]
+    assert (reports / "per_class.csv").is_file() and (reports / "test_summary.json").is_file()
+    assert "<html" in (reports / "index.html").read_text().lower()
+    shown = {p.name for p in figures.iterdir()}
+    assert "confusion.png" in shown and "training_curves.png" in shown  # the run's history
+    assert "stale.png" not in shown  # the folder is the job's, whole
+
+
+def test_a_failing_job_returns_non_zero_and_brings_nothing_home(
+    ray_head, cluster_env, cluster_project, capsys
+):
+    # A recipe whose run was never trained: evaluate in the job finds no model on storage.
+    before = _files(cluster_project)
+    argv = ["--root", str(cluster_project), "submit", "digits", "--stage", "evaluate"]
+    code, output = _cli(capsys, *argv, "--set", "train.epochs=2", *_at(ray_head))
     assert code != 0
-    assert "model.pt is missing" in output
+    assert "has no model at" in output and "--stage train" in output
     assert "FAILED" in output.strip().splitlines()[-1]
+    assert "brought home" not in output
+    assert _files(cluster_project) == before  # not one file written or touched here
+
+
+def test_tune_submitted_without_waiting_comes_home_with_pull(
+    ray_head, cluster_env, cluster_project, capsys, tmp_path
+):
+    # The sweep comes from an overrides file outside the project (never uploaded: inlined as
+    # --set) and --set: the digits recipe has no tune.space, so only the changes make it run.
+    overrides = tmp_path / "sweep.yaml"
+    sweep = {
+        "tune.space": {"train.optimizer.lr": {"type": "grid", "values": [0.003]}},
+        "tune.num_samples": 1,
+        "tune.workers_per_trial": 1,
+        "tune.cpus_per_worker": 0.5,
+    }
+    overrides.write_text(yaml.safe_dump(sweep))
+    argv = ["--root", str(cluster_project), "submit", "digits", "--stage", "tune", "--no-wait"]
+    code, output = _cli(
+        capsys, *argv, "--overrides", str(overrides), "--set", "tune.epochs=1", *_at(ray_head)
+    )
+    assert code == 0, output
+    job_id = re.search(r"submitted job (\S+):", output).group(1)
+    assert f"attnpipe pull digits --job {job_id}" in output
+    result = jobs.outcome(jobs.connect(ray_head.address), job_id, timeout=900)
+    assert result.status == "SUCCEEDED", result.logs[-4000:]
+    assert jobs.parse_results(result.logs)["best_params"] == {"train.optimizer.lr": 0.003}
+    trials_file = cluster_project / "reports/digits/tune_trials.csv"
+    assert not trials_file.exists()  # nothing comes home unasked
+
+    code, output = _cli(capsys, "--root", str(cluster_project), "pull", "digits", "--job", job_id)
+    assert code == 0, output
+    assert f"tune outputs of job {job_id}" in output
+    with trials_file.open() as handle:
+        (trial,) = csv.DictReader(handle)
+    assert float(trial["train.optimizer.lr"]) == 0.003
+    best = yaml.safe_load((cluster_project / "reports/digits/best_params.yaml").read_text())
+    assert best == {"train.optimizer.lr": 0.003}
 
 
 def test_unknown_pipeline_or_missing_object_storage_fails_before_uploading(

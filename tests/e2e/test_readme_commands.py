@@ -92,6 +92,12 @@ NOT_HERE = {
     "uv run attnpipe prepare imagenet": IMAGENET,
     "uv run attnpipe shard imagenet": IMAGENET,
     "uv run attnpipe submit imagenet --address http://127.0.0.1:8265": CLUSTER,
+    "uv run attnpipe submit imagenet --address http://127.0.0.1:8265 --set train.epochs=90": CLUSTER
+    + " (tests/cluster/test_submit.py submits with --set to a local head)",
+    "uv run attnpipe pull imagenet": CLUSTER
+    + " (tests/cluster/test_submit.py pulls a --no-wait job)",
+    "uv run attnpipe plan imagenet --cluster cluster/aws.yaml": "run by tests/test_placement.py, "
+    "which checks its 16 ranks against cluster/aws.yaml",
     "uv run attnpipe fetch cifar10": DOWNLOAD,
     "uv run dvc exp run -S 'params.yaml:pipelines=[cassava]'": DOWNLOAD,
     "uv run attnpipe tune cifar10": DOWNLOAD,

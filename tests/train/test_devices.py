@@ -15,6 +15,8 @@ import torch
 
 from attnpipe.capacity import (
     ClusterCapacity,
+    NodeType,
+    auto_workers,
     check_capacity,
     cluster_capacity,
     resolve_use_gpu,
@@ -137,7 +139,7 @@ def test_evaluate_on_the_cluster_plans_a_worker_per_gpu_and_stops_where_cuda_can
     assert "cannot use its GPU" in message and "no NVIDIA driver found" in message
     assert not paths.metrics.exists()
     # Before the next test tells the cluster about autoscaler node types with 16 GPUs.
-    with pytest.raises(ClusterError, match=r"2 worker\(s\) need 2 GPU .* lower evaluate.workers"):
+    with pytest.raises(ClusterError, match=r"2 worker\(s\) of .* 1 fit: .* lower evaluate.workers"):
         evaluate(
             apply_overrides(recipe, {"evaluate.workers": 2}, "test"),
             paths,
@@ -150,7 +152,7 @@ def test_capacity_counts_alive_nodes_and_the_autoscalers_node_types(gpu_node_clu
     from ray.core.generated import autoscaler_pb2
 
     capacity = cluster_capacity()
-    assert capacity.alive["GPU"] == 1 and capacity.alive["CPU"] == 2
+    assert capacity.alive["GPU"] == 1 and capacity.alive["CPU"] == 2 and not capacity.autoscaled
     config = autoscaler_pb2.ClusterConfig(
         node_group_configs=[
             autoscaler_pb2.NodeGroupConfig(
@@ -161,12 +163,33 @@ def test_capacity_counts_alive_nodes_and_the_autoscalers_node_types(gpu_node_clu
     # What a cluster launcher's autoscaler reports: GPU nodes that are not started yet.
     ray._private.worker.global_worker.gcs_client.report_cluster_config(config.SerializeToString())
     scaled = cluster_capacity()
-    assert scaled.most("GPU") == 16 and scaled.autoscaler["GPU"] == 16
+    # The alive GPU node is of no declared type: a node beside the 2 the autoscaler may add.
+    assert scaled.autoscaled and scaled.most("GPU") == 17
+    assert NodeType("gpu_8x", {"CPU": 96, "GPU": 8}, alive=0, most=2) in scaled.node_types
+    assert auto_workers(worker_shape(TrainConfig(workers="auto")), True, scaled) == 17
+
+
+def test_plan_on_a_live_cluster_uses_its_alive_nodes_first(
+    gpu_node_cluster, digits_project, capsys
+):
+    """After the test above: the cluster has one alive 1-GPU node and an autoscaler that may
+    add 2 x 8 GPUs. `attnpipe plan --address` reads both and starts nothing."""
+    _, built = digits_project
+    argv = ["--root", str(built.root), "plan", "digits", "--address", gpu_node_cluster.address]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "digits on the Ray cluster at " in out and "2 worker(s), GPU, each 1 CPU + 1 GPU" in out
+    assert "1 on each of 1 node(s) of 1 CPU, 1 GPU (alive)" in out
+    assert "1 on 1 gpu_8x node(s) (added, 8 each at most)" in out
+    assert "global batch at 2 rank(s): " in out
 
 
 def test_the_decisions_by_hand():
-    none = ClusterCapacity({"CPU": 8}, None)
-    later = ClusterCapacity({"CPU": 4}, {"CPU": 96, "GPU": 8})
+    none = ClusterCapacity.fixed({"CPU": 8})
+    later = ClusterCapacity(
+        (NodeType("head", {"CPU": 4}, 1, 1), NodeType("gpu", {"CPU": 96, "GPU": 8}, 0, 1)),
+        autoscaled=True,
+    )
 
     def shape(**settings):
         return worker_shape(TrainConfig(**settings))
@@ -176,8 +199,8 @@ def test_the_decisions_by_hand():
     assert resolve_use_gpu(shape(use_gpu=False), later, "x") is False
     with pytest.raises(ClusterError, match=r"train.use_gpu is true but .* has no GPUs"):
         resolve_use_gpu(shape(use_gpu=True), none, "x")
-    with pytest.raises(ClusterError, match=r"need 16 GPU.*add GPU nodes, or set train.use_gpu"):
-        check_capacity(shape(gpus_per_worker=1), 16, True, ClusterCapacity({"CPU": 64}, None), "x")
+    with pytest.raises(ClusterError, match=r"none fits; add GPU nodes, or set train.use_gpu"):
+        check_capacity(shape(gpus_per_worker=1), 16, True, ClusterCapacity.fixed({"CPU": 64}), "x")
     check_capacity(shape(cpus_per_worker=4), 2, True, later, "x")
 
 

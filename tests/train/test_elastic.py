@@ -10,6 +10,7 @@ import pytest
 
 from attnpipe.capacity import (
     ClusterCapacity,
+    NodeType,
     WorkerPlan,
     _decide,
     check_capacity,
@@ -70,10 +71,16 @@ def test_tune_trials_of_several_ranks_take_whole_gpus():
     parse_recipe({**RECIPE, "tune": {"workers_per_trial": 1, "gpus_per_worker": 0.5}}, "digits")
 
 
-def test_auto_is_one_rank_per_gpu_the_cluster_has_or_can_add():
-    alive = ClusterCapacity({"CPU": 8, "GPU": 3}, None)
+def test_auto_is_the_whole_ranks_each_node_holds_alive_or_addable():
+    alive = ClusterCapacity.fixed({"CPU": 8, "GPU": 3})
     assert plan(TrainConfig(workers="auto"), True, alive) == 3
-    scaled = ClusterCapacity({"CPU": 4}, {"CPU": 192, "GPU": 16})
+    scaled = ClusterCapacity(
+        (
+            NodeType("head", {"CPU": 4}, alive=1, most=1),
+            NodeType("gpu", {"CPU": 96, "GPU": 8}, 0, 2),
+        ),
+        autoscaled=True,
+    )
     assert plan(TrainConfig(workers="auto"), True, scaled) == 16
     two_each = TrainConfig(workers="auto", gpus_per_worker=2)
     assert plan(two_each, True, scaled) == 8
@@ -83,7 +90,7 @@ def test_auto_is_one_rank_per_gpu_the_cluster_has_or_can_add():
 
 def test_auto_without_gpus_is_one_rank_per_node_with_a_workers_cpus():
     # A head that schedules nothing (0 CPUs) and three workers, one too small for 2 CPUs.
-    nodes = ClusterCapacity({"CPU": 6}, None, node_cpus=(0, 2, 2, 1))
+    nodes = ClusterCapacity.fixed({"CPU": 0}, {"CPU": 2}, {"CPU": 2}, {"CPU": 1})
     assert plan(TrainConfig(workers="auto"), False, nodes) == 3
     assert plan(TrainConfig(workers="auto", cpus_per_worker=2), False, nodes) == 2
     with pytest.raises(ClusterError, match="auto finds no room for a worker"):
@@ -91,34 +98,41 @@ def test_auto_without_gpus_is_one_rank_per_node_with_a_workers_cpus():
 
 
 def test_more_ranks_than_gpus_are_refused_with_advice_that_fits():
-    capacity = ClusterCapacity({"CPU": 8, "GPU": 3}, None)
+    capacity = ClusterCapacity.fixed({"CPU": 8, "GPU": 3})
     with pytest.raises(ClusterError) as refused:
         fit(TrainConfig(workers=4), 4, True, capacity)
     message = str(refused.value)
-    assert message.startswith("4 worker(s) need 4 GPU but the Ray cluster at head:6379 has 3")
-    assert "lower train.workers to 3 (or auto: one per GPU), or [1, 3] to run elastic" in message
+    assert message.startswith(
+        "4 worker(s) of 1 CPU + 1 GPU do not fit on the Ray cluster at head:6379 (3 GPU on "
+        "alive nodes, no autoscaler): 3 fit: 3 on each of 1 node(s) of 8 CPU, 3 GPU (alive)"
+    )
+    assert "lower train.workers to 3 (or auto), or [1, 3] to run elastic" in message
     assert "gpus_per_worker" not in message  # never a fraction of a GPU per rank
     for advised in (3, "auto", [1, 3]):
         train = TrainConfig(workers=advised)
         fewest = WorkerPlan(plan(train, True, capacity), True).fewest
         fit(train, fewest, True, capacity)  # fits
-    with pytest.raises(ClusterError, match=r"lower train\.gpus_per_worker to 1, or add GPU"):
+    with pytest.raises(
+        ClusterError,
+        match=r"none fits; node\(s\) of 4 CPU, 1 GPU hold none: "
+        r"lower train\.gpus_per_worker to 1 to use them; add GPU nodes$",
+    ):
         fit(
             TrainConfig(workers=1, gpus_per_worker=2),
             1,
             True,
-            ClusterCapacity({"CPU": 4, "GPU": 1}, None),
+            ClusterCapacity.fixed({"CPU": 4, "GPU": 1}),
         )
 
 
 def test_an_elastic_run_needs_room_for_its_minimum_only():
-    capacity = ClusterCapacity({"CPU": 2}, None, node_cpus=(1, 1))
+    capacity = ClusterCapacity.fixed({"CPU": 1}, {"CPU": 1})
     plans: list[WorkerPlan] = []
     made = decide(TrainConfig(workers=[2, 8], use_gpu=False), capacity, plans.append)
     assert made == WorkerPlan((2, 8), False) and plans == [made]
     assert made.describe() == "2-8 worker(s), elastic, CPU"
     assert WorkerPlan(3, True).describe() == "3 worker(s), GPU"
-    with pytest.raises(ClusterError, match="3 worker\\(s\\) need 3 CPU"):
+    with pytest.raises(ClusterError, match=r"3 worker\(s\) of 1 CPU do not fit .*: 2 fit"):
         decide(TrainConfig(workers=[3, 8], use_gpu=False), capacity)
 
 

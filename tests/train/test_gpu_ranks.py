@@ -78,8 +78,9 @@ def test_auto_plans_one_gpu_rank_per_gpu_and_says_so_before_cuda_refuses(
 def test_more_ranks_than_gpus_are_refused_and_the_advice_fits(three_gpu_cluster, project, capsys):
     code, out, err = train_with(project, capsys, "4")
     assert code == 1 and len(err) == 1, err
-    assert "4 worker(s) need 4 GPU but the Ray cluster (local) has 3 on alive nodes" in err[0]
-    assert "lower train.workers to 3 (or auto: one per GPU), or [1, 3] to run elastic" in err[0]
+    assert "4 worker(s) of 1 CPU + 1 GPU do not fit on the Ray cluster (local) (3 GPU" in err[0]
+    assert "3 fit: " in err[0] and "2 on each of 1 node(s) of 2 CPU, 2 GPU (alive)" in err[0]
+    assert "lower train.workers to 3 (or auto), or [1, 3] to run elastic" in err[0]
     assert "gpus_per_worker" not in err[0]  # never a fraction of a GPU per rank
     assert not any("worker(s), GPU)" in line for line in out)  # refused before any plan
     # Each piece of advice fits: the run gets as far as the GPU probe.
@@ -107,6 +108,6 @@ def test_a_sweep_of_more_ranks_per_trial_than_gpus_names_the_tune_keys(three_gpu
     with pytest.raises(ClusterError) as refused:
         tune(recipe, project)
     message = str(refused.value)
-    assert "4 worker(s) need 4 GPU" in message
+    assert "4 worker(s) of 1 CPU + 1 GPU do not fit" in message
     assert "lower tune.workers_per_trial to 3, or add GPU nodes" in message  # no auto there
     assert "elastic" not in message and not project.tune_storage.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from attnpipe.config import Recipe, apply_overrides, load_overrides, load_recipe, parse_assignments
 from attnpipe.paths import PipelinePaths
@@ -36,10 +37,7 @@ def load_for_command(
     `announce` prints the changes (not where the output must be the recipe alone)."""
     root = args.root.resolve()
     recipe = load_recipe(args.pipeline, root)
-    changes = {}
-    if getattr(args, "overrides", None):
-        changes.update(load_overrides(args.overrides))
-    changes.update(parse_assignments(getattr(args, "set", None) or []))
+    changes = recipe_changes(args)
     if changes:
         recipe = apply_overrides(
             recipe, changes, origin=f"pipelines/{args.pipeline}.yaml + changes"
@@ -47,3 +45,12 @@ def load_for_command(
         if announce:
             print(f"recipe changes for this run: {changes}")
     return recipe, PipelinePaths(root, args.pipeline)
+
+
+def recipe_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """This command's --overrides file, then its --set (which wins), as {dotted key: value}."""
+    changes: dict[str, Any] = {}
+    if getattr(args, "overrides", None):
+        changes.update(load_overrides(args.overrides))
+    changes.update(parse_assignments(getattr(args, "set", None) or []))
+    return changes

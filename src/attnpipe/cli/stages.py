@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from attnpipe.cli.cluster import submitted_to_cluster
 from attnpipe.cli.options import PIPELINE_HELP, add_recipe_change_options, load_for_command
 from attnpipe.config import Recipe
 from attnpipe.jobs import print_results
@@ -54,7 +55,8 @@ STAGES = {
     ),
     "evaluate": (
         "score the model on the test split and write the report",
-        "Reads models/<name>/model.pt, the test shards (data/<name>/shards/) and "
+        "Reads models/<name>/model.pt (in a job `attnpipe submit` started: the training "
+        "run's, from train.storage_path), the test shards (data/<name>/shards/) and "
         "reports/<name>/train_history.csv. Predicts every test image exactly once (with flip "
         "TTA when the recipe's evaluate.flip_tta is on) and writes reports/<name>/metrics.json "
         "(accuracy, balanced accuracy, macro precision/recall/F1, ECE, top-5 with more than 5 "
@@ -232,7 +234,8 @@ def _shard_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths)
 
 
 def _train(args: argparse.Namespace) -> None:
-    _train_stage(args, *load_for_command(args))
+    if not submitted_to_cluster("train", args):
+        _train_stage(args, *load_for_command(args))
 
 
 def _train_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths) -> None:
@@ -244,8 +247,10 @@ def _train_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths)
     print(
         f"best epoch {result.best_epoch}: {metric} {best:.4f}; model written to {result.model_file}"
     )
-    print_results(
+    finish_stage(
         "train",
+        recipe,
+        paths,
         {
             "pipeline": recipe.name,
             "run_name": result.run_name,
@@ -258,7 +263,8 @@ def _train_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    _evaluate_stage(args, *load_for_command(args))
+    if not submitted_to_cluster("evaluate", args):
+        _evaluate_stage(args, *load_for_command(args))
 
 
 def _evaluate_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths) -> None:
@@ -269,7 +275,7 @@ def _evaluate_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePat
     print(f"test ({metrics['test_samples']} samples): {shown}")
     print(f"metrics: {paths.metrics}")
     print(f"report:  {paths.report_html}")
-    print_results("evaluate", {"pipeline": recipe.name, "metrics": metrics})
+    finish_stage("evaluate", recipe, paths, {"pipeline": recipe.name, "metrics": metrics})
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -295,6 +301,8 @@ def _export_stage(args: argparse.Namespace, recipe: Recipe, paths: PipelinePaths
 
 
 def _tune(args: argparse.Namespace) -> None:
+    if submitted_to_cluster("tune", args):
+        return
     from attnpipe.train.tune import tune
 
     recipe, paths = load_for_command(args)
@@ -304,6 +312,32 @@ def _tune(args: argparse.Namespace) -> None:
         f"sweep '{result.experiment}': {len(result.trials)} trials; best {result.best['trial_id']}"
     )
     print(f"best settings {best} written to {paths.reports / 'best_params.yaml'}")
+    metric = recipe.tune.metric
+    finish_stage(
+        "tune",
+        recipe,
+        paths,
+        {
+            "pipeline": recipe.name,
+            "experiment": result.experiment,
+            "trials": len(result.trials),
+            "best_trial": result.best["trial_id"],
+            "best_params": best,
+            "metrics": {metric: result.best.get(f"best_{metric}")},
+        },
+    )
+
+
+def finish_stage(stage: str, recipe: Recipe, paths: PipelinePaths, results: dict) -> None:
+    """In a cluster job, publish the stage's outputs to shared storage for `submit` or `pull`
+    to bring home (the job's working directory is gone soon); then the results line."""
+    from attnpipe import joboutputs
+
+    if joboutputs.in_job():
+        published = joboutputs.publish(stage, recipe.train.storage_path, paths)
+        if published:
+            results = {**results, "outputs": published.location}
+    print_results(stage, results)
 
 
 def run_all(args: argparse.Namespace) -> None:

@@ -45,6 +45,7 @@ from attnpipe.config.train import (
     Workers,
     check_gpus_per_worker,
     check_workers,
+    checkpoint_interval,
 )
 from attnpipe.config.tune import SearchDimension, TuneConfig
 
@@ -79,6 +80,7 @@ __all__ = [
     "available_pipelines",
     "check_gpus_per_worker",
     "check_workers",
+    "checkpoint_interval",
     "format_validation_error",
     "load_overrides",
     "load_recipe",

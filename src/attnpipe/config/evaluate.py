@@ -68,8 +68,9 @@ class EvaluateConfig(Strict):
     )
     workers: int | Literal["auto"] = Field(
         "auto",
-        description="with --address: Ray workers scoring the split; auto: one per GPU the "
-        "cluster has or can add, else one per node with the CPUs for one",
+        description="with --address: Ray workers scoring the split; auto: as many as the alive "
+        "nodes hold (never nodes started for it; none alive: train.workers when a number, "
+        "else 1)",
     )
     cpus_per_worker: float | None = Field(
         None, gt=0, description="CPUs each evaluation worker reserves; null: train.cpus_per_worker"

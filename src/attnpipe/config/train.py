@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -124,6 +125,42 @@ def check_gpus_per_worker(
         raise ValueError(f"{key}: a rank uses whole GPUs above 1, got {gpus:g}")
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def check_checkpoint_every(value: Any) -> Any:
+    """`train.checkpoint_every`: null, a number of optimizer steps >= 1, or a duration such as
+    90s, 15m or 1.5h (a positive number and s, m or h)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str):
+        if value.strip().isdigit() and int(value) >= 1:
+            return int(value)
+        match = _DURATION.match(value)
+        if match and float(match.group(1)) > 0:
+            return f"{match.group(1)}{match.group(2)}"
+    raise ValueError(
+        f"expected null, a number of optimizer steps >= 1 or a duration such as 90s, 15m or "
+        f"1.5h, got {value!r}"
+    )
+
+
+def checkpoint_interval(value: int | str | None) -> tuple[int | None, float | None]:
+    """(optimizer steps, seconds) between mid-epoch checkpoints of `train.checkpoint_every`:
+    one of them or neither."""
+    if value is None:
+        return None, None
+    if isinstance(value, int):
+        return value, None
+    match = _DURATION.match(value)
+    if match is None:
+        raise ValueError(f"train.checkpoint_every: {value!r} is not a duration")
+    return None, float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
 class TrainConfig(Strict):
     """How the model trains, and how the Ray Train run executes."""
 
@@ -137,13 +174,15 @@ class TrainConfig(Strict):
         "max_failures",
         "storage_path",
         "checkpoints_to_keep",
+        "checkpoint_every",
     )
 
     workers: Workers = Field(
         2,
-        description="Ray Train workers (DDP ranks): a number; auto: one per GPU the cluster has "
-        "or its autoscaler can add (one per node without GPUs); [min, max]: elastic, the run "
-        "goes on with fewer ranks (down to min) when nodes leave and grows back up to max",
+        description="Ray Train workers (DDP ranks): a number; auto: the whole ranks each node "
+        "holds (its GPUs and CPUs) over the nodes alive or the autoscaler may add (one per "
+        "node without GPUs; `attnpipe plan` shows them); [min, max]: elastic, the run goes on "
+        "with fewer ranks (down to min) when nodes leave and grows back up to max",
     )
     use_gpu: Literal["auto", True, False] = Field(
         "auto",
@@ -263,8 +302,16 @@ class TrainConfig(Strict):
     checkpoints_to_keep: int = Field(
         2,
         ge=1,
-        description="latest epoch checkpoints kept (to resume from); the best epoch's weights "
-        "are kept apart",
+        description="latest checkpoints kept (to resume from; mid-epoch ones count too); the "
+        "best epoch's weights are kept apart",
+    )
+    checkpoint_every: int | str | None = Field(
+        None,
+        description="also checkpoint within epochs: every this many optimizer steps, or every "
+        "duration such as 15m (90s, 1.5h); a restarted run then continues the epoch at the "
+        "next sample (exactly as uninterrupted with train.deterministic on the same ranks "
+        "and loader_workers) instead of training the epoch again. History, W&B rows and the "
+        "best model stay per epoch; null: at epoch ends only",
     )
     seed: int = Field(
         0, description="seeds the initial weights, the shuffling and the augmentation"
@@ -274,6 +321,11 @@ class TrainConfig(Strict):
     @classmethod
     def _workers_shape(cls, value: Any) -> Any:
         return check_workers(value)
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _checkpoint_every_shape(cls, value: Any) -> Any:
+        return check_checkpoint_every(value)
 
     @model_validator(mode="after")
     def _whole_gpus_per_rank(self) -> TrainConfig:

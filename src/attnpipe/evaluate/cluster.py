@@ -1,7 +1,8 @@
 """`evaluate --address`: the split scored by Ray workers on the cluster's GPUs.
 
 Devices are decided as training decides them (`attnpipe.capacity`: GPUs the cluster has or
-its autoscaler can add, whether the workers fit, whether CUDA starts where they run). Each
+its autoscaler can add, whether the workers fit on its nodes, whether CUDA starts where they
+run); `evaluate.workers: auto` counts the alive nodes only. Each
 worker scores its share of the shards (the evaluation reader plan: every sample exactly
 once over all workers) with the recipe's loader workers, AMP and memory format, and sends
 back only counts and a few numbers per sample; the driver never holds an image or a
@@ -19,13 +20,15 @@ from pathlib import Path
 import torch
 
 from attnpipe.capacity import (
+    ClusterCapacity,
     WorkerShape,
+    auto_workers,
     cluster_capacity,
     decide_devices,
     resolve_use_gpu,
     worker_resources,
 )
-from attnpipe.config import EvaluateConfig, Recipe
+from attnpipe.config import Recipe
 from attnpipe.data.shard_index import ShardEntry
 from attnpipe.devices import require_cuda
 from attnpipe.evaluate.scoring import SplitResult, score_share
@@ -52,22 +55,23 @@ def evaluation_shape(recipe: Recipe) -> WorkerShape:
     )
 
 
-def evaluation_workers(evaluate: EvaluateConfig, shape: WorkerShape, where: str) -> int:
-    """`evaluate.workers`; auto: one per GPU the cluster has or can add, else one per node
-    that can hold a worker (a head without CPUs, as on KubeRay, does not count)."""
-    if evaluate.workers != "auto":
-        return evaluate.workers
-    import ray
-
-    capacity = cluster_capacity()
-    if resolve_use_gpu(shape, capacity, where) and shape.gpus_per_worker > 0:
-        return max(1, int(capacity.most("GPU") // shape.gpus_per_worker))
-    fits = [
-        node
-        for node in ray.nodes()
-        if node.get("Alive") and node["Resources"].get("CPU", 0) >= shape.cpus_per_worker
-    ]
-    return max(1, len(fits))
+def evaluation_workers(
+    recipe: Recipe, shape: WorkerShape, capacity: ClusterCapacity, where: str
+) -> int:
+    """`evaluate.workers`; auto: the workers the alive nodes hold (`capacity.auto_workers` on
+    them), never the autoscaler's maximum: scoring a test split is no reason to start a fleet.
+    With no alive node that holds one (the GPU nodes went idle after training), as many as
+    training's ranks when they were a number (an elastic run's minimum), else one."""
+    if recipe.evaluate.workers != "auto":
+        return recipe.evaluate.workers
+    use_gpu = resolve_use_gpu(shape, capacity, where)
+    alive = auto_workers(shape, use_gpu, capacity.alive_only())
+    if alive > 0:
+        return alive
+    trained = recipe.train.workers
+    if isinstance(trained, tuple):
+        return trained[0]
+    return trained if isinstance(trained, int) else 1
 
 
 def score_on_cluster(
@@ -87,9 +91,10 @@ def score_on_cluster(
     started_here = connect_ray(address)
     try:
         where = f"at {address}" if address else "(local)"
-        workers = evaluation_workers(recipe.evaluate, shape, where)
+        capacity = cluster_capacity()
+        workers = evaluation_workers(recipe, shape, capacity, where)
         # The plan first, so that a refusal (no fit, a GPU CUDA cannot use) follows it.
-        planned_gpu = resolve_use_gpu(shape, cluster_capacity(), where)
+        planned_gpu = resolve_use_gpu(shape, capacity, where)
         print(f"evaluating on {workers} Ray worker(s), {'GPU' if planned_gpu else 'CPU'}")
         use_gpu = decide_devices(shape, workers, address)
         resources = worker_resources(shape, use_gpu)

@@ -32,6 +32,7 @@ from attnpipe.evaluate.scoring import (
     SplitResult,
     score_share,
 )
+from attnpipe.joboutputs import in_job
 from attnpipe.modelfile import load_model_file
 from attnpipe.overlays import AttentionExample, compute_attention_examples
 from attnpipe.paths import PipelinePaths
@@ -120,8 +121,22 @@ def evaluate(
 
     The model runs on `evaluate.device` (the GPU when there is one), or with `address` (or
     RAY_ADDRESS) on the Ray cluster's workers; the metrics are the same definitions as
-    validation's, over every test sample once, wherever it runs.
+    validation's, over every test sample once, wherever it runs. In a cluster job it scores
+    the recipe's training run from `train.storage_path`, never an uploaded model.pt
+    (`attnpipe.evaluate.stored_run`).
     """
+    if not in_job():
+        return evaluate_model(recipe, paths, report, address)
+    from attnpipe.evaluate.stored_run import stored_run_inputs
+
+    with stored_run_inputs(recipe, paths) as inputs:
+        return evaluate_model(recipe, inputs, report, address)
+
+
+def evaluate_model(
+    recipe: Recipe, paths: PipelinePaths, report: bool = True, address: str | None = None
+) -> dict:
+    """`evaluate` of `paths.model_file` (whose training history is `paths.train_history`)."""
     address = address or os.environ.get("RAY_ADDRESS")
     model, payload = load_model_file(paths.model_file)
     if not address:  # on a cluster the driver (often a GPU-less head) only draws figures

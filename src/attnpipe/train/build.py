@@ -31,7 +31,7 @@ from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.losses import build_loss
 from attnpipe.train.repeatability import apply_determinism, loader_generator
 from attnpipe.train.reporting import Tracer, say
-from attnpipe.train.schedules import LrSchedule, scaled_lr
+from attnpipe.train.schedules import LrSchedule, global_batch_size, scaled_lr
 from attnpipe.train.session import WorkerSession
 
 
@@ -103,7 +103,7 @@ def build(config: LoopConfig, session: WorkerSession) -> Run:
     )
     steps = len(train_loader)  # the same on every rank
     model = build_model(recipe, len(train_split.classes), session, memory_format)
-    global_batch = session.world_size * train.batch_size * train.accumulate_steps
+    global_batch = global_batch_size(train, session.world_size)
     # The EMA network keeps averaged BatchNorm statistics of its own, not its initial ones.
     ema = None
     if train.ema_decay:
@@ -202,8 +202,10 @@ def build_loader(
     purpose: int,
 ) -> ShardLoader:
     """Built once per run: with loader workers, they persist across epochs (the stream's
-    `set_epoch` reaches them through shared memory). Their random numbers (augmentation) come
-    from a seed fixed by the recipe, the rank and `purpose` (0 training, 1 validation)."""
+    `set_epoch` reaches them through shared memory). Augmentation draws from a seed per sample
+    that the stream derives from (seed, epoch, rank, reader), whatever the workers' own seeds;
+    those come from a generator fixed by the recipe, the rank and `purpose` (0 training, 1
+    validation), so nothing depends on what the main process drew before."""
     return make_loader(
         stream,
         batch_size,

@@ -10,7 +10,6 @@ latest checkpoint; changing anything else starts a new run beside it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attnpipe import runs
 from attnpipe.capacity import WorkerPlan
 from attnpipe.codeversion import code_version
 from attnpipe.config import Recipe, resolve_pretrained
@@ -27,7 +27,7 @@ from attnpipe.data.shard_index import ShardError, read_index, shard_location
 from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
 from attnpipe.raycluster import configure_ray_environment
-from attnpipe.storage import join as storage_join
+from attnpipe.storage import upload_file as storage_upload
 from attnpipe.tracking import (
     ExperimentIdentity,
     data_version,
@@ -72,9 +72,7 @@ def run_identity(
     them; a change to any of them is a new run (nothing stale is resumed). The W&B id also
     holds the DVC experiment's name: two experiments never share a W&B run, even when their
     training settings are equal (their checkpoints are the same run, found again)."""
-    fingerprint = recipe.weights_fingerprint()
-    short = hashlib.sha256(f"{fingerprint}{data_ver}{code_ver}".encode()).hexdigest()[:10]
-    run_name = f"{recipe.name}-{short}"
+    run_name = runs.run_name(recipe, data_ver, code_ver)
     suffix = experiment.run_id_suffix() if experiment else ""
     return run_name, (run_name + suffix)[:WANDB_ID_MAX]
 
@@ -119,7 +117,7 @@ def build_loop_config(recipe: Recipe, paths: PipelinePaths) -> LoopConfig:
 
 def best_weights_dir(storage: str, run_name: str) -> str:
     """Beside the run's checkpoint folders, outside Ray's: `num_to_keep` never deletes it."""
-    return storage_join(storage, run_name, "best")
+    return runs.best_weights_dir(storage, run_name)
 
 
 def build_trainer(
@@ -180,9 +178,11 @@ def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> T
             flush=True,
         )
 
+    # The elastic run's short placement wait starts after the GPU probe, which waits as long
+    # as a fixed-size run for the autoscaler to boot a GPU node (capacity.node_start_wait_s).
     with (
-        placement_wait(elastic=isinstance(train_cfg.workers, tuple)),
         training_cluster(train_cfg, address, announce) as plan,
+        placement_wait(elastic=isinstance(train_cfg.workers, tuple)),
     ):
         stop_name = f"attnpipe-stop-{loop.run_name}-{uuid.uuid4().hex[:8]}"
         loop = loop.with_changes(use_gpu=plan.use_gpu, workers=plan.workers, stop_name=stop_name)
@@ -265,6 +265,8 @@ def write_outputs(
     best_metrics = write_best_model(paths.model_file, loop, state, classes)
     write_history(paths.train_history, state.history)
     write_train_metrics(paths, loop, state, best_metrics)
+    if recipe.train.storage_path:
+        publish_run_model(recipe.train.storage_path, loop.run_name, paths)
     return TrainResult(
         loop.run_name,
         paths.model_file,
@@ -273,6 +275,13 @@ def write_outputs(
         len(state.history),
         list(state.resumed_from),
     )
+
+
+def publish_run_model(storage: str, run_name: str, paths: PipelinePaths) -> None:
+    """`model.pt` and the history beside the run's best weights (`attnpipe.runs`): a cluster
+    job's evaluate scores the run from there, never from a model.pt of the project folder."""
+    storage_upload(paths.model_file, runs.run_model_location(storage, run_name))
+    storage_upload(paths.train_history, runs.run_history_location(storage, run_name))
 
 
 def write_train_metrics(

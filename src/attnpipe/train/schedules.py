@@ -1,8 +1,9 @@
 """Learning-rate schedules in optimizer steps, with the base rate scaled to the global batch.
 
-The schedule's only state is its step count, and a run resumes at an epoch boundary: the
-position is set from the training samples seen so far (`set_position_by_samples`), counted in
-epochs of the *current* world size and then in its optimizer steps. A run resumed on a different
+The schedule's only state is its step count. A resumed run's position is set from the training
+samples of its finished epochs (`set_position_by_samples`), counted in epochs of the *current*
+world size and then in its optimizer steps, plus the steps of a partly trained epoch that a
+mid-epoch checkpoint holds (`advance`). A run resumed on a different
 number of ranks (an elastic run that lost or regained nodes: other steps per epoch, and other
 samples per epoch, since each epoch drops the remainder of world_size x batch_size) thus
 continues where the samples it has trained on put it, not where its step count would. With
@@ -16,7 +17,7 @@ import math
 
 from torch.optim import Optimizer
 
-from attnpipe.config import OptimizerConfig, ScheduleConfig
+from attnpipe.config import OptimizerConfig, ScheduleConfig, TrainConfig
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, config: ScheduleConfig) -> float:
@@ -30,6 +31,12 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, config: ScheduleCo
         passed = sum(step >= m * total_steps for m in config.milestones)
         return config.gamma**passed
     return 1.0
+
+
+def global_batch_size(train: TrainConfig, world_size: int) -> int:
+    """Images per optimizer step over all ranks: what `scaled_lr` scales to (`attnpipe plan`
+    says the same number)."""
+    return world_size * train.batch_size * train.accumulate_steps
 
 
 def scaled_lr(config: OptimizerConfig, global_batch: int) -> float:
@@ -104,6 +111,12 @@ class LrSchedule:
         """Continue after `samples_seen` training samples, whatever world sizes trained them;
         `samples_per_epoch`: what one epoch of this world size trains on (all ranks)."""
         self.set_position(samples_seen / samples_per_epoch)
+
+    def advance(self, steps: int) -> None:
+        """Continue `steps` optimizer steps further: those of a partly trained epoch that a
+        mid-epoch checkpoint holds (whole epochs are placed by `set_position_by_samples`)."""
+        self.step_count += steps
+        self._apply()
 
     def rewarm(self, from_base_lr: float, steps: int, done: int = 0) -> None:
         """Ramp the base rate linearly from `from_base_lr` (what the smaller world trained at)
