@@ -20,11 +20,20 @@ rank one smaller batch of `samples // world_size`; one with fewer samples than r
 error. A training stream yields exactly its allotment, then ends.
 
 Evaluation: every sample exactly once across all readers (ranges as equal as possible).
+
+Training augmentation draws its random numbers from a seed of its own per sample, a function
+of (seed, epoch, rank, reader, the sample's place in the reader's stream): whichever process
+reads it, in whichever attempt, a sample gets the same crop and flips. A run resumed in the
+middle of an epoch (`set_epoch(epoch, skip_batches)`) therefore continues that epoch exactly:
+each reader leaves out the samples its rank already trained on (read, not decoded) and the
+rest come in the order, and with the augmentation, of the uninterrupted epoch, as long as
+the number of ranks and of loader workers is the same.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
@@ -45,6 +54,7 @@ from attnpipe.data.device_batches import (
 from attnpipe.data.reader_plan import (
     ReaderPlan,
     Segment,
+    batches_taken,
     plan_readers,
     steps_per_epoch,
     train_batches,
@@ -132,8 +142,9 @@ class ShardStream(IterableDataset):
     from `split_info(...).shards`; `urls=` (shard URLs) is accepted too and looks the shards up
     in the `index.json` beside them.
 
-    The epoch lives in shared memory: DataLoader workers hold a copy of the stream made when
-    they started, and persistent workers must still see `set_epoch` of later epochs.
+    The epoch (and the batches to skip of it) lives in shared memory: DataLoader workers hold
+    a copy of the stream made when they started, and persistent workers must still see
+    `set_epoch` of later epochs.
     """
 
     def __init__(
@@ -158,6 +169,7 @@ class ShardStream(IterableDataset):
         self.transform, self.train = transform, train
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self._epoch = torch.tensor(epoch, dtype=torch.int64).share_memory_()
+        self._skip = torch.zeros((), dtype=torch.int64).share_memory_()
         if train:
             train_batches(self.samples_total, world_size, 1)  # fails early on too few samples
         if not all(s.has_offsets for s in self.shards):
@@ -179,8 +191,15 @@ class ShardStream(IterableDataset):
     def epoch(self) -> int:
         return int(self._epoch)
 
-    def set_epoch(self, epoch: int) -> None:
+    @property
+    def skip_batches(self) -> int:
+        return int(self._skip)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The epoch the next iteration reads; `skip_batches`: batches of it this rank has
+        trained on already (a resume from a mid-epoch checkpoint), left out (training only)."""
         self._epoch.fill_(epoch)
+        self._skip.fill_(skip_batches if self.train else 0)
 
     def plan(self, workers: int = 1, batch_size: int = 1, epoch: int | None = None) -> ReaderPlan:
         """Every reader's share of `epoch` (default: the current one) for this many DataLoader
@@ -206,30 +225,76 @@ class ShardStream(IterableDataset):
         workers: int | None = None,
     ) -> Iterator[tuple]:
         """(image, label, id) of one reader: this process's DataLoader worker unless `worker`
-        and `workers` are given. Training shares are whole batches of `batch_size`.
-        `normalize=False` leaves images uint8 (augmented only), for `make_loader`."""
+        and `workers` are given. Training shares are whole batches of `batch_size`, less the
+        batches `set_epoch` said to skip. `normalize=False` leaves images uint8 (augmented
+        only), for `make_loader`."""
         info = get_worker_info()
+        skip_batches = self.skip_batches
         if worker is None or workers is None:
             workers, worker = (info.num_workers, info.id) if info else (1, 0)
+            # The DataLoader asks worker 0 first: after `skip_batches` batches the reader
+            # whose batch comes next is `skip_batches % workers`, so worker 0 reads for it.
+            worker = (worker + skip_batches) % workers
         # Samples are already in uint8; extra intra-op threads per loader worker only contend.
         if info is not None:
             torch.set_num_threads(1)
         epoch = self.epoch
-        segments = self.plan(workers, batch_size, epoch).segments(self.rank, worker)
-        samples = self.read(segments)
-        if self.train:
-            reader = self.rank * workers + worker
-            rng = np.random.default_rng([self.seed, epoch, reader])
-            samples = buffer_shuffle(samples, self.shuffle_buffer, rng)
+        plan = self.plan(workers, batch_size, epoch)
+        samples = self.read(plan.segments(self.rank, worker))
         transform = self.transform if normalize else self.transform.augment
-        for sample in samples:
+        if not self.train:
+            for sample in samples:
+                image, label, meta = decode_sample(sample)
+                yield transform(image), label, meta["id"]
+            return
+        reader = self.rank * workers + worker
+        rng = np.random.default_rng([self.seed, epoch, reader])
+        samples = buffer_shuffle(samples, self.shuffle_buffer, rng)
+        seeds = augment_seeds(self.seed, epoch, self.rank, worker, plan.samples(reader))
+        if info is not None:  # nothing of ours draws from them: in case a transform does
+            _seed_libraries(self.seed, epoch, self.rank, worker)
+        skip = batches_taken(skip_batches, workers, worker) * plan.batch_size
+        # Trained on before a resume: read (the shuffle needs them) but never decoded.
+        for index, sample in enumerate(itertools.islice(samples, skip, None), start=skip):
             image, label, meta = decode_sample(sample)
-            yield transform(image), label, meta["id"]
+            # In a loader worker nothing else draws from torch's generator; in the training
+            # process it is the loop's (MixUp, dropout...), so it is put back after each image.
+            yield seeded(transform, image, int(seeds[index]), keep=info is None), label, meta["id"]
 
     def read(self, segments: Iterable[Segment]) -> Iterator[dict[str, Any]]:
         """The raw samples of `segments`, in order."""
         for segment in segments:
             yield from read_samples(self.shards[segment.shard], segment.start, segment.stop)
+
+
+def augment_seeds(seed: int, epoch: int, rank: int, worker: int, count: int) -> np.ndarray:
+    """The augmentation seed of each of a training reader's `count` samples, in stream order:
+    a function of (seed, epoch, rank, reader) alone, so every attempt of a run draws the same
+    ones (a fresh generator per attempt replayed epoch 0's numbers in the first epoch after a
+    resume)."""
+    # The trailing 1 keeps these apart from the shuffle's generator, seeded [seed, epoch, reader].
+    return np.random.default_rng([seed, epoch, rank, worker, 1]).integers(2**63, size=count)
+
+
+def seeded(transform: Callable, image: torch.Tensor, seed: int, keep: bool) -> torch.Tensor:
+    """`transform(image)` with torch's generator seeded with `seed`; `keep`: the generator's
+    state is put back afterwards."""
+    generator = torch.default_generator
+    before = generator.get_state() if keep else None
+    generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also queues CUDA's
+    try:
+        return transform(image)
+    finally:
+        if before is not None:
+            generator.set_state(before)
+
+
+def _seed_libraries(seed: int, epoch: int, rank: int, worker: int) -> None:
+    """Python's and numpy's global generators of a loader worker, from (seed, epoch, rank,
+    worker) rather than from the DataLoader's per-attempt base seed."""
+    state = np.random.SeedSequence([seed, epoch, rank, worker, 2]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
 
 
 def buffer_shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -264,7 +329,8 @@ class ShardLoader:
 
     One loader serves every epoch: call `stream.set_epoch(e)` before iterating it. `len()` is
     the number of batches this rank gets in the stream's current epoch (training: the same on
-    every rank). `dataloader` is the underlying torch DataLoader (its workers send uint8).
+    every rank), less those `set_epoch` skips. `dataloader` is the underlying torch DataLoader
+    (its workers send uint8).
     """
 
     def __init__(
@@ -301,7 +367,8 @@ class ShardLoader:
         )
 
     def __len__(self) -> int:
-        return self.stream.plan(self.workers, self.batch_size).batches(self.stream.rank)
+        batches = self.stream.plan(self.workers, self.batch_size).batches(self.stream.rank)
+        return batches - self.stream.skip_batches
 
     def __iter__(self) -> Iterator[Batch]:
         if self.device.type == "cuda" and not torch.cuda.is_available():

@@ -63,6 +63,16 @@ def train_batches(samples: int, world_size: int, batch_size: int) -> tuple[int, 
     return batch_size, samples // (world_size * batch_size)
 
 
+def batches_taken(steps: int, workers: int, worker: int) -> int:
+    """How many of a rank's first `steps` training batches came from its reader `worker`.
+
+    The DataLoader asks its workers round robin, worker 0 first, and a rank's readers hold
+    whole batches, the first ones one more when they do not share evenly: batch j of the
+    epoch is batch j // workers of reader j % workers.
+    """
+    return max(0, -(-(steps - worker) // workers))
+
+
 def steps_per_epoch(samples: int, world_size: int, batch_size: int) -> int:
     """Batches every rank takes per epoch: one pass over the data in total (at least 1)."""
     return max(1, samples // (world_size * batch_size))

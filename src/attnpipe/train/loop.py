@@ -4,11 +4,13 @@ Ray starts one copy per worker (`train_loop_per_worker`); `torchrun` can run the
 `run_training` (`attnpipe.train.torchrun`). Phases, each in a module of its own:
 
     run = build(config, session)        model, DDP, optimizer, schedule, data (`build`)
-    state = resume(run)                  the latest checkpoint of this run (`checkpointing`)
+    state = resume(run)                  the latest checkpoint of this run (`checkpointing`),
+                                         at an epoch's end or within one
     if state.finished: finish            an early-stopped or finished run trains nothing more
     for each epoch:
         train_one_epoch(run, epoch)      this rank's share of the shards; equal steps per rank
-                                         (`steps`)
+                                         (`steps`); with train.checkpoint_every, mid-epoch
+                                         checkpoints written by a thread (`MidEpochCheckpoints`)
         validate(run)                    every validation sample once, counts added over ranks
                                          (`validation`; meanwhile the loader workers read the
                                          next epoch)
@@ -32,7 +34,8 @@ from typing import Any
 from attnpipe.tracking import WandbRun, artifact_aliases, export_wandb_run
 from attnpipe.train.build import Run, build
 from attnpipe.train.checkpoint import TrainingState, load_best_weights, write_best_model
-from attnpipe.train.checkpointing import cpu_copy, resume, save_checkpoint
+from attnpipe.train.checkpoint_writer import CheckpointClock
+from attnpipe.train.checkpointing import MidEpochCheckpoints, cpu_copy, resume, save_checkpoint
 from attnpipe.train.faults import fault_point
 from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.repeatability import apply_determinism
@@ -54,7 +57,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def run_training(config: LoopConfig, session: WorkerSession) -> None:
     """The loop itself, for any launcher that provides a `WorkerSession`."""
     run = build(config, session)
-    state = resume(run)
+    state, progress = resume(run)
     tracker = start_tracking(run)
     for row in state.history:  # rows an earlier attempt checkpointed but W&B never got
         tracker.log_epoch(row, step=row["epoch"])
@@ -67,10 +70,16 @@ def run_training(config: LoopConfig, session: WorkerSession) -> None:
         return
     run.tracer.event("start", state.epoch)
     clock = (time.perf_counter(), state.epoch)
-    vote = StopVote(session)
-    batches = epoch_batches(run, state.epoch)
-    for epoch in range(state.epoch, run.train.epochs):
-        outcome = train_one_epoch(run, epoch, batches, vote)
+    checkpoint_clock = CheckpointClock(run.train.checkpoint_every)
+    vote = StopVote(session, checkpoint_wish=checkpoint_clock.wish)
+    checkpoints = MidEpochCheckpoints(run, state, checkpoint_clock, vote)
+    after_step = checkpoints if checkpoints.active else None
+    batches = epoch_batches(run, state.epoch, progress.step)
+    first_epoch = state.epoch
+    for epoch in range(first_epoch, run.train.epochs):
+        resumed = progress if epoch == first_epoch else None  # its part from a mid-epoch resume
+        outcome = train_one_epoch(run, epoch, batches, vote, resumed, after_step)
+        checkpoints.flush()  # the epoch's end is checkpointed after its middle
         if outcome.stopped:
             stop_on_request(run, state, tracker, epoch + 1)
             return
@@ -80,6 +89,7 @@ def run_training(config: LoopConfig, session: WorkerSession) -> None:
         run.tracer.event("validate", epoch + 1)
         val = validate(run)
         end_epoch(run, state, tracker, epoch_row(run, epoch + 1, outcome, val), outcome, clock)
+        checkpoints.epoch_saved()
         if vote.settle():  # asked since the last check of the epoch: it is saved, stop now
             stop_on_request(run, state, tracker, epoch + 2)
             return

@@ -5,7 +5,9 @@ thread order per op); on GPUs cuDNN's autotuner (`benchmark`) picks algorithms b
 several kernels add with atomics, so runs differ in the last bits and then more. With the
 switch: cuDNN deterministic and not benchmarking, `torch.use_deterministic_algorithms`,
 cuBLAS's fixed workspace (`CUBLAS_WORKSPACE_CONFIG`, read when cuBLAS starts: set before the
-first CUDA matmul), and loader workers seeded from the recipe's seed and the rank.
+first CUDA matmul). Augmentation needs no switch: each training sample's random numbers come
+from a seed of its own, a function of (seed, epoch, rank, reader, the sample's place), in
+every attempt of a run (`attnpipe.data.loaders`).
 
 A few CUDA backward kernels have no deterministic version (bilinear upsampling in the attention
 masks, adaptive average pooling): torch warns once about each and they stay as they are

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,10 +17,30 @@ from attnpipe.train.build import Run
 from attnpipe.train.stop_vote import StopVote
 
 
-def epoch_batches(run: Run, epoch: int) -> Iterator[Any]:
-    """The training batches of `epoch`; with loader workers, they start reading now."""
-    run.train_stream.set_epoch(epoch)
+def epoch_batches(run: Run, epoch: int, skip: int = 0) -> Iterator[Any]:
+    """The training batches of `epoch` after its first `skip` (trained before a resume from a
+    mid-epoch checkpoint); with loader workers, they start reading now."""
+    run.train_stream.set_epoch(epoch, skip)
     return iter(run.train_loader)
+
+
+@dataclass
+class EpochProgress:
+    """This rank's part of the epoch so far: what a mid-epoch checkpoint keeps of it, and where
+    a run resumed from one starts the epoch again (`step` 0: at its beginning)."""
+
+    step: int = 0  # batches trained this epoch
+    loss_sum: torch.Tensor | None = None  # their summed training loss
+    samples: int = 0
+    seconds: float = 0.0  # trained in earlier attempts
+    started: float = field(default_factory=time.perf_counter)  # this attempt's start
+
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self.started
+
+
+# Called after each training step: (the epoch, the step, the progress after it).
+AfterStep = Callable[[int, int, EpochProgress], None]
 
 
 @dataclass(frozen=True)
@@ -31,30 +51,43 @@ class EpochOutcome:
     stopped: bool  # a stop was requested (all ranks agreed) before the epoch ended
 
 
-def train_one_epoch(run: Run, epoch: int, batches: Iterator[Any], vote: StopVote) -> EpochOutcome:
-    """One epoch over `batches` (from `epoch_batches`)."""
+def train_one_epoch(
+    run: Run,
+    epoch: int,
+    batches: Iterator[Any],
+    vote: StopVote,
+    resumed: EpochProgress | None = None,
+    after_step: AfterStep | None = None,
+) -> EpochOutcome:
+    """One epoch over `batches` (from `epoch_batches`), from `resumed`'s step when given (the
+    batches then start there), with `after_step` (mid-epoch checkpoints) after each step."""
     run.tracer.event("epoch", epoch + 1)
     run.ddp_model.train()
-    started = time.perf_counter()
-    loss_sum = torch.zeros((), device=run.device)
-    seen, ids = 0, []
+    progress = EpochProgress() if resumed is None else resumed
+    progress.started = time.perf_counter()
+    if progress.loss_sum is None:
+        progress.loss_sum = torch.zeros((), device=run.device)
+    ids: list[str] = []
     run.optimizer.zero_grad(set_to_none=True)
-    for step, (images, labels, batch_ids) in enumerate(batches):
+    for step, (images, labels, batch_ids) in enumerate(batches, start=progress.step):
         # With MixUp/CutMix on, `targets` are soft (N, C) and the logged train_loss is the
         # loss against the mixed targets: comparable between epochs and between runs with the
         # same mixing, higher than a clean-label loss and so not comparable with val_loss.
         images, targets = run.batch_augment(images, labels)
         loss = train_step(run, step, images, targets)
-        loss_sum += loss * labels.shape[0]
-        seen += labels.shape[0]
+        progress.loss_sum += loss * labels.shape[0]
+        progress.samples += labels.shape[0]
+        progress.step = step + 1
         if run.tracer.enabled:
             ids.extend(batch_ids)
         if vote.due(step) and vote.check():
-            return EpochOutcome(math.nan, seen, time.perf_counter() - started, stopped=True)
+            return EpochOutcome(math.nan, progress.samples, progress.elapsed(), stopped=True)
+        if after_step is not None:
+            after_step(epoch, step, progress)
     vote.close_epoch()  # read after the checkpoint: however short the epoch, it asks
     run.tracer.sample_ids(epoch + 1, ids)
-    mean_loss = _mean_across_ranks(loss_sum, seen, run.world, run.device)
-    return EpochOutcome(mean_loss, seen, time.perf_counter() - started, stopped=False)
+    mean_loss = _mean_across_ranks(progress.loss_sum, progress.samples, run.world, run.device)
+    return EpochOutcome(mean_loss, progress.samples, progress.elapsed(), stopped=False)
 
 
 def train_step(run: Run, step: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

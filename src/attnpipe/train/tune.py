@@ -83,6 +83,8 @@ def trial_recipe(recipe: Recipe, params: dict[str, Any]) -> Recipe:
         "train.epochs": sweep.epochs or recipe.train.epochs,
         "train.monitor": sweep.metric,
         "train.early_stopping_patience": None,  # ASHA decides when to stop
+        # Tune takes every report as a result of the trial: reports stay one per epoch.
+        "train.checkpoint_every": None,
     }
     return apply_overrides(recipe, overrides, origin="tune trial")
 
