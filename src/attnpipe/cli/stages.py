@@ -41,7 +41,7 @@ STAGES = {
         "read the shards from shard.publish_to on every node.",
     ),
     "train": (
-        "train with Ray Train (DDP), checkpointing every epoch",
+        "train with Ray Train (DDP), checkpointing every epoch (and train.checkpoint_every)",
         "Reads data/<name>/shards/ (or shard.publish_to) and trains the recipe's model with a "
         "Ray TorchTrainer "
         "(train.workers ranks; GPUs when available). Checkpoints go to "
