@@ -54,17 +54,12 @@ from attnpipe.data.prepare import prepare
 from attnpipe.data.shard import shard
 from attnpipe.data.sources import fetch
 from attnpipe.paths import PipelinePaths
+from attnpipe.train.build import Run, apply_speed_settings, build, speed_settings
 from attnpipe.train.checkpoint import read_checkpoint, write_checkpoint
 from attnpipe.train.launch import build_loop_config
-from attnpipe.train.loop import (
-    Run,
-    apply_speed_settings,
-    build,
-    run_training,
-    speed_settings,
-    train_step,
-)
+from attnpipe.train.loop import run_training
 from attnpipe.train.session import TorchrunSession
+from attnpipe.train.steps import train_step
 
 PIPELINE = "gpucheck"
 TARGETS = {

@@ -61,6 +61,7 @@ def run_training(config: LoopConfig, session: WorkerSession) -> None:
     tracker = start_tracking(run)
     for row in state.history:  # rows an earlier attempt checkpointed but W&B never got
         tracker.log_epoch(row, step=row["epoch"])
+    run.tracer.event("start", state.epoch)  # where this attempt starts: after the last saved
     if state.finished(run.train):
         # A re-launch of a run that ended (dvc repro after a failed upload, a re-submitted job):
         # training on would change the best model it already chose.
@@ -68,7 +69,6 @@ def run_training(config: LoopConfig, session: WorkerSession) -> None:
             say(already_finished(state, run.train.early_stopping_patience))
         finish(run, state, tracker)
         return
-    run.tracer.event("start", state.epoch)
     clock = (time.perf_counter(), state.epoch)
     checkpoint_clock = CheckpointClock(run.train.checkpoint_every)
     vote = StopVote(session, checkpoint_wish=checkpoint_clock.wish)
