@@ -139,7 +139,7 @@ def _start_private_cluster(cpus: int) -> None:
             f"starting a private Ray cluster on this machine with {cpus} CPU(s){where}", flush=True
         )
         try:
-            with _environment(API_SERVER_ENV, url):
+            with environment_variable(API_SERVER_ENV, url):
                 ray.init(
                     address="local",
                     num_cpus=cpus,
@@ -163,10 +163,12 @@ def _free_local_port() -> int:
 
 
 @contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    """`name=value` in this process's environment (and so its children's) for the block."""
+def environment_variable(name: str, value: str | None) -> Iterator[None]:
+    """`name=value` in this process's environment (and so its children's) for the block, then
+    as it was; None leaves it as it is."""
     before = os.environ.get(name)
-    os.environ[name] = value
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:

@@ -26,7 +26,7 @@ from attnpipe.config import Recipe, resolve_pretrained
 from attnpipe.data.shard_index import ShardError, read_index, shard_location
 from attnpipe.errors import AttnpipeError
 from attnpipe.paths import PipelinePaths
-from attnpipe.raycluster import configure_ray_environment
+from attnpipe.raycluster import configure_ray_environment, environment_variable
 from attnpipe.storage import upload_file as storage_upload
 from attnpipe.tracking import (
     ExperimentIdentity,
@@ -211,17 +211,9 @@ def placement_wait(elastic: bool) -> Iterator[None]:
     node's rank; after this wait it tries again with a fresh view. Set, not defaulted: the
     fixed-size runs' long wait (for GPU nodes an autoscaler is still starting), inherited from
     a parent process or an earlier run in this one, would hold a shrunken run for 10 minutes."""
-    name = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-    before = os.environ.get(name)
-    if elastic:
-        os.environ[name] = str(ELASTIC_START_S)
-    try:
+    wait = str(ELASTIC_START_S) if elastic else None
+    with environment_variable("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", wait):
         yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
 
 
 def fit_or_explain(trainer: Any) -> Any:
