@@ -191,7 +191,10 @@ def test_fetch_links_the_images_and_copies_when_asked(tmp_path: Path):
 def test_fetch_copies_across_file_systems(tmp_path: Path):
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("needs /dev/shm on a file system other than tmp_path's")
+        pytest.skip(
+            "needs /dev/shm on another file system than the temporary folder: the copy "
+            "fallback is for links across file systems"
+        )
     with tempfile.TemporaryDirectory(dir=shm) as elsewhere:
         tree = _tree(Path(elsewhere) / "mine", {"train": 2})
         source = {"kind": "folder", "path": str(tree)}

@@ -6,14 +6,12 @@ tests/train/test_mid_epoch_kill.py."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from attnpipe.config import TrainConfig, apply_overrides
 from attnpipe.data import loaders as loaders_module
@@ -25,6 +23,7 @@ from attnpipe.train.checkpoint import CHECKPOINT_FILE, read_checkpoint, read_che
 from attnpipe.train.checkpoint_writer import CheckpointClock, CheckpointWriter, snapshot
 from attnpipe.train.faults import FaultSpecError, planned_faults, planned_step_faults
 from attnpipe.train.launch import build_loop_config
+from tests.train.test_loop_costs import ResumableSession
 
 
 # --------------------------------------------------------------------------- the readers
@@ -132,24 +131,13 @@ def test_augmentation_does_not_depend_on_the_attempt_or_move_the_training_genera
 
 
 # --------------------------------------------------------------------------- the loop
-class KeepingSession:
+class KeepingSession(ResumableSession):
     """One CPU rank: a copy of every checkpoint, epoch ends and mid-epoch ones (which the run
-    deletes as it goes), as `<keep>/<n>-epoch<e>[-step<s>]/`, in order."""
-
-    rank, world_size, node_id = 0, 1, "local"
-    device = torch.device("cpu")
+    deletes as it goes), as `<keep>/kept/<n>-epoch<e>[-step<s>]/`, in order."""
 
     def __init__(self, keep: Path, resume: Path | None = None) -> None:
-        self.keep, self.resume = keep, resume
-        self.reports: list[dict] = []
+        super().__init__(keep, resume)
         self.kept: list[Path] = []
-
-    def prepare_model(self, model: nn.Module, forward_sync_buffers: bool = True) -> nn.Module:
-        return model
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        yield self.resume
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         self.reports.append(metrics)
@@ -167,9 +155,6 @@ class KeepingSession:
         self.kept.append(self.keep / "kept" / f"{len(self.kept):03d}-{name}")
         self.kept[-1].parent.mkdir(exist_ok=True)
         return self.kept[-1]
-
-    def stop_requested(self) -> bool:
-        return False
 
 
 def _train(digits_project, folder: Path, resume: Path | None = None, **train) -> KeepingSession:

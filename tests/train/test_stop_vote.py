@@ -101,7 +101,11 @@ def test_one_rank_and_nothing_asked_trains_every_epoch():
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: it checks that a vote never synchronises one (run it on a GPU "
+    "machine; CI has none)",
+)
 def test_starting_a_vote_on_a_gpu_never_synchronises_it():
     """CUDA's sync debug mode raises on any call that makes the host wait for the device (a
     pageable host-to-device copy did, every check)."""
