@@ -1,4 +1,5 @@
-"""The package's shape, checked on its source: the dependency rule and short functions.
+"""The package's shape, checked on its source: the dependency rule, no import circles and
+short functions.
 
 models <- data <- train, evaluate <- cli: `models` imports nothing of attnpipe outside
 itself, `data` never imports train/evaluate/models, and train and evaluate never import each
@@ -61,6 +62,61 @@ def violations(paths: list[Path], root: Path = SRC) -> list[str]:
     return found
 
 
+def module_imports(root: Path = SRC) -> dict[str, set[str]]:
+    """{module: the package's modules it imports}, anywhere in it (in functions and under
+    TYPE_CHECKING too: a lazy import is still a dependency). `from package import name`
+    depends on package.name where that is a module, else on the package."""
+    names = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in names.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, *([node.module] if node.module else [])])
+                for alias in node.names:
+                    submodule = f"{base}.{alias.name}"
+                    targets.add(submodule if submodule in names else base)
+        graph[name] = {target for target in targets if target in names and target != name}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The circles of `graph`: its strongly connected parts of more than one module."""
+    order: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(module: str) -> None:
+        order[module] = low[module] = len(order)
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if target not in order:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], order[target])
+        if low[module] == order[module]:
+            part = stack[stack.index(module) :]
+            del stack[stack.index(module) :]
+            if len(part) > 1:
+                circles.append(sorted(part))
+
+    for module in sorted(graph):
+        if module not in order:
+            visit(module)
+    return circles
+
+
 def long_functions(paths: list[Path], root: Path = SRC) -> list[str]:
     found = []
     for path in paths:
@@ -75,6 +131,19 @@ def long_functions(paths: list[Path], root: Path = SRC) -> list[str]:
 
 def test_dependencies_point_one_way():
     assert violations(_modules()) == []
+
+
+def test_no_module_imports_itself_through_others():
+    """E.g. evaluate's run.py writes the figures that report.py and sharing.py read: the
+    types they share live in evaluate/results.py, not in run.py, which imports both."""
+    graph = module_imports()
+    assert "attnpipe.evaluate.results" in graph["attnpipe.evaluate.sharing"]
+    assert import_circles(graph) == []
+
+
+def test_the_circle_check_finds_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_circles(graph) == [["a", "b", "c"]]
 
 
 def test_no_function_is_longer_than_80_lines():

@@ -23,7 +23,8 @@ import numpy as np
 import yaml
 
 if TYPE_CHECKING:
-    from attnpipe.evaluate.run import FigureFile, SplitResult
+    from attnpipe.evaluate.results import FigureFile
+    from attnpipe.evaluate.scoring import SplitResult
 
 # (metrics.json key, label, kind, hint); kind "pct" shows a share as a percentage.
 METRIC_CARDS = [

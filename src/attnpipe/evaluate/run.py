@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from attnpipe.data.shard_index import shard_location
 from attnpipe.data.transforms import evaluation_size, evaluation_transform
 from attnpipe.devices import require_cuda
 from attnpipe.errors import AttnpipeError
+from attnpipe.evaluate.results import FigureFile
 from attnpipe.evaluate.scoring import (
     EXAMPLES_PER_CLASS,
     MAX_EXAMPLE_CLASSES,
@@ -202,14 +202,6 @@ def json_safe(values: dict[str, Any]) -> dict[str, Any]:
 # The test metrics `dvc metrics show` lists (all of them are in metrics.json): accuracy, and
 # the one that says more where classes are unbalanced (binary tasks: ROC-AUC).
 HEADLINE_METRICS = ("accuracy", "macro_f1", "roc_auc")
-
-
-@dataclass(frozen=True)
-class FigureFile:
-    key: str
-    title: str
-    caption: str
-    path: Path
 
 
 def write_figures(

@@ -10,7 +10,8 @@ import numpy as np
 from attnpipe import tracking
 from attnpipe.config import Recipe
 from attnpipe.data.shard_index import shard_location
-from attnpipe.evaluate.run import FigureFile, SplitResult
+from attnpipe.evaluate.results import FigureFile
+from attnpipe.evaluate.scoring import SplitResult
 from attnpipe.paths import PipelinePaths
 
 # Rows of the most-confident-mistakes table, and images of kept mistakes, sent to W&B.
