@@ -50,13 +50,15 @@ browser:  ## install Chromium (Debian's apt package) for the report test, if mis
 	  echo "browser: no Chromium and no root apt-get; the report browser test will be skipped"; \
 	fi
 
-# The unmarked tests run in-process, one thread each: two processes use both cores (-n 2); a
-# file's tests stay together (--dist loadfile), so a module's fixtures are built once.
-QUICK_TESTS := -m "not (ray or dvc or netns)" -n 2 --dist loadfile
+# The unmarked tests run in-process, one thread each: two processes use both cores (-n 2), each
+# given whole work units (tests/conftest.py: a file's tests, so that its module fixtures are
+# built once), longest first.
+QUICK_TESTS := -m "not (ray or dvc or netns)" -n 2 --dist loadgroup
 
 # Every test: the quick tier two at a time, then the tiers that start Ray, DVC and test hosts
-# one at a time (each of those keeps both cores busy, and some wait on deadlines).
-# Both run whatever the first gives; the status is the first failure's.
+# one at a time: each of those keeps both cores busy (two at a time measured no faster, with
+# a load average of 6: docs/testing.md). Both run whatever the first gives; the status is the
+# first failure's.
 test: setup browser  ## run the whole test suite (tiny data; starts real Ray, DVC and W&B offline)
 	@status=0; \
 	$(UV) run --frozen pytest $(QUICK_TESTS) || status=$$?; \

@@ -70,12 +70,49 @@ def pytest_configure(config: pytest.Config) -> None:
 FIXTURE_TIERS = {"repro_project": ("dvc", "ray")}
 
 
+# `make test` and `make check` run two pytest processes (`-n 2 --dist loadgroup`), each given
+# whole work units: a file's tests (its module fixtures are built once), except that every
+# test of the one `dvc repro` build is one unit, so that only one process builds it. The
+# longest units start first, so that the short ones fill the end of both processes' time.
+SHARED_BUILD_UNIT = "repro_project"
+LONGEST_UNITS = (  # docs/testing.md, per file: the ones over a minute, longest first
+    SHARED_BUILD_UNIT,
+    "tests/train/test_tune.py",
+    "tests/train/test_fault_tolerance.py",
+    "tests/cluster/test_submit.py",
+    "tests/train/test_elastic_hosts.py",
+    "tests/train/test_multihost.py",
+    "tests/train/test_mid_epoch_kill.py",
+    "tests/cluster/test_s3_training.py",
+    "tests/cluster/test_rayjob_run.py",
+    "tests/cluster/test_data_tasks.py",
+    "tests/train/test_fault_points.py",
+)
+
+
+def _work_unit(item: pytest.Item) -> str:
+    if SHARED_BUILD_UNIT in getattr(item, "fixturenames", ()):
+        return SHARED_BUILD_UNIT
+    return item.nodeid.split("::")[0]
+
+
+def _start_rank(item: pytest.Item) -> tuple[int, int]:
+    unit = _work_unit(item)
+    if unit in LONGEST_UNITS:
+        return 0, LONGEST_UNITS.index(unit)
+    marked = any(item.get_closest_marker(name) for name in TIERS)
+    return (1 if marked else 2), 0
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for fixture, tiers in FIXTURE_TIERS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 for tier in tiers:
                     item.add_marker(tier)
+        item.add_marker(pytest.mark.xdist_group(_work_unit(item)))
+    items.sort(key=_start_rank)  # stable: a unit's tests keep their order
 
 
 def _executable(args: object) -> str:

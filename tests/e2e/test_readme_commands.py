@@ -30,7 +30,7 @@ RUN_HERE = [
     "uv run attnpipe run digits",
     "uv run attnpipe predict -m models/digits/model.onnx "
     "data/digits/raw/train_images/digit_0001.png",
-    "uv run attnpipe train digits --set train.epochs=3 "
+    "uv run attnpipe train digits --set train.epochs=1 "
     "--set 'model.kwargs={width_multiplier: 0.5}'",
     "uv run dvc metrics show",
     "uv run dvc plots show",
