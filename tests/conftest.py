@@ -73,10 +73,16 @@ FIXTURE_TIERS = {"repro_project": ("dvc", "ray")}
 # `make test` and `make check` run two pytest processes (`-n 2 --dist loadgroup`), each given
 # whole work units: a file's tests (its module fixtures are built once), except that every
 # test of the one `dvc repro` build is one unit, so that only one process builds it. The
-# longest units start first, so that the short ones fill the end of both processes' time.
+# longest units start first, so that the short ones fill the end of both processes' time. The
+# in-process trained model (tests/evaluate/conftest.py) is one unit too: built once, not twice.
 SHARED_BUILD_UNIT = "repro_project"
+SHARED_UNITS = {  # a session fixture: the unit of every test that uses it
+    "repro_project": SHARED_BUILD_UNIT,
+    "trained_project": "trained_project",
+}
 LONGEST_UNITS = (  # docs/testing.md, per file: the ones over a minute, longest first
     SHARED_BUILD_UNIT,
+    "trained_project",
     "tests/train/test_tune.py",
     "tests/train/test_fault_tolerance.py",
     "tests/cluster/test_submit.py",
@@ -87,12 +93,18 @@ LONGEST_UNITS = (  # docs/testing.md, per file: the ones over a minute, longest 
     "tests/cluster/test_rayjob_run.py",
     "tests/cluster/test_data_tasks.py",
     "tests/train/test_fault_points.py",
+    # the quick tier's longest (make check)
+    "tests/models/test_models.py",
+    "tests/train/test_loop_costs.py",
+    "tests/train/test_mid_epoch.py",
+    "tests/data/test_prepare_shard.py",
 )
 
 
 def _work_unit(item: pytest.Item) -> str:
-    if SHARED_BUILD_UNIT in getattr(item, "fixturenames", ()):
-        return SHARED_BUILD_UNIT
+    for fixture, unit in SHARED_UNITS.items():
+        if fixture in getattr(item, "fixturenames", ()):
+            return unit
     return item.nodeid.split("::")[0]
 
 

@@ -20,6 +20,7 @@ from attnpipe.evaluate.run import EXAMPLES_PER_CLASS, run_split, split_images
 from attnpipe.modelfile import load_model_file
 from attnpipe.models import create_model, spatial_maps
 from attnpipe.overlays import attention_examples, attention_overlays, overlay_strip
+from tests.evaluate.conftest import one_thread
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -145,13 +146,23 @@ def test_report_shows_binary_metrics_at_the_threshold(tmp_path):
     assert "3 of 7 test images are misclassified" in page
 
 
-def test_flip_tta_averages_the_image_and_its_mirror(trained_project):
+@pytest.fixture(scope="module")
+def plain_scores(trained_project):
+    """The test split scored by the recipe as it is (no TTA, float32, in-process reading): the
+    reference of the flip-TTA and the bf16 tests, computed once for both (the same work)."""
+    recipe, paths = trained_project
+    model, payload = load_model_file(paths.model_file)
+    with one_thread():
+        return run_split(model, payload, recipe, paths, "test")
+
+
+def test_flip_tta_averages_the_image_and_its_mirror(trained_project, plain_scores):
     recipe, paths = trained_project
     data = recipe.model_dump(mode="json")
     data["evaluate"] = {**data["evaluate"], "flip_tta": True}
     tta_recipe = parse_recipe({k: v for k, v in data.items() if k != "name"}, name="digits")
     model, payload = load_model_file(paths.model_file)
-    plain = run_split(model, payload, recipe, paths, "test")
+    plain = plain_scores
     tta = run_split(model, payload, tta_recipe, paths, "test")
     assert tta.ids == plain.ids == sorted(plain.ids)
     # By hand on the first test images: the mean of the softmax of the image and of its
@@ -243,7 +254,7 @@ def test_report_of_a_resnet_family_model_has_attention_overlays(trained_project,
     from attnpipe.config import apply_overrides
     from attnpipe.evaluate.run import evaluate
     from attnpipe.modelfile import Provenance, write_model_file
-    from tests.evaluate.conftest import copy_project, one_thread
+    from tests.evaluate.conftest import copy_project
 
     recipe, source = trained_project
     paths = copy_project(source, tmp_path)
@@ -287,7 +298,9 @@ def test_evaluate_runs_on_the_gpu_when_there_is_one_and_never_quietly_on_the_cpu
             evaluation_device("cuda")
 
 
-def test_evaluate_scores_with_the_recipes_amp_memory_format_and_loader_workers(trained_project):
+def test_evaluate_scores_with_the_recipes_amp_memory_format_and_loader_workers(
+    trained_project, plain_scores
+):
     """`train.amp: bf16`, `channels_last: true` and 2 loader workers reach evaluate (on this CPU:
     autocast to bfloat16 changes the probabilities a little, not the answers much), and the
     2 readers still give every test sample once."""
@@ -295,7 +308,7 @@ def test_evaluate_scores_with_the_recipes_amp_memory_format_and_loader_workers(t
 
     recipe, paths = trained_project
     model, payload = load_model_file(paths.model_file)
-    plain = run_split(model, payload, recipe, paths, "test")
+    plain = plain_scores
     fast = apply_overrides(
         recipe, {"train.amp": "bf16", "train.channels_last": True, "train.loader_workers": 2}, "t"
     )

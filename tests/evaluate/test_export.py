@@ -49,9 +49,21 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+def _check_size(name: str) -> int:
+    """The input side each registry model is exported and compared at.
+
+    The ImageNet layouts (224 px) at 96 px: a fifth of the forward passes' work, with the same
+    graph and weights. 96 = 3 x 32, so every stage and soft-mask level has the parity it has at
+    224 (48 24 12 6 3 vs 112 56 28 14 7) and the deepest maps are still 3 x 3, not a single
+    cell (where bilinear upsampling and pooling would agree whatever their settings). The
+    CIFAR layouts keep their 32 px.
+    """
+    return min(default_input_size(name), 96)
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_registry_model_runs_the_same_under_onnx_runtime(name):
-    size = default_input_size(name)
+    size = _check_size(name)
     model = _calibrated(name, size)
     started = time.perf_counter()
     data = export_onnx(model, size, opset=17)  # traced with batch 1

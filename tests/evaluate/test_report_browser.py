@@ -51,29 +51,41 @@ class PageReport:
         return self.console_errors + self.failed_requests
 
 
-def open_page(binary: str, url: str, expressions: dict[str, str]) -> PageReport:
-    """Load `url` in a fresh headless Chromium at a laptop's width (1280 px)."""
+@pytest.fixture(scope="module")
+def browser(chromium: str):
+    """One headless Chromium for this file's pages: starting Playwright's driver and the
+    browser is most of a page check's time, and each page gets a fresh browser context anyway
+    (`open_page`), so nothing of one page (cache, storage, listeners) reaches the next."""
     from playwright.sync_api import sync_playwright
 
-    report = PageReport()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=binary, headless=True, args=CHROMIUM_FLAGS
+        launched = playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=CHROMIUM_FLAGS
         )
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 2000})
-            page.on("console", lambda message: _console(report, message))
-            page.on("pageerror", lambda error: report.console_errors.append(str(error)))
-            page.on("request", lambda request: report.requests.append(request.url))
-            page.on(
-                "requestfailed",
-                lambda request: report.failed_requests.append(f"{request.url}: {request.failure}"),
-            )
-            page.goto(url, wait_until="load")
-            for name, expression in expressions.items():
-                report.values[name] = page.evaluate(expression)
+            yield launched
         finally:
-            browser.close()
+            launched.close()
+
+
+def open_page(browser: Any, url: str, expressions: dict[str, str]) -> PageReport:
+    """Load `url` in a new browser context (a fresh profile) at a laptop's width (1280 px)."""
+    report = PageReport()
+    # `new_page` makes the page its own context; closing the page closes that context.
+    page = browser.new_page(viewport={"width": 1280, "height": 2000})
+    try:
+        page.on("console", lambda message: _console(report, message))
+        page.on("pageerror", lambda error: report.console_errors.append(str(error)))
+        page.on("request", lambda request: report.requests.append(request.url))
+        page.on(
+            "requestfailed",
+            lambda request: report.failed_requests.append(f"{request.url}: {request.failure}"),
+        )
+        page.goto(url, wait_until="load")
+        for name, expression in expressions.items():
+            report.values[name] = page.evaluate(expression)
+    finally:
+        page.close()
     return report
 
 
@@ -84,9 +96,9 @@ def _console(report: PageReport, message: Any) -> None:
         report.console_warnings.append(message.text)
 
 
-def test_report_opens_in_chromium_without_errors(evaluated_project, chromium):
+def test_report_opens_in_chromium_without_errors(evaluated_project, browser):
     paths, _ = evaluated_project
-    page = open_page(chromium, paths.report_html.as_uri(), READ_PAGE)
+    page = open_page(browser, paths.report_html.as_uri(), READ_PAGE)
     assert page.errors == [], page.errors
     assert page.console_warnings == []
     # The page itself is the only request that is not an inlined data: URI.
@@ -106,7 +118,7 @@ def test_report_opens_in_chromium_without_errors(evaluated_project, chromium):
     assert page.values["page_width"] <= page.values["viewport_width"]
 
 
-def test_the_check_sees_console_errors_and_outside_requests(evaluated_project, chromium, tmp_path):
+def test_the_check_sees_console_errors_and_outside_requests(evaluated_project, browser, tmp_path):
     """The same check on a spoiled copy fails: it would catch a broken page."""
     paths, _ = evaluated_project
     spoiled = tmp_path / "index.html"
@@ -117,7 +129,7 @@ def test_the_check_sees_console_errors_and_outside_requests(evaluated_project, c
             '<script>console.error("spoiled on purpose")</script></body>',
         )
     )
-    page = open_page(chromium, spoiled.as_uri(), READ_PAGE)
+    page = open_page(browser, spoiled.as_uri(), READ_PAGE)
     assert "spoiled on purpose" in page.console_errors
     assert "http://127.0.0.1:9/tracker.png" in page.requests
     assert page.failed_requests and page.values["broken_images"] == 1

@@ -157,9 +157,12 @@ class KeepingSession(ResumableSession):
         return self.kept[-1]
 
 
-def _train(digits_project, folder: Path, resume: Path | None = None, **train) -> KeepingSession:
-    recipe, paths = digits_project
-    settings = {"epochs": 2, "workers": 1, "deterministic": True, "checkpoint_every": 5, **train}
+def _train(project, folder: Path, resume: Path | None = None, **train) -> KeepingSession:
+    """On `small_digits_project` (tests/train/conftest.py): 11 steps an epoch instead of 39,
+    a checkpoint every 2 of them instead of 5. Where checkpoints fall, what they hold and a
+    resume that ends bit for bit as the uninterrupted run does are the same for any count."""
+    recipe, paths = project
+    settings = {"epochs": 2, "workers": 1, "deterministic": True, "checkpoint_every": 2, **train}
     changes = {f"train.{k}": v for k, v in settings.items()}
     changes["tracking.wandb.mode"] = "disabled"
     # Every random draw of the loop in play: augmentation in the readers, MixUp on batches.
@@ -186,57 +189,57 @@ def _train(digits_project, folder: Path, resume: Path | None = None, **train) ->
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(digits_project, tmp_path_factory) -> KeepingSession:
-    """Two deterministic epochs of 39 batches, a checkpoint every 5 optimizer steps."""
-    return _train(digits_project, tmp_path_factory.mktemp("uninterrupted"))
+def uninterrupted(small_digits_project, tmp_path_factory) -> KeepingSession:
+    """Two deterministic epochs of 11 batches, a checkpoint every 2 optimizer steps."""
+    return _train(small_digits_project, tmp_path_factory.mktemp("uninterrupted"))
 
 
 def test_mid_epoch_checkpoints_hold_what_a_resume_needs(uninterrupted):
     names = [path.name.split("-", 1)[1] for path in uninterrupted.kept]
-    # Every 5 optimizer steps of the run (39 per epoch: 40 and 75 fall in epoch 2), and
-    # every epoch's end; no mid-epoch one at an epoch's last step.
-    first = [f"epoch0-step{s}" for s in range(5, 39, 5)]
-    second = [f"epoch1-step{s - 39}" for s in range(40, 78, 5)]
+    # Every 2 optimizer steps of the run (11 per epoch: 12 to 20 fall in epoch 2), and every
+    # epoch's end; no mid-epoch one at an epoch's last step (step 22, the run's last).
+    first = [f"epoch0-step{s}" for s in range(2, 11, 2)]
+    second = [f"epoch1-step{s - 11}" for s in range(12, 22, 2)]
     assert names == [*first, "epoch1", *second, "epoch2"]
-    saved = read_checkpoint(uninterrupted.kept[3])  # epoch 1, step 20
+    saved = read_checkpoint(uninterrupted.kept[3])  # epoch 1, step 8
     position = saved["position"]
-    assert (position["epoch"], position["step"]) == (0, 20)
+    assert (position["epoch"], position["step"]) == (0, 8)
     assert (position["world_size"], position["loader_workers"], position["batch_size"]) == (
         1,
         1,
         32,
     )
-    assert position["samples"] == [20 * 32] and position["readers"] == [[20 * 32]]
+    assert position["samples"] == [8 * 32] and position["readers"] == [[8 * 32]]
     assert position["loss_sums"][0].shape == () and position["seconds"][0] > 0
-    assert saved["schedule_step"] == 20
+    assert saved["schedule_step"] == 8
     assert set(saved["rng"][0]) == {"cpu", "cuda", "numpy", "python"}
     assert {"model", "optimizer", "scaler", "ema"} <= set(saved)
     # The history, best epoch and W&B rows stay per epoch: nothing of epoch 1 yet.
     assert saved["state"]["history"] == [] and saved["state"]["best_location"] is None
     assert [int(r["epoch"]) for r in uninterrupted.reports] == [1, 2]
     assert list((uninterrupted.keep / "mid-epoch").iterdir()) == []  # all epochs saved
-    assert read_checkpoint(uninterrupted.kept[7])["position"] is None  # an epoch's end
+    assert read_checkpoint(uninterrupted.kept[5])["position"] is None  # an epoch's end
 
 
 def test_a_run_resumed_mid_epoch_ends_with_the_uninterrupted_weights(
-    digits_project, uninterrupted, tmp_path, capfd
+    small_digits_project, uninterrupted, tmp_path, capfd
 ):
-    """Resumed from epoch 2's checkpoint after 16 of its steps: the rest of the epoch is the
+    """Resumed from epoch 2's checkpoint after 5 of its steps: the rest of the epoch is the
     same, and so are the weights, the optimizer and the epoch's row. The launcher offers epoch
     1's checkpoint; the mid-epoch file beside it goes further, and is taken."""
     epoch_end = next(p for p in uninterrupted.kept if p.name.endswith("-epoch1"))
-    middle = next(p for p in uninterrupted.kept if p.name.endswith("epoch1-step16"))
+    middle = next(p for p in uninterrupted.kept if p.name.endswith("epoch1-step5"))
     (tmp_path / "mid-epoch").mkdir()
-    shutil.copy(middle / CHECKPOINT_FILE, tmp_path / "mid-epoch" / "e0001-s000016.pt")
-    shutil.copy(middle / CHECKPOINT_FILE, tmp_path / "mid-epoch" / "e0000-s000035.pt")  # older
-    resumed = _train(digits_project, tmp_path, resume=epoch_end)
-    assert "resumed from epoch 1, step 16 of epoch 2's 39" in capfd.readouterr().out
+    shutil.copy(middle / CHECKPOINT_FILE, tmp_path / "mid-epoch" / "e0001-s000005.pt")
+    shutil.copy(middle / CHECKPOINT_FILE, tmp_path / "mid-epoch" / "e0000-s000010.pt")  # older
+    resumed = _train(small_digits_project, tmp_path, resume=epoch_end)
+    assert "resumed from epoch 1, step 5 of epoch 2's 11" in capfd.readouterr().out
     want, got = read_checkpoint(uninterrupted.kept[-1]), read_checkpoint(resumed.kept[-1])
     for key, value in want["model"].items():
         assert torch.equal(value, got["model"][key]), key
     for index, state in want["optimizer"]["state"].items():
         assert all(torch.equal(v, got["optimizer"]["state"][index][k]) for k, v in state.items())
-    assert got["schedule_step"] == want["schedule_step"] == 78
+    assert got["schedule_step"] == want["schedule_step"] == 22
     row_want, row_got = want["state"]["history"][-1], got["state"]["history"][-1]
     for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
         assert row_got[key] == row_want[key], key

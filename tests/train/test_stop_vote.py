@@ -5,17 +5,16 @@ than the 5 between checks, and the loop's order of vote, checkpoint and settle."
 from __future__ import annotations
 
 import json
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from attnpipe.train.steps import train_one_epoch
 from attnpipe.train.stop_vote import StopVote
+from tests.train.two_ranks import RANK_TIMEOUT, free_port, run_two_ranks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,7 +64,13 @@ def epochs_until_stop(run: SimpleNamespace, vote: StopVote) -> tuple[str, int]:
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=RANK_TIMEOUT,
+    )
     try:
         vote = StopVote(_Session(rank, 2, asks=rank == 0))
         result = epochs_until_stop(_tiny_run(2), vote)
@@ -78,14 +83,8 @@ def _rank(rank: int, port: int, out: str) -> None:
 def test_a_stop_asked_in_epochs_shorter_than_a_check_ends_the_run_after_the_epoch(tmp_path):
     """Rank 0 is asked from the first step; rank 1 never is. Before, no vote ever started in
     3-step epochs: the run trained on, and Ctrl-C ended in a hard kill."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # Spawned, not forked: the test process has threads (pytest-xdist's, Ray's in a session
-    # that started it), and a child forked from it can hang on a lock one of them held.
-    mp.start_processes(
-        _rank, args=(port, str(tmp_path / "rank")), nprocs=2, join=True, start_method="spawn"
-    )
+    # Rank 0 runs in this process, rank 1 in a spawned one (`run_two_ranks` says why).
+    run_two_ranks(_rank, free_port(), str(tmp_path / "rank"))
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks == [["after its checkpoint", 1]] * 2  # both ranks, the same epoch, saved
 

@@ -5,16 +5,15 @@ ROC/PR-AUC need every sample's score, gathered as N floats, not N x C)."""
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from attnpipe.metrics import MetricCounts, classification_metrics
 from attnpipe.train.validation import reduce_counts
+from tests.train.two_ranks import RANK_TIMEOUT, free_port, run_two_ranks
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,7 +27,13 @@ def _split(classes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=RANK_TIMEOUT,
+    )
     try:
         found = {}
         for classes in (2, 7):
@@ -45,14 +50,9 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_reduce_counts_to_the_whole_splits_metrics(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # Spawned, not forked: the test process has threads (pytest-xdist's), and a child forked
-    # from it can hang on a lock one of them held (the stop-vote test did, under xdist).
-    mp.start_processes(
-        _rank, args=(port, str(tmp_path / "rank")), nprocs=2, join=True, start_method="spawn"
-    )
+    # Rank 0 runs in this process, rank 1 in a spawned one (`run_two_ranks` says why: a
+    # forked child hung on a lock of the test process's threads, in the stop-vote test).
+    run_two_ranks(_rank, free_port(), str(tmp_path / "rank"))
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # the same numbers on every rank
     for classes in (2, 7):
