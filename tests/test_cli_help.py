@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from attnpipe.cli import main
 
@@ -61,7 +62,18 @@ def test_tune_and_overrides_help(capsys):
     assert "best_params.yaml" in _help(capsys, "train")  # the --overrides switch
 
 
-def test_models_help_and_table(capsys):
+@pytest.fixture
+def one_torch_thread():
+    """`attnpipe models` builds and runs every model: on a loaded 2-core machine two OpenMP
+    threads spin-wait on each other and take 3x the CPU of one (as in tests/models/conftest.py).
+    The table does not depend on the thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_models_help_and_table(capsys, one_torch_thread):
     assert "parameters" in _help(capsys, "models")
     assert main(["models"]) == 0
     table = capsys.readouterr().out

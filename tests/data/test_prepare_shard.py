@@ -15,6 +15,13 @@ from attnpipe.data.shard import sample_key, shard
 from attnpipe.paths import PipelinePaths
 from tests.conftest import TINY_OVERRIDES, write_project
 
+# The session project was prepared and sharded by pools of worker processes (workers: 0, one
+# per core). A rerun here works in this process instead: a pool costs seconds of CPU to start
+# (each shard worker imports torch) against a fraction of a second of work on the digits, and
+# equal bytes from one process and from a pool show that the output depends on neither the run
+# nor the number of workers (test_resized_jpeg_shards_... also runs pools against one process).
+IN_PROCESS = {**TINY_OVERRIDES, "prepare": {"workers": 1}, "shard": {"workers": 1}}
+
 
 def _digest(folder: Path) -> dict[str, str]:
     return {
@@ -65,7 +72,7 @@ def test_keys_with_dots_survive_webdataset_splitting():
 
 def test_two_runs_are_byte_identical(tmp_path: Path, digits_project):
     _, built = digits_project
-    root = write_project(tmp_path, TINY_OVERRIDES)
+    root = write_project(tmp_path, IN_PROCESS)
     recipe = load_recipe("digits", root)
     paths = PipelinePaths(root, "digits")
     # Same raw input as the session project, fresh outputs.
@@ -194,7 +201,7 @@ def test_a_manifest_written_in_row_groups_holds_the_same_rows_and_shards(
     from attnpipe.data import prepare as prepare_module
 
     _, built = digits_project
-    root = write_project(tmp_path, TINY_OVERRIDES)
+    root = write_project(tmp_path, IN_PROCESS)
     recipe = load_recipe("digits", root)
     paths = PipelinePaths(root, "digits")
     import shutil

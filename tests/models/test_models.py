@@ -5,6 +5,8 @@ Kept light for a 2-core CPU: batch 1-2, small inputs, ``no_grad`` wherever no gr
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -41,6 +43,39 @@ FAST_KWARGS = {
 def small_input(name: str, batch: int = 1) -> torch.Tensor:
     size = 64 if default_input_size(name) >= 64 else 32
     return torch.randn(batch, 3, size, size)
+
+
+def architecture(name: str, num_classes: int, **kwargs: object) -> nn.Module:
+    """The model built on torch's meta device: the same modules and parameter shapes, without
+    allocating or initialising any weights (a fifth of the time, or less). For tests that
+    count or inspect the architecture and never run it or read a weight's value."""
+    with torch.device("meta"):
+        return create_model(name, num_classes, **kwargs)
+
+
+class LastEvalModel:
+    """The model last asked for, built once for consecutive tests that only run it in eval mode
+    under ``no_grad`` (no training, hooks or conversions): the layout tests check one model at
+    several input sizes, and building it (mostly initialising its weights) costs as much as
+    their forward passes. The shapes they check do not depend on the random init."""
+
+    def __init__(self) -> None:
+        self.key: tuple[str, int, list] | None = None
+        self.model: nn.Module | None = None
+
+    def __call__(self, name: str, num_classes: int, **kwargs: object) -> nn.Module:
+        key = (name, num_classes, sorted(kwargs.items()))
+        if key != self.key:
+            self.model = None  # one model held at a time
+            self.model = create_model(name, num_classes, **kwargs).eval()
+            self.key = key
+        assert self.model is not None
+        return self.model
+
+
+@pytest.fixture(scope="module")
+def eval_model() -> LastEvalModel:
+    return LastEvalModel()
 
 
 def calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -82,12 +117,12 @@ def test_registry_lists_every_model() -> None:
     ],
 )
 def test_parameter_counts(name: str, num_classes: int, expected: int) -> None:
-    assert count_parameters(create_model(name, num_classes)) == expected
+    assert count_parameters(architecture(name, num_classes)) == expected
 
 
 def test_se_reduction_changes_only_attention() -> None:
-    base = create_model("se_resnet50", 1000)
-    r8 = create_model("se_resnet50", 1000, reduction=8)
+    base = architecture("se_resnet50", 1000)
+    r8 = architecture("se_resnet50", 1000, reduction=8)
     assert count_parameters(r8) > count_parameters(base)  # wider attention FCs
     attn = {k: v.shape for k, v in r8.state_dict().items() if ".attn." in k}
     assert attn["layer1.0.attn.fc1.weight"] == (256 // 8, 256)
@@ -129,7 +164,7 @@ def test_no_shared_modules_and_each_weight_used_once(name: str) -> None:
 
 
 def test_attention56_mask_units_are_distinct() -> None:
-    model = create_model("attention56", 1000)
+    model = architecture("attention56", 1000)
     units = [m for m in model.modules() if isinstance(m, PreActBottleneck)]
     # stage 1: 1 + (first, 2 trunk, 8 mask, last); stage 2: 1 + 9; stage 3: 1 + 6; tail: 3
     assert len(units) == 13 + 10 + 7 + 3
@@ -163,8 +198,8 @@ def test_every_parameter_gets_a_gradient(name: str) -> None:
     + [("attention92", 224)]
     + [(n, s) for n in RESNETS for s in (64, 112, 224)],
 )
-def test_imagenet_layout_shapes(name: str, size: int) -> None:
-    model = create_model(name, 7).eval()
+def test_imagenet_layout_shapes(name: str, size: int, eval_model: LastEvalModel) -> None:
+    model = eval_model(name, 7)
     with torch.no_grad():
         logits, maps = model.forward_with_attention(torch.randn(1, 3, size, size))
     assert logits.shape == (1, 7)
@@ -185,8 +220,8 @@ def test_resnets_any_class_count(name: str, kwargs: dict, num_classes: int) -> N
 
 
 @pytest.mark.parametrize("size", [64, 96, 200])
-def test_residual_attention_other_input_sizes(size: int) -> None:
-    model = create_model("attention56", 3).eval()
+def test_residual_attention_other_input_sizes(size: int, eval_model: LastEvalModel) -> None:
+    model = eval_model("attention56", 3)
     with torch.no_grad():
         logits, maps = model.forward_with_attention(torch.randn(1, 3, size, size))
     assert logits.shape == (1, 3)
@@ -195,8 +230,8 @@ def test_residual_attention_other_input_sizes(size: int) -> None:
 
 @pytest.mark.parametrize("size", [32, 40])
 @pytest.mark.parametrize("name", CIFAR)
-def test_cifar_layout_shapes(name: str, size: int) -> None:
-    model = create_model(name, 10, **FAST_KWARGS.get(name, {})).eval()
+def test_cifar_layout_shapes(name: str, size: int, eval_model: LastEvalModel) -> None:
+    model = eval_model(name, 10, **FAST_KWARGS.get(name, {}))
     with torch.no_grad():
         logits, maps = model.forward_with_attention(torch.randn(2, 3, size, size))
     assert logits.shape == (2, 10)
@@ -272,12 +307,12 @@ def test_features_then_head_equals_forward(name: str) -> None:
 
 
 def test_width_multiplier_scales_widths_in_multiples_of_four() -> None:
-    full = create_model("attention56_cifar", 10)
-    small = create_model("attention56_cifar", 10, width_multiplier=0.25)
+    full = architecture("attention56_cifar", 10)
+    small = architecture("attention56_cifar", 10, width_multiplier=0.25)
     assert count_parameters(small) < count_parameters(full) / 8
     stage_widths = [stage.transition.conv3.out_channels for stage in small.stages]
     assert stage_widths == [16, 32, 64]
-    tiny = create_model("attention92_cifar", 10, width_multiplier=0.1)
+    tiny = architecture("attention92_cifar", 10, width_multiplier=0.1)
     widths = [tiny.stem[0].out_channels] + [s.transition.conv3.out_channels for s in tiny.stages]
     assert all(w >= 4 and w % 4 == 0 for w in widths), widths
 
@@ -285,14 +320,26 @@ def test_width_multiplier_scales_widths_in_multiples_of_four() -> None:
 # --- 4. channels_last and bfloat16 autocast ----------------------------------------------
 
 
-@pytest.mark.parametrize("name", IMAGENET + CIFAR)
-def test_channels_last_matches_contiguous(name: str) -> None:
+# `name` is module-scoped in the two tests below: pytest runs each model's two tests one after
+# the other, and they share one build and calibration, made once and freed before the next.
+@pytest.fixture(scope="module")
+def seeded_calibrated(name: str) -> tuple[torch.Tensor, nn.Module]:
+    """A seeded batch of 2 and the model (10 classes) calibrated on it: the same seed and calls
+    give the same tensors in both tests, so they are computed once. The tests leave the model
+    as they found it (the channels_last test converts a copy)."""
     torch.manual_seed(0)
     x = small_input(name, batch=2)
-    model = calibrated(create_model(name, 10, **FAST_KWARGS.get(name, {})), x)
+    return x, calibrated(create_model(name, 10, **FAST_KWARGS.get(name, {})), x)
+
+
+@pytest.mark.parametrize("name", IMAGENET + CIFAR, scope="module")
+def test_channels_last_matches_contiguous(
+    name: str, seeded_calibrated: tuple[torch.Tensor, nn.Module]
+) -> None:
+    x, model = seeded_calibrated
     with torch.no_grad():
         ref = model(x)
-        model = model.to(memory_format=torch.channels_last)
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         out = model(x.contiguous(memory_format=torch.channels_last))
     # Relative to the whole output: a deep random net amplifies the fp32 rounding differences
     # of the two kernel layouts to ~1e-4 (attention92), so allow 1e-3.
@@ -305,17 +352,17 @@ BLOCKS = (PreActBottleneck, AttentionModule, Bottleneck, BasicBlock, GridAttenti
 SHALLOW = {"attnvgg16", "ltpa_vgg_cifar", "streamlined_resnet18"}
 
 
-@pytest.mark.parametrize("name", IMAGENET + CIFAR)
-def test_bf16_autocast_matches_fp32(name: str) -> None:
+@pytest.mark.parametrize("name", IMAGENET + CIFAR, scope="module")
+def test_bf16_autocast_matches_fp32(
+    name: str, seeded_calibrated: tuple[torch.Tensor, nn.Module]
+) -> None:
     """bf16 autocast agrees with fp32 block by block (and end to end for shallow nets).
 
     A random-init deep ResNet amplifies any perturbation by a few percent per block (even
     torchvision's resnet50 ends ~50% off in bf16), so deep nets are checked per block: each
     block gets the fp32 model's input and must reproduce its output within 3%.
     """
-    torch.manual_seed(0)
-    batch = small_input(name, batch=2)
-    model = calibrated(create_model(name, 10, **FAST_KWARGS.get(name, {})), batch)
+    batch, model = seeded_calibrated
     # Compared on one image of the two: CPU bf16 convolutions take a slow path without
     # AVX-512 (10 s an image for LTPA-VGG's 512 channels at full resolution).
     x = batch[:1]
@@ -404,7 +451,7 @@ def test_describe_and_format_table() -> None:
 
 
 def test_streamlined_attention_parameters() -> None:
-    model = create_model("streamlined_resnet50", 1000)
+    model = architecture("streamlined_resnet50", 1000)
     attn = {k: v for k, v in model.state_dict().items() if ".attn." in k}
     # One C x C weight per block and nothing else: no bias, no reduction, no second layer.
     assert all(k.endswith(".attn.fc.weight") for k in attn)
@@ -472,7 +519,7 @@ def test_streamlined_trains_with_the_source_recipe() -> None:
 
 
 def test_streamlined_mlp_head_is_the_authors() -> None:
-    model = create_model("streamlined_resnet50", 7, head="mlp")
+    model = architecture("streamlined_resnet50", 7, head="mlp")
     layers = list(model.fc)
     assert [type(m) for m in layers] == [nn.Linear, nn.Dropout, nn.Linear, nn.Dropout, nn.Linear]
     assert [(m.in_features, m.out_features) for m in layers[::2]] == [
@@ -481,7 +528,7 @@ def test_streamlined_mlp_head_is_the_authors() -> None:
         (512, 7),
     ]
     assert [m.p for m in layers[1::2]] == [0.5, 0.5]
-    assert count_parameters(create_model("streamlined_resnet50", 1000, head="mlp")) == 46_763_560
+    assert count_parameters(architecture("streamlined_resnet50", 1000, head="mlp")) == 46_763_560
 
 
 # --- class activation maps --------------------------------------------------------------------
@@ -562,7 +609,7 @@ def test_attnvgg_init_as_attnmel() -> None:
 
 
 def test_cifar_masks_pool_to_the_last_stage_by_default_and_to_the_tail_on_request() -> None:
-    default = create_model("attention92_cifar", 10)
+    default = architecture("attention92_cifar", 10)
     assert [s.blocks[0].mask.num_pools for s in default.stages] == [2, 1, 0]
     tail = create_model("attention92_cifar", 10, mask_bottom="tail")
     assert [s.blocks[0].mask.num_pools for s in tail.stages] == [3, 2, 1]
@@ -581,4 +628,4 @@ def test_cifar_masks_pool_to_the_last_stage_by_default_and_to_the_tail_on_reques
 
 def test_demo_model_is_unchanged() -> None:
     """attention56_cifar at width 0.25 (the demo's model) keeps its size: 74,934 parameters."""
-    assert count_parameters(create_model("attention56_cifar", 10, width_multiplier=0.25)) == 74_934
+    assert count_parameters(architecture("attention56_cifar", 10, width_multiplier=0.25)) == 74_934

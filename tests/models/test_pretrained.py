@@ -219,11 +219,23 @@ def test_attnvgg_loads_local_vgg16_bn(hub_home: Path) -> None:
             torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["resnet50", "se_resnet50", "streamlined_resnet50"])
-def test_resnets_load_local_resnet50(tmp_path: Path, name: str) -> None:
+@pytest.fixture(scope="module")
+def wrapped_resnet50(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A local ResNet-50 file (100 MB) and its state_dict, written once for the three ResNets
+    that load it (they only read it)."""
     source = _perturbed_state("resnet50")
-    path = tmp_path / "resnet50.pt"
+    path = tmp_path_factory.mktemp("local") / "resnet50.pt"
     torch.save({"state_dict": source}, path)  # wrapped checkpoints are accepted
+    return path, source
+
+
+@pytest.mark.parametrize("name", ["resnet50", "se_resnet50", "streamlined_resnet50"])
+def test_resnets_load_local_resnet50(
+    wrapped_resnet50: tuple[Path, dict[str, torch.Tensor]], name: str
+) -> None:
+    path, source = wrapped_resnet50
     model = create_model(name, 3, pretrained=path)  # a Path works as well as a str
     own = model.state_dict()
     for key, value in source.items():
