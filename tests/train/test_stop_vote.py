@@ -9,12 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from attnpipe.train.steps import train_one_epoch
 from attnpipe.train.stop_vote import StopVote
-from tests.train.two_ranks import RANK_TIMEOUT, free_port, run_two_ranks
+from tests.train.two_ranks import free_port, gloo_group, run_two_ranks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,20 +63,11 @@ def epochs_until_stop(run: SimpleNamespace, vote: StopVote) -> tuple[str, int]:
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=RANK_TIMEOUT,
-    )
-    try:
+    with gloo_group(rank, port):
         vote = StopVote(_Session(rank, 2, asks=rank == 0))
         result = epochs_until_stop(_tiny_run(2), vote)
         with open(f"{out}-{rank}.json", "w") as handle:
             json.dump(result, handle)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_stop_asked_in_epochs_shorter_than_a_check_ends_the_run_after_the_epoch(tmp_path):

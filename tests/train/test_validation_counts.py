@@ -9,11 +9,10 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from attnpipe.metrics import MetricCounts, classification_metrics
 from attnpipe.train.validation import reduce_counts
-from tests.train.two_ranks import RANK_TIMEOUT, free_port, run_two_ranks
+from tests.train.two_ranks import free_port, gloo_group, run_two_ranks
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -27,14 +26,7 @@ def _split(classes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=RANK_TIMEOUT,
-    )
-    try:
+    with gloo_group(rank, port):
         found = {}
         for classes in (2, 7):
             labels, probs = _split(classes)
@@ -45,8 +37,6 @@ def _rank(rank: int, port: int, out: str) -> None:
             found[classes] = {"loss": total.loss(), "samples": total.samples, **total.metrics()}
         with open(f"{out}-{rank}.json", "w") as handle:
             json.dump(found, handle)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_reduce_counts_to_the_whole_splits_metrics(tmp_path):

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import multiprocessing
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+
+import torch.distributed as dist
 
 # What a rank waits for the other (the rendezvous, each collective) before it fails: rank 0
 # runs in the test process, where a child that died would otherwise leave it waiting for
@@ -38,3 +41,15 @@ def run_two_ranks(rank: Callable[..., None], *args: object) -> None:
             child.terminate()
             child.join()
     assert child.exitcode == 0, f"rank 1 failed (exit code {child.exitcode}; its error above)"
+
+
+@contextmanager
+def gloo_group(rank: int, port: int) -> Iterator[None]:
+    """This process as `rank` of a two-rank gloo group on 127.0.0.1:`port`, for the block."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=RANK_TIMEOUT
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
