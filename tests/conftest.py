@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,21 @@ TINY_OVERRIDES = {
 }
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the block. Its threads spin-wait: on a shared 2-core
+    machine one thread per process is many times faster than two (small tensors), and on an
+    idle one it costs little at the tests' sizes."""
+    import torch  # here: the conftest of every test process need not import it
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- test tiers
 # `make check` runs the tests that need none of these; `make test` runs every test. A test
 # without the marker fails when it starts such a process (`forbid_tier_processes`).
@@ -70,30 +86,14 @@ def pytest_configure(config: pytest.Config) -> None:
 FIXTURE_TIERS = {"repro_project": ("dvc", "ray")}
 
 
-# `make test` and `make check` run two pytest processes (`-n 2 --dist loadgroup`), each given
-# whole work units: a file's tests (its module fixtures are built once), except that every
-# test of the one `dvc repro` build is one unit, so that only one process builds it. The
-# longest units start first, so that the short ones fill the end of both processes' time. The
-# in-process trained model (tests/evaluate/conftest.py) is one unit too: built once, not twice.
-SHARED_BUILD_UNIT = "repro_project"
-SHARED_UNITS = {  # a session fixture: the unit of every test that uses it
-    "repro_project": SHARED_BUILD_UNIT,
-    "trained_project": "trained_project",
-}
-LONGEST_UNITS = (  # docs/testing.md, per file: the ones over a minute, longest first
-    SHARED_BUILD_UNIT,
+# The quick tier (`make check`, and `make test`'s first part) runs in two pytest processes
+# (`-n 2 --dist loadgroup`), each given whole work units: a file's tests (its module fixtures
+# are built once), except that the tests of a shared session build are one unit, so that one
+# process builds it. The longest units start first, so that the short ones fill the end of
+# both processes' time. (The marked tiers run one test at a time: their order costs nothing.)
+SHARED_BUILDS = ("repro_project", "trained_project")  # a unit each, named after the fixture
+LONGEST_UNITS = (  # the quick tier's, longest first (docs/testing.md)
     "trained_project",
-    "tests/train/test_tune.py",
-    "tests/train/test_fault_tolerance.py",
-    "tests/cluster/test_submit.py",
-    "tests/train/test_elastic_hosts.py",
-    "tests/train/test_multihost.py",
-    "tests/train/test_mid_epoch_kill.py",
-    "tests/cluster/test_s3_training.py",
-    "tests/cluster/test_rayjob_run.py",
-    "tests/cluster/test_data_tasks.py",
-    "tests/train/test_fault_points.py",
-    # the quick tier's longest (make check)
     "tests/models/test_models.py",
     "tests/train/test_loop_costs.py",
     "tests/train/test_mid_epoch.py",
@@ -102,18 +102,13 @@ LONGEST_UNITS = (  # docs/testing.md, per file: the ones over a minute, longest 
 
 
 def _work_unit(item: pytest.Item) -> str:
-    for fixture, unit in SHARED_UNITS.items():
-        if fixture in getattr(item, "fixturenames", ()):
-            return unit
-    return item.nodeid.split("::")[0]
+    uses = getattr(item, "fixturenames", ())
+    return next((build for build in SHARED_BUILDS if build in uses), item.nodeid.split("::")[0])
 
 
-def _start_rank(item: pytest.Item) -> tuple[int, int]:
+def _start_rank(item: pytest.Item) -> int:
     unit = _work_unit(item)
-    if unit in LONGEST_UNITS:
-        return 0, LONGEST_UNITS.index(unit)
-    marked = any(item.get_closest_marker(name) for name in TIERS)
-    return (1 if marked else 2), 0
+    return LONGEST_UNITS.index(unit) if unit in LONGEST_UNITS else len(LONGEST_UNITS)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

@@ -27,6 +27,14 @@ def _part(path: Path, root: Path) -> str:
     return path.relative_to(root).parts[0].removesuffix(".py")
 
 
+def _from_base(node: ast.ImportFrom, module: str) -> str:
+    """The module a `from X import ...` in `module` (a package's as `pkg.__init__`) names,
+    relative imports resolved against the module's package."""
+    if not node.level:
+        return node.module or ""
+    return ".".join([*module.split(".")[: -node.level], *([node.module] if node.module else [])])
+
+
 def _imported_parts(tree: ast.AST, module: str) -> set[str]:
     """Top-level parts of attnpipe (`train`, `config`, ...) that `tree` imports anywhere."""
     parts = set()
@@ -34,11 +42,7 @@ def _imported_parts(tree: ast.AST, module: str) -> set[str]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: resolve against the module's package
-                base = module.split(".")[: -node.level]
-                names = [".".join([*base, node.module] if node.module else base)]
-            else:
-                names = [node.module or ""]
+            names = [_from_base(node, module)]
         else:
             continue
         parts |= {n.split(".")[1] for n in names if n.startswith("attnpipe.") and n.count(".")}
@@ -72,16 +76,13 @@ def module_imports(root: Path = SRC) -> dict[str, set[str]]:
         names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     graph = {}
     for name, path in names.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        module = f"{name}.__init__" if path.name == "__init__.py" else name
         targets = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 targets |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*up, *([node.module] if node.module else [])])
+                base = _from_base(node, module)
                 for alias in node.names:
                     submodule = f"{base}.{alias.name}"
                     targets.add(submodule if submodule in names else base)

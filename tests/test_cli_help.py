@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from attnpipe.cli import main
+from tests.conftest import one_thread
 
 STAGE_OUTPUTS = {
     "fetch": ["data/<name>/raw/"],
@@ -62,20 +62,10 @@ def test_tune_and_overrides_help(capsys):
     assert "best_params.yaml" in _help(capsys, "train")  # the --overrides switch
 
 
-@pytest.fixture
-def one_torch_thread():
-    """`attnpipe models` builds and runs every model: on a loaded 2-core machine two OpenMP
-    threads spin-wait on each other and take 3x the CPU of one (as in tests/models/conftest.py).
-    The table does not depend on the thread count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_models_help_and_table(capsys, one_torch_thread):
+def test_models_help_and_table(capsys):
     assert "parameters" in _help(capsys, "models")
-    assert main(["models"]) == 0
+    with one_thread():  # it builds and runs every model; the table does not depend on threads
+        assert main(["models"]) == 0
     table = capsys.readouterr().out
     for name in ("attention56", "attention92_cifar", "attnvgg16", "streamlined_resnet50"):
         assert name in table

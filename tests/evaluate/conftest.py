@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +15,13 @@ import torch
 from attnpipe.config import Recipe, load_recipe
 from attnpipe.data.loaders import ShardStream, build_transform, make_loader, split_info
 from attnpipe.paths import PipelinePaths
-from tests.conftest import TINY_OVERRIDES, write_project
+from tests.conftest import TINY_OVERRIDES, one_thread, write_project
 
 STEPS_PER_EPOCH = 12
 EPOCHS = 2
 # The demo's 32 pixels: this model is trained in-process in seconds, and the report, export
 # and prediction tests read images and overlays at the size a real pipeline gives them.
 EVALUATED_OVERRIDES = {**TINY_OVERRIDES, "model": {**TINY_OVERRIDES["model"], "input_size": 32}}
-
-
-@contextmanager
-def one_thread():
-    """Intra-op threads spin-wait; on a shared 2-core machine one thread per process is many
-    times faster than two, and on an idle one it costs little at these sizes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from attnpipe.evaluate.run import EXAMPLES_PER_CLASS, run_split, split_images
 from attnpipe.modelfile import load_model_file
 from attnpipe.models import create_model, spatial_maps
 from attnpipe.overlays import attention_examples, attention_overlays, overlay_strip
-from tests.evaluate.conftest import one_thread
+from tests.conftest import one_thread
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -162,7 +162,7 @@ def test_flip_tta_averages_the_image_and_its_mirror(trained_project, plain_score
     data["evaluate"] = {**data["evaluate"], "flip_tta": True}
     tta_recipe = parse_recipe({k: v for k, v in data.items() if k != "name"}, name="digits")
     model, payload = load_model_file(paths.model_file)
-    plain = plain_scores
+    plain = plain_scores  # the same scoring as the recipe's own, shared
     tta = run_split(model, payload, tta_recipe, paths, "test")
     assert tta.ids == plain.ids == sorted(plain.ids)
     # By hand on the first test images: the mean of the softmax of the image and of its
@@ -308,7 +308,7 @@ def test_evaluate_scores_with_the_recipes_amp_memory_format_and_loader_workers(
 
     recipe, paths = trained_project
     model, payload = load_model_file(paths.model_file)
-    plain = plain_scores
+    plain = plain_scores  # the same scoring as the recipe's own, shared
     fast = apply_overrides(
         recipe, {"train.amp": "bf16", "train.channels_last": True, "train.loader_workers": 2}, "t"
     )
