@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -51,6 +50,7 @@ from attnpipe.data.shard_index import (  # noqa: F401 (the index API, also from 
     shard_location,
     shard_urls,
 )
+from attnpipe.data.tar_writer import ShardTarWriter
 from attnpipe.paths import PipelinePaths
 
 ROW_COLUMNS = ("id", "path", "label", "class_name", "group", "sha256")  # what a tar holds
@@ -277,7 +277,7 @@ def write_shard(job: ShardJob) -> dict:
     class_counts: dict[int, int] = {}
     offsets: list[int] = []
     root = str(job.root)
-    with open(job.path, "wb") as handle, wds.TarWriter(handle, mtime=0) as writer:
+    with open(job.path, "wb") as handle, ShardTarWriter(handle) as writer:
         for row in job.row_dicts():
             location = ray_tasks.shared_location(root, row["path"])
             try:
@@ -296,19 +296,19 @@ def write_shard(job: ShardJob) -> dict:
                 "sha256": row["sha256"],
             }
             # Where this sample's first header (PAX or GNU name headers included) will start.
-            offsets.append(writer.tarstream.offset)
+            offsets.append(writer.offset)
             writer.write(
+                sample_key(row["id"]),
                 {
-                    "__key__": sample_key(row["id"]),
                     job.format: encode_image(
                         image, job.format, job.jpeg_quality, job.jpeg_subsampling
                     ),
                     "cls": str(row["label"]).encode(),
                     "json": json.dumps(meta, sort_keys=True).encode(),
-                }
+                },
             )
             class_counts[row["label"]] = class_counts.get(row["label"], 0) + 1
-        offsets.append(writer.tarstream.offset)  # the end-of-archive marker: samples end here
+        offsets.append(writer.offset)  # the end-of-archive marker: samples end here
     offsets_path = job.path.with_suffix(OFFSETS_SUFFIX)
     offsets_path.write_bytes(np.asarray(offsets, dtype="<i8").tobytes())
     return {

@@ -11,10 +11,6 @@ from torch import Tensor, nn
 AttentionMaps = dict[str, Tensor]
 
 
-class ModelError(ValueError):
-    """A model that cannot be built as asked (unknown name or argument, unusable weights)."""
-
-
 class AttentionAPI:
     """Mixin giving every registry model the same forward/attention interface.
 

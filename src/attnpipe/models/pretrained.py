@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
-from ._common import ModelError
+from .errors import PretrainedWeightsError
 
 __all__ = [
     "OFFLINE_ENV",
@@ -43,11 +43,6 @@ OFFLINE_ENV = "ATTNPIPE_OFFLINE"
 # What torch.hub raises for an unreachable host, an HTTP error, a hash mismatch or an
 # unreadable file (pickle's error under weights_only=True, EOFError for a truncated file).
 _LOAD_ERRORS = (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError)
-
-
-class PretrainedWeightsError(ModelError):
-    """Pretrained weights that cannot be used: not cached offline, not downloadable, a missing
-    or mismatched file, or a model without a pretrained backbone. Always one line."""
 
 
 def _one_line(error: BaseException) -> str:

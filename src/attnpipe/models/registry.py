@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -20,19 +18,27 @@ from torchvision.models import (
 )
 
 from . import attn_vgg, ltpa, residual_attention, resnet
-from ._common import ModelError
-from .pretrained import (
-    PretrainedWeightsError,
-    ensure_imagenet_file,
-    load_imagenet_state_dict,
+from .catalog import (
+    IMAGENET,
+    ModelEntry,
+    Pretrained,
+    check_pretrained,
+    classifier_name,
+    default_input_size,
+    entry,
+    imagenet_models,
+    list_models,
+    model_kwargs,
+    supports_imagenet,
 )
+from .errors import ModelError, PretrainedWeightsError, UnknownModelArgumentError
+from .pretrained import ensure_imagenet_file, load_imagenet_state_dict
 from .transfer import PretrainedFile, load_whole_model, read_pretrained_file
 
 __all__ = [
     "IMAGENET",
     "ModelError",
     "ModelInfo",
-    "ModelSpec",
     "Pretrained",
     "UnknownModelArgumentError",
     "check_pretrained",
@@ -51,117 +57,46 @@ __all__ = [
     "supports_imagenet",
 ]
 
-IMAGENET = "imagenet"
-# None (fresh init), "imagenet" (torchvision's weights) or the path of a local file: a model.pt
-# of this project or a state_dict.
-Pretrained = str | os.PathLike[str] | None
-
-
-class UnknownModelArgumentError(ModelError, TypeError):
-    """A keyword argument the chosen model does not take.
-
-    Both a TypeError (Python's convention for a bad keyword) and a ValueError (what config
-    validation catches), so callers may handle either.
-    """
+_FAMILIES = {
+    "attn_vgg": attn_vgg,
+    "ltpa": ltpa,
+    "residual_attention": residual_attention,
+    "resnet": resnet,
+}
+# ResNet-50 V1 (76.13% top-1) is the file the streamlined author's code loads (resnet50-19c8e357,
+# re-saved by torchvision under the V1 name, pytorch/vision#2068); V2 is a 2021 recipe.
+# VGG16-BN V1 is the only vgg16_bn weights, what AttnMel loads.
+_BACKBONE_WEIGHTS: dict[str, WeightsEnum] = {
+    "resnet18": ResNet18_Weights.IMAGENET1K_V1,
+    "resnet50": ResNet50_Weights.IMAGENET1K_V1,
+    "vgg16_bn": VGG16_BN_Weights.IMAGENET1K_V1,
+}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A catalogue entry with what building the model needs: its factory and the torchvision
+    ImageNet weights of its backbone (None: no pretrained backbone). A model with them
+    implements ``load_backbone(state_dict_or_path)``."""
+
     name: str
     factory: Callable[..., nn.Module]
     input_size: int
-    summary_classes: int  # classes used for the parameter/MAC summary (1000 unless CIFAR)
-    # The module that outputs the logits (timm's default_cfg["classifier"]): the part of a
-    # pretrained model.pt that starts fresh when the number of classes differs.
+    summary_classes: int
     classifier: str
-    # torchvision ImageNet weights of the backbone (None: no pretrained backbone). A model with
-    # them implements ``load_backbone(state_dict_or_path)``.
-    imagenet_weights: WeightsEnum | None = None
-
-
-# ResNet-50 V1 (76.13% top-1) is the file the streamlined author's code loads (resnet50-19c8e357,
-# re-saved by torchvision under the V1 name, pytorch/vision#2068); V2 is a 2021 recipe.
-_R18, _R50 = ResNet18_Weights.IMAGENET1K_V1, ResNet50_Weights.IMAGENET1K_V1
-_VGG = VGG16_BN_Weights.IMAGENET1K_V1  # the only vgg16_bn weights, what AttnMel loads
-
-_SPECS = (
-    ModelSpec("attention56", residual_attention.attention56, 224, 1000, "fc"),
-    ModelSpec("attention92", residual_attention.attention92, 224, 1000, "fc"),
-    ModelSpec("attention56_cifar", residual_attention.attention56_cifar, 32, 10, "fc"),
-    ModelSpec("attention92_cifar", residual_attention.attention92_cifar, 32, 10, "fc"),
-    ModelSpec("attnvgg16", attn_vgg.attnvgg16, 224, 1000, "classifier", _VGG),
-    ModelSpec("ltpa_vgg_cifar", ltpa.ltpa_vgg_cifar, 32, 100, "classifier"),
-    ModelSpec("resnet50", resnet.resnet50, 224, 1000, "fc", _R50),
-    ModelSpec("se_resnet18", resnet.se_resnet18, 224, 1000, "fc", _R18),
-    ModelSpec("se_resnet50", resnet.se_resnet50, 224, 1000, "fc", _R50),
-    ModelSpec("streamlined_resnet18", resnet.streamlined_resnet18, 224, 1000, "fc", _R18),
-    ModelSpec("streamlined_resnet50", resnet.streamlined_resnet50, 224, 1000, "fc", _R50),
-)
-# Read-only view: the registry is fixed at import time, nothing registers at runtime.
-_REGISTRY = MappingProxyType({spec.name: spec for spec in _SPECS})
-
-
-def list_models() -> list[str]:
-    """Registered model names, sorted."""
-    return sorted(_REGISTRY)
+    imagenet_weights: WeightsEnum | None
 
 
 def _spec(name: str) -> ModelSpec:
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ModelError(
-            f"unknown model {name!r}; choose one of: {', '.join(list_models())}"
-        ) from None
-
-
-def model_kwargs(name: str) -> dict[str, object]:
-    """Optional keyword arguments of model ``name`` (besides ``num_classes``) and defaults."""
-    params = inspect.signature(_spec(name).factory).parameters
-    return {k: p.default for k, p in params.items() if k != "num_classes"}
-
-
-def default_input_size(name: str) -> int:
-    """Side of the square input the model is designed for (224 ImageNet, 32 CIFAR layouts)."""
-    return _spec(name).input_size
-
-
-def imagenet_models() -> list[str]:
-    """Names of the models that accept ``pretrained="imagenet"`` (or a local backbone file)."""
-    return [name for name in list_models() if _REGISTRY[name].imagenet_weights is not None]
-
-
-def supports_imagenet(name: str) -> bool:
-    """Whether model ``name`` has a torchvision ImageNet backbone (ValueError if unknown)."""
-    return _spec(name).imagenet_weights is not None
-
-
-def classifier_name(name: str) -> str:
-    """The module of model ``name`` that outputs the logits (timm's ``classifier``)."""
-    return _spec(name).classifier
-
-
-def check_pretrained(name: str, pretrained: Pretrained) -> None:
-    """Validate a ``pretrained`` choice for model ``name`` without reading anything.
-
-    None and file paths always pass; "imagenet" only for ``imagenet_models()``. Raises
-    PretrainedWeightsError (a ValueError) with a one-line message otherwise. A file is read
-    by ``check_pretrained_file`` and when the model is built.
-    """
-    spec = _spec(name)
-    if pretrained is None:
-        return
-    if not isinstance(pretrained, str | os.PathLike) or str(pretrained) == "":
-        raise PretrainedWeightsError(
-            f"pretrained must be None, {IMAGENET!r} or the path of a model.pt or state_dict "
-            f"file, got {pretrained!r}"
-        )
-    if pretrained == IMAGENET and spec.imagenet_weights is None:
-        raise PretrainedWeightsError(
-            f"model {name!r} has no ImageNet weights (pretrained={IMAGENET!r}); models with "
-            f"ImageNet backbones: {', '.join(imagenet_models())}; any model can start from "
-            "a model.pt trained here"
-        )
+    model: ModelEntry = entry(name)
+    return ModelSpec(
+        name=model.name,
+        factory=getattr(_FAMILIES[model.module], model.name),
+        input_size=model.input_size,
+        summary_classes=model.summary_classes,
+        classifier=model.classifier,
+        imagenet_weights=_BACKBONE_WEIGHTS[model.backbone] if model.backbone else None,
+    )
 
 
 def check_pretrained_file(
@@ -180,7 +115,7 @@ def _check_architecture(name: str, kwargs: dict[str, object], source: Pretrained
         return  # a plain state_dict records no architecture: its keys are checked on loading
     want = {**model_kwargs(name), **kwargs}
     file_name = str(source.model_name)
-    known = model_kwargs(file_name) if file_name in _REGISTRY else {}
+    known = model_kwargs(file_name) if file_name in list_models() else {}
     have = {**known, **source.model_kwargs}
     if (file_name, have) != (name, want):
         raise PretrainedWeightsError(
