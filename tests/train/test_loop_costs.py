@@ -16,11 +16,15 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from attnpipe.config import apply_overrides
+from attnpipe.modelfile import load_model_file
+from attnpipe.paths import PipelinePaths
 from attnpipe.train import build as build_module
+from attnpipe.train import launch as launch_module
 from attnpipe.train import loop as loop_module
 from attnpipe.train import steps as steps_module
 from attnpipe.train.checkpoint import CHECKPOINT_FILE, read_checkpoint, restore_scaler
 from attnpipe.train.ema import DeviceEma
+from attnpipe.train.finished import FINISHED_FILE, finished_location, finished_state
 from attnpipe.train.launch import build_loop_config
 from attnpipe.train.repeatability import apply_determinism
 from attnpipe.train.stop_vote import StopVote
@@ -125,7 +129,8 @@ def test_an_epoch_that_did_not_improve_stores_no_second_copy_of_the_weights(
     second = read_checkpoint(tmp_path / "epoch2")
     assert second["state"]["best_epoch"] == 1
     assert second["state"]["best_location"] == first["state"]["best_location"]  # a reference
-    assert not (tmp_path / "best").exists()  # nothing new written
+    # No weights written: only the finished run's record (attnpipe.train.finished).
+    assert [p.name for p in (tmp_path / "best").iterdir()] == [FINISHED_FILE]
     tensors = [k for k, v in second["state"].items() if isinstance(v, dict | torch.Tensor)]
     assert tensors == []  # the state carries no weights at all
     model_bytes = _saved_size({"model": second["model"]}, tmp_path)
@@ -358,3 +363,72 @@ def test_a_run_that_ended_trains_nothing_when_launched_again(
         else "it trained all its epochs (1)"
     )
     assert f"nothing to train: {reason}; the best epoch stays 1" in said
+
+
+# The overrides `_train` applies, for the driver's view of the same run.
+RUN_CHANGES = {
+    "train.epochs": 1,
+    "train.workers": 1,
+    "train.deterministic": True,
+    "tracking.wandb.mode": "disabled",
+}
+
+
+def test_a_finished_run_records_its_end_for_this_wandb_run_and_recipe(
+    small_digits_project, repeatable_run
+):
+    recipe, paths = small_digits_project
+    recipe = apply_overrides(recipe, RUN_CHANGES, origin="test")
+    wandb_id = build_loop_config(recipe, paths).wandb_run_id
+    best = str(repeatable_run / "best")
+    assert Path(finished_location(best)).is_file()  # written by the run's finish
+    ended = finished_state(best, wandb_id, recipe.train)
+    saved = read_checkpoint(repeatable_run / "epoch1")["state"]
+    assert ended is not None and ended.to_dict() == saved  # the last checkpoint's state
+    # Another W&B run (a DVC experiment's) must get its own summary: the workers' job.
+    assert finished_state(best, wandb_id + "-other", recipe.train) is None
+    # More epochs: the run is not finished under this recipe.
+    more = apply_overrides(recipe, {"train.epochs": 2}, origin="test")
+    assert finished_state(best, wandb_id, more.train) is None
+
+
+def test_training_again_forgets_the_end_until_the_run_finishes_again(
+    small_digits_project, repeatable_run, tmp_path, monkeypatch
+):
+    """Resumed for a second epoch, the run deletes its record before training: a kill
+    before the new end must not leave a record of the old one."""
+    shutil.copytree(repeatable_run / "best", tmp_path / "best")
+    record = Path(finished_location(str(tmp_path / "best")))
+    finishes: list[bool] = []
+    monkeypatch.setattr(loop_module, "finish", lambda *args: finishes.append(record.exists()))
+    _train(small_digits_project, tmp_path, resume=repeatable_run / "epoch1", epochs=2)
+    assert finishes == [False] and not record.exists()
+
+
+def test_a_finished_run_launched_again_writes_its_outputs_without_starting_ray(
+    small_digits_project, repeatable_run, tmp_path, monkeypatch, capsys
+):
+    recipe, built = small_digits_project
+    paths = PipelinePaths(tmp_path / "project", recipe.name)
+    shutil.copytree(built.root, paths.root)
+    recipe = apply_overrides(recipe, RUN_CHANGES, origin="test")
+    loop = build_loop_config(recipe, paths)
+    shutil.copytree(repeatable_run / "best", loop.best_weights_dir)
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a finished run started a cluster")
+
+    monkeypatch.setattr(launch_module, "training_cluster", no_cluster)
+    result = launch_module.train(recipe, paths)
+
+    saved = read_checkpoint(repeatable_run / "epoch1")
+    assert (result.run_name, result.epochs_run) == (loop.run_name, 1)
+    assert result.best_epoch == saved["state"]["best_epoch"] == 1
+    model, payload = load_model_file(paths.model_file)
+    assert payload["run_name"] == loop.run_name and payload["metrics"] == result.best_metrics
+    best = torch.load(saved["state"]["best_location"], map_location="cpu", weights_only=True)
+    weights = model.state_dict()
+    assert best and all(torch.equal(weights[key], value) for key, value in best.items())
+    assert len(paths.train_history.read_text().splitlines()) == 1 + 1
+    said = capsys.readouterr().out
+    assert f"training run '{loop.run_name}': nothing to train" in said

@@ -39,6 +39,7 @@ from attnpipe.tracking import (
 )
 from attnpipe.train.checkpoint import TrainingState, read_checkpoint, write_best_model
 from attnpipe.train.cluster import training_cluster
+from attnpipe.train.finished import already_finished, finished_state
 from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.stop import create_stop_flag, run_stoppable
 
@@ -131,7 +132,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from attnpipe.train.cluster import worker_resources
-    from attnpipe.train.loop import train_loop_per_worker
+    from attnpipe.train.entry import train_loop_per_worker
 
     train_cfg = loop.recipe.train
     loop = loop.with_changes(best_weights_dir=best_weights_dir(storage, loop.run_name))
@@ -164,6 +165,13 @@ def train(recipe: Recipe, paths: PipelinePaths, address: str | None = None) -> T
     configure_ray_environment()
     loop = build_loop_config(recipe, paths)
     storage = train_cfg.storage_path or str(paths.checkpoints.resolve())
+    ended = finished_state(loop.best_weights_dir, loop.wandb_run_id, train_cfg)
+    if ended is not None:  # launched again: nothing to train, no cluster to start
+        reason = already_finished(ended, train_cfg.early_stopping_patience)
+        print(f"training run '{loop.run_name}': {reason}", flush=True)
+        if loop.wandb_export:
+            import_wandb_runs(loop.wandb_export, paths.wandb_parent)
+        return write_outputs(recipe, paths, loop, ended)
     if recipe.model.pretrained == "imagenet" and not (address or os.environ.get("RAY_ADDRESS")):
         # Once, before the local workers start: they would all download it at the same time.
         from attnpipe.models import fetch_imagenet_weights

@@ -16,7 +16,9 @@ Ray starts one copy per worker (`train_loop_per_worker`); `torchrun` can run the
                                          next epoch)
         save_checkpoint(run, state)      rank 0 writes, every rank reports (a barrier)
         tracker.log_epoch(row)           rank 0's W&B row: only after its checkpoint
-    finish(run, state)                   W&B summary, model artifact, offline run kept
+    finish(run, state)                   W&B summary, model artifact, offline run kept, and
+                                         the run's end recorded (`finished`): launched again,
+                                         the driver finds it there without starting Ray
 
 A restarted worker group, or a re-launched run, continues from the latest checkpoint. A row
 never outruns its checkpoint, and a resumed attempt logs exactly the rows W&B does not hold
@@ -37,6 +39,7 @@ from attnpipe.train.checkpoint import TrainingState, load_best_weights, write_be
 from attnpipe.train.checkpoint_writer import CheckpointClock
 from attnpipe.train.checkpointing import MidEpochCheckpoints, cpu_copy, resume, save_checkpoint
 from attnpipe.train.faults import fault_point
+from attnpipe.train.finished import already_finished, forget_finished, record_finished
 from attnpipe.train.loop_config import LoopConfig
 from attnpipe.train.repeatability import apply_determinism
 from attnpipe.train.reporting import epoch_line, say
@@ -69,6 +72,8 @@ def run_training(config: LoopConfig, session: WorkerSession) -> None:
             say(already_finished(state, run.train.early_stopping_patience))
         finish(run, state, tracker)
         return
+    if run.rank == 0:
+        forget_finished(run.config.best_weights_dir)
     clock = (time.perf_counter(), state.epoch)
     checkpoint_clock = CheckpointClock(run.train.checkpoint_every)
     vote = StopVote(session, checkpoint_wish=checkpoint_clock.wish)
@@ -101,18 +106,6 @@ def run_training(config: LoopConfig, session: WorkerSession) -> None:
                 )
             break
     finish(run, state, tracker)
-
-
-def already_finished(state: TrainingState, patience: int | None) -> str:
-    """What a re-launched run that has nothing left to train says."""
-    if state.should_stop(patience):
-        why = f"early stopping ended it at epoch {state.epoch} (patience {patience})"
-    else:
-        why = f"it trained all its epochs ({state.epoch})"
-    return (
-        f"nothing to train: {why}; the best epoch stays {state.best_epoch}. To train "
-        "again, change a model, augment or train setting of the recipe: that is a new run"
-    )
 
 
 def end_epoch(
@@ -180,8 +173,9 @@ def stop_on_request(run: Run, state: TrainingState, tracker: WandbRun, epoch: in
 
 
 def finish(run: Run, state: TrainingState, tracker: WandbRun) -> None:
-    """Rank 0: the best epoch's numbers as the W&B summary, and model.pt (the same file the
-    driver writes, usable by `predict` as downloaded) as a model artifact."""
+    """Rank 0: the best epoch's numbers as the W&B summary, model.pt (the same file the driver
+    writes, usable by `predict` as downloaded) as a model artifact, then the run's end recorded
+    for a relaunch (`attnpipe.train.finished`)."""
     if run.rank != 0:
         return
     if tracker.run is not None and load_best_weights(state) is not None:
@@ -199,6 +193,7 @@ def finish(run: Run, state: TrainingState, tracker: WandbRun) -> None:
                 ),
             )
     _finish_wandb(run, tracker, preempted=False)
+    record_finished(run.config.best_weights_dir, state, run.config.wandb_run_id)
 
 
 def _finish_wandb(run: Run, tracker: WandbRun, preempted: bool) -> None:
