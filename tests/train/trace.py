@@ -33,15 +33,17 @@ def events(folder: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def wait_for_epoch(folder: Path, rank: int, epoch: int, timeout: float = 300) -> dict:
-    """Block until `rank` starts `epoch`; return that event (with the worker's pid)."""
+def wait_for_epoch(folder: Path, rank: int, epoch: int, timeout: float = 300, nth: int = 1) -> dict:
+    """Block until `rank` starts `epoch` for the `nth` time (a restarted worker group starts it
+    again); return that event (with the worker's pid)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for event in events(folder, rank):
-            if event["event"] == "epoch" and event["epoch"] == epoch:
-                return event
+        starts = [e for e in events(folder, rank) if e["event"] == "epoch" and e["epoch"] == epoch]
+        if len(starts) >= nth:
+            return starts[nth - 1]
         time.sleep(0.2)
-    raise TimeoutError(f"rank {rank} did not start epoch {epoch} within {timeout:.0f}s")
+    again = f" (start number {nth})" if nth > 1 else ""
+    raise TimeoutError(f"rank {rank} did not start epoch {epoch}{again} within {timeout:.0f}s")
 
 
 def recorded_epoch(storage: Path) -> int:
