@@ -21,8 +21,9 @@ TF32: `attnpipe.train.loop.speed_settings`), applied before the first timing.
 
 The data set is made here: synthetic photographs (smooth colour fields, blobs and noise) as a
 `folder` source, taken through the real fetch, prepare and shard stages. `--smoke` shrinks
-everything (64 px, a few images and steps) so that every code path runs on a CPU in about a
-minute; its numbers are no measurement.
+everything (32 images at 32 px, one timed step per model and no warm-up, one torch thread, one
+data process) so that every code path runs on a CPU in about a minute; its numbers are no
+measurement.
 """
 
 from __future__ import annotations
@@ -82,11 +83,23 @@ class Sizes:
     steps: int  # timed steps per model (check 1) and synthetic steps (check 2)
     epochs: int  # of the real-data and launcher runs (>= 3: the first is warm-up)
     cpus_per_worker: int
+    warmup: int = 2  # untimed steps before the timed ones: cuDNN autotuning, the allocator
+    # torch's intra-op threads for check 1 (0: torch's default, one per core); the training
+    # runs take train.cpus_per_worker, which `build` sets.
+    threads: int = 0
+    data_workers: int = 0  # prepare's and shard's processes (0: one per core)
 
 
 FULL = Sizes("attention56", {}, 6144, (320, 256), 224, 128, 8, 30, 4, 8)
-# The CIFAR layout at a quarter width: the same code paths, seconds on a CPU.
-SMOKE = Sizes("attention56_cifar", {"width_multiplier": 0.25}, 32, (40, 32), 32, 4, 1, 2, 3, 1)
+# The CIFAR layout at a quarter width: the same code paths, seconds on a CPU. No warm-up and
+# one timed step: a warm-up step is the timed step again, and one already runs every line a GPU
+# run does. One torch thread: two spin-wait on a busy 2-core machine, where ResNet-50's bf16
+# steps (no fast bf16 kernels on most CPUs) then take 5-10 times as long. One data process: each
+# worker of a pool would import this module (torch: seconds of CPU) to write a few tiny shards.
+SMOKE = Sizes(
+    "attention56_cifar", {"width_multiplier": 0.25}, 32, (40, 32), 32, 4, 1, 1, 3, 1,
+    warmup=0, threads=1, data_workers=1,
+)  # fmt: skip
 
 
 def make_photos(folder: Path, count: int, size: tuple[int, int], classes: int = 4) -> None:
@@ -111,10 +124,15 @@ def build_project(root: Path, sizes: Sizes) -> PipelinePaths:
     make_photos(root / "photos", sizes.images, sizes.photo)
     recipe = {
         "source": {"kind": "folder", "path": "photos"},
-        "prepare": {"splits": {"train": 0.9, "val": 0.1, "test": 0.0}, "seed": 0},
+        "prepare": {
+            "splits": {"train": 0.9, "val": 0.1, "test": 0.0},
+            "seed": 0,
+            "workers": sizes.data_workers,
+        },
         "shard": {
             "image_size": min(256, sizes.photo[1]),  # shorter side
             "min_shards": max(8, 2 * sizes.loader_workers),
+            "workers": sizes.data_workers,
         },
         "model": {
             "name": sizes.model,
@@ -184,8 +202,8 @@ def _time_model(
         num_classes=1000, batch_size=sizes.batch, channels_last=channels_last, amp=amp
     )
     runner = bench_models.Runner(name, sizes.input_size, args, device)
-    for _ in range(2):
-        runner.step()  # warm-up: cuDNN autotuning, allocator
+    for _ in range(sizes.warmup):
+        runner.step()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     times = [runner.step() for _ in range(sizes.steps)]
@@ -218,7 +236,7 @@ def input_path(paths: PipelinePaths, sizes: Sizes) -> tuple[dict[str, Any], Run]
     images = torch.randn(shape, device=session.device).contiguous(memory_format=run.memory_format)
     labels = torch.randint(0, len(run.classes), (sizes.batch,), device=session.device)
     run.model.train()
-    for step in range(2):  # warm-up
+    for step in range(sizes.warmup):
         train_step(run, step % run.steps, images, labels)
     sync(session.device)
     started = time.perf_counter()
@@ -343,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type != "cuda" and not args.smoke:
         parser.error("no GPU here: run with --smoke for the tiny CPU version")
     sizes = SMOKE if args.smoke else FULL
+    if sizes.threads:
+        torch.set_num_threads(sizes.threads)
     root = Path(tempfile.mkdtemp(prefix="gpucheck-"))
     try:
         paths = build_project(root, sizes)
