@@ -55,14 +55,20 @@ browser:  ## install Chromium (Debian's apt package) for the report test, if mis
 # built once), longest first.
 QUICK_TESTS := -m "not (ray or dvc or netns)" -n 2 --dist loadgroup
 
-# Every test: the quick tier two at a time, then the tiers that start Ray, DVC and test hosts
-# one at a time: each of those keeps both cores busy (two at a time measured no faster, with
-# a load average of 6: docs/testing.md). Both run whatever the first gives; the status is the
-# first failure's.
+# Every test. The tiers that start Ray, DVC and test hosts run one test at a time: each keeps
+# the cores busy while it computes, and two at a time measured no faster (load 6,
+# docs/testing.md). But they leave about a third of the two cores idle while Ray and DVC start
+# processes and wait on them, and the quick tier (in-process, two at a time) runs beside them
+# in those gaps, at a lower priority (nice 10) so that it takes little from them. Its output
+# is shown after theirs; the status is the first failure's.
 test: setup browser  ## run the whole test suite (tiny data; starts real Ray, DVC and W&B offline)
-	@status=0; \
-	$(UV) run --frozen pytest $(QUICK_TESTS) || status=$$?; \
-	$(UV) run --frozen pytest -m "ray or dvc or netns" || { code=$$?; [ $$status != 0 ] || status=$$code; }; \
+	@quick_log=$$(mktemp -t attnpipe-quick-tier.XXXXXX); status=0; \
+	echo "make test: the quick tier runs beside the marked tiers (nice 10); its output follows theirs"; \
+	nice -n 10 $(UV) run --frozen pytest $(QUICK_TESTS) > $$quick_log 2>&1 & quick=$$!; \
+	$(UV) run --frozen pytest -m "ray or dvc or netns" || status=$$?; \
+	wait $$quick || { code=$$?; [ $$status != 0 ] || status=$$code; }; \
+	echo '----- the quick tier: pytest $(QUICK_TESTS) -----'; \
+	cat $$quick_log; rm -f $$quick_log; \
 	exit $$status
 
 check: setup  ## the tests that need no Ray, DVC repository or test hosts (minutes; docs/testing.md)
