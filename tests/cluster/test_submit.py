@@ -6,7 +6,8 @@ exist on S3 only as far as the job is concerned (data/ is never uploaded), and c
 there too, as do the outputs each job publishes for `submit` and `pull` to bring home.
 
 Jobs are the slow part: one head, one bucket and one trained run serve the whole module (the
-evaluate job scores that run), and each other behaviour rides on as few jobs as it can.
+evaluate job scores that run), each other behaviour rides on as few jobs as it can, and the
+sweep submitted without waiting runs beside the evaluate job's instead of after the others.
 
 The head is stopped by killing the processes it started (found by its private temp dir), never
 with `ray stop`, which would kill every Ray process on this shared machine.
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, redirect_stderr, redirect_stdout
+from contextlib import ExitStack, redirect_stderr, redirect_stdout, suppress
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -60,13 +61,13 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _kill_head(process: subprocess.Popen, temp_dir: str) -> None:
+    """SIGKILL at once: nothing of the head outlives the temp dir removed after it, and
+    `ray start --block` did not exit within the 10 s this used to wait after a SIGTERM (the
+    module's teardown took 10 s every run)."""
     import psutil
 
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
     # Whatever this head started and is still alive names its private temp dir.
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
@@ -74,6 +75,7 @@ def _kill_head(process: subprocess.Popen, temp_dir: str) -> None:
                 proc.kill()
         except psutil.Error:
             pass
+    process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +148,7 @@ def _wait_until_jobs_are_accepted(head: Head, process: subprocess.Popen) -> None
             return
         except Exception as caught:
             error = caught
-            time.sleep(2)
+            time.sleep(0.5)
     raise TimeoutError(f"the Ray head at {head.address} did not run a job: {error}")
 
 
@@ -200,6 +202,36 @@ def trained(ray_head, cluster_env: S3Bucket, cluster_project: Path) -> Trained:
         code = main(["--root", str(cluster_project), "submit", "digits", *_at(ray_head)])
     model = cluster_project / "models/digits/model.pt"
     return Trained(code, printed.getvalue(), model.read_bytes() if model.is_file() else b"")
+
+
+@dataclass(frozen=True)
+class Submitted:
+    code: int
+    output: str  # what `attnpipe submit` printed
+
+
+@pytest.fixture(scope="module")
+def tune_submitted(ray_head, cluster_env, cluster_project: Path, tmp_path_factory) -> Submitted:
+    """`attnpipe submit digits --stage tune --no-wait`, once. The evaluate test asks for it
+    too, so that the sweep runs while that test's job and the next tests' run (the head has
+    CPUs for both, and a job not followed is what --no-wait is for): the tune test then waits
+    only for what is left of it, instead of for a whole sweep started last."""
+    # The sweep comes from an overrides file outside the project (never uploaded: inlined as
+    # --set) and --set: the digits recipe has no tune.space, so only the changes make it run.
+    overrides = tmp_path_factory.mktemp("sweep") / "sweep.yaml"
+    sweep = {
+        "tune.space": {"train.optimizer.lr": {"type": "grid", "values": [0.003]}},
+        "tune.num_samples": 1,
+        "tune.workers_per_trial": 1,
+        "tune.cpus_per_worker": 0.5,
+    }
+    overrides.write_text(yaml.safe_dump(sweep))
+    argv = ["--root", str(cluster_project), "submit", "digits", "--stage", "tune", "--no-wait"]
+    argv += ["--overrides", str(overrides), "--set", "tune.epochs=1", *_at(ray_head)]
+    printed = StringIO()
+    with redirect_stdout(printed), redirect_stderr(printed):
+        code = main(argv)
+    return Submitted(code, printed.getvalue())
 
 
 def _at(head: Head) -> list[str]:
@@ -266,8 +298,9 @@ def test_submit_trains_on_the_cluster_and_brings_the_model_home(
 
 
 def test_evaluate_scores_the_stored_run_and_brings_its_report_home(
-    ray_head, cluster_env, cluster_project, trained, capsys
+    ray_head, cluster_env, cluster_project, trained, tune_submitted, capsys
 ):
+    # tune_submitted: the sweep is started here, to run beside this job (see the fixture).
     run = jobs.parse_results(trained.output)["run_name"]
     model = cluster_project / "models/digits/model.pt"
     figures = cluster_project / "reports/digits/figures"
@@ -314,22 +347,9 @@ def test_a_failing_job_returns_non_zero_and_brings_nothing_home(
 
 
 def test_tune_submitted_without_waiting_comes_home_with_pull(
-    ray_head, cluster_env, cluster_project, capsys, tmp_path
+    ray_head, cluster_env, cluster_project, tune_submitted, capsys
 ):
-    # The sweep comes from an overrides file outside the project (never uploaded: inlined as
-    # --set) and --set: the digits recipe has no tune.space, so only the changes make it run.
-    overrides = tmp_path / "sweep.yaml"
-    sweep = {
-        "tune.space": {"train.optimizer.lr": {"type": "grid", "values": [0.003]}},
-        "tune.num_samples": 1,
-        "tune.workers_per_trial": 1,
-        "tune.cpus_per_worker": 0.5,
-    }
-    overrides.write_text(yaml.safe_dump(sweep))
-    argv = ["--root", str(cluster_project), "submit", "digits", "--stage", "tune", "--no-wait"]
-    code, output = _cli(
-        capsys, *argv, "--overrides", str(overrides), "--set", "tune.epochs=1", *_at(ray_head)
-    )
+    code, output = tune_submitted.code, tune_submitted.output
     assert code == 0, output
     job_id = re.search(r"submitted job (\S+):", output).group(1)
     assert f"attnpipe pull digits --job {job_id}" in output
