@@ -33,14 +33,18 @@ for stage in ("fetch", "prepare", "shard"):
 
 def test_the_catalogue_reads_each_factorys_own_signature():
     for name in list_models():
-        factory = registry._spec(name).factory
+        model = catalog.entry(name)
+        factory = registry._factory(model)
         params = inspect.signature(factory).parameters
         expected = {k: p.default for k, p in params.items() if k != "num_classes"}
         assert model_kwargs(name) == expected, name
-        assert factory.__module__ == f"attnpipe.models.{catalog.entry(name).module}"
-    assert set(catalog.imagenet_models()) == {
-        name for name in list_models() if registry._spec(name).imagenet_weights is not None
-    }
+        assert factory.__module__ == f"attnpipe.models.{model.module}"
+        weights = registry._imagenet_weights(model)
+        # The catalogue's backbone names torchvision's file: resnet50-..., vgg16_bn-...
+        assert (weights is None) == (model.backbone is None), name
+        if weights is not None:
+            assert weights.url.rsplit("/", 1)[-1].startswith(f"{model.backbone}-"), name
+            assert callable(getattr(factory(num_classes=3), "load_backbone", None)), name
 
 
 def test_fetch_prepare_and_shard_never_import_torch(digits_project, tmp_path):

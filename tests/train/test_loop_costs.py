@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from attnpipe.config import apply_overrides
+from attnpipe.config import Recipe, apply_overrides
 from attnpipe.modelfile import load_model_file
 from attnpipe.paths import PipelinePaths
 from attnpipe.train import build as build_module
@@ -57,13 +57,18 @@ class ResumableSession:
         return self.stop_answers.pop(0) if self.stop_answers else False
 
 
+def _run_recipe(recipe: Recipe, **train) -> Recipe:
+    """The recipe `_train` runs: one epoch on one rank, W&B off, with `train` changes."""
+    changes = {f"train.{k}": v for k, v in {"epochs": 1, "workers": 1, **train}.items()}
+    changes["tracking.wandb.mode"] = "disabled"
+    return apply_overrides(recipe, changes, origin="test")
+
+
 def _train(project, folder: Path, resume: Path | None = None, **train) -> ResumableSession:
     """Nothing the runs of this file check depends on how many steps an epoch has: they train
     `small_digits_project` (tests/train/conftest.py), 11 steps an epoch instead of 39."""
     recipe, paths = project
-    changes = {f"train.{k}": v for k, v in {"epochs": 1, "workers": 1, **train}.items()}
-    changes["tracking.wandb.mode"] = "disabled"
-    recipe = apply_overrides(recipe, changes, origin="test")
+    recipe = _run_recipe(recipe, **train)
     config = build_loop_config(recipe, paths).with_changes(best_weights_dir=str(folder / "best"))
     session = ResumableSession(folder, resume)
     threads = torch.get_num_threads()
@@ -365,20 +370,11 @@ def test_a_run_that_ended_trains_nothing_when_launched_again(
     assert f"nothing to train: {reason}; the best epoch stays 1" in said
 
 
-# The overrides `_train` applies, for the driver's view of the same run.
-RUN_CHANGES = {
-    "train.epochs": 1,
-    "train.workers": 1,
-    "train.deterministic": True,
-    "tracking.wandb.mode": "disabled",
-}
-
-
 def test_a_finished_run_records_its_end_for_this_wandb_run_and_recipe(
     small_digits_project, repeatable_run
 ):
     recipe, paths = small_digits_project
-    recipe = apply_overrides(recipe, RUN_CHANGES, origin="test")
+    recipe = _run_recipe(recipe, deterministic=True)  # repeatable_run's
     wandb_id = build_loop_config(recipe, paths).wandb_run_id
     best = str(repeatable_run / "best")
     assert Path(finished_location(best)).is_file()  # written by the run's finish
@@ -411,7 +407,7 @@ def test_a_finished_run_launched_again_writes_its_outputs_without_starting_ray(
     recipe, built = small_digits_project
     paths = PipelinePaths(tmp_path / "project", recipe.name)
     shutil.copytree(built.root, paths.root)
-    recipe = apply_overrides(recipe, RUN_CHANGES, origin="test")
+    recipe = _run_recipe(recipe, deterministic=True)  # repeatable_run's
     loop = build_loop_config(recipe, paths)
     shutil.copytree(repeatable_run / "best", loop.best_weights_dir)
 

@@ -73,30 +73,15 @@ _BACKBONE_WEIGHTS: dict[str, WeightsEnum] = {
 }
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A catalogue entry with what building the model needs: its factory and the torchvision
-    ImageNet weights of its backbone (None: no pretrained backbone). A model with them
-    implements ``load_backbone(state_dict_or_path)``."""
-
-    name: str
-    factory: Callable[..., nn.Module]
-    input_size: int
-    summary_classes: int
-    classifier: str
-    imagenet_weights: WeightsEnum | None
+def _factory(model: ModelEntry) -> Callable[..., nn.Module]:
+    """The function that builds `model`: `attnpipe.models.<module>.<name>`."""
+    return getattr(_FAMILIES[model.module], model.name)
 
 
-def _spec(name: str) -> ModelSpec:
-    model: ModelEntry = entry(name)
-    return ModelSpec(
-        name=model.name,
-        factory=getattr(_FAMILIES[model.module], model.name),
-        input_size=model.input_size,
-        summary_classes=model.summary_classes,
-        classifier=model.classifier,
-        imagenet_weights=_BACKBONE_WEIGHTS[model.backbone] if model.backbone else None,
-    )
+def _imagenet_weights(model: ModelEntry) -> WeightsEnum | None:
+    """torchvision's ImageNet weights of the model's backbone (None: no pretrained backbone).
+    A model with them implements ``load_backbone(state_dict_or_path)``."""
+    return _BACKBONE_WEIGHTS[model.backbone] if model.backbone else None
 
 
 def check_pretrained_file(
@@ -106,7 +91,7 @@ def check_pretrained_file(
     with ``kwargs``: it exists, is readable and, for a model.pt, was made by the same
     architecture. PretrainedWeightsError (one line) otherwise; tensor shapes are checked when
     the model is built."""
-    _spec(name)
+    entry(name)
     _check_architecture(name, dict(kwargs or {}), read_pretrained_file(path))
 
 
@@ -136,7 +121,7 @@ def fetch_imagenet_weights(name: str) -> Path:
     before starting workers that all build the model, so they do not download concurrently.
     """
     check_pretrained(name, IMAGENET)
-    weights = _spec(name).imagenet_weights
+    weights = _imagenet_weights(entry(name))
     assert weights is not None  # guaranteed by check_pretrained
     return ensure_imagenet_file(weights, name)
 
@@ -159,7 +144,7 @@ def create_model(
     ValueError) for a keyword the model does not take, and PretrainedWeightsError (a
     ValueError) for unusable pretrained weights; all messages are one line.
     """
-    spec = _spec(name)
+    spec = entry(name)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     valid = model_kwargs(name)
@@ -174,20 +159,20 @@ def create_model(
     # Read before building: a missing or mismatched file fails fast, without a model's
     # construction time.
     source = _pretrained_source(spec, pretrained, kwargs)
-    model = spec.factory(num_classes=num_classes, **kwargs)
+    model = _factory(spec)(num_classes=num_classes, **kwargs)
     if source is not None:
         _load_pretrained(model, spec, source, num_classes, backbone=pretrained == IMAGENET)
     return model
 
 
 def _pretrained_source(
-    spec: ModelSpec, pretrained: Pretrained, kwargs: dict[str, object]
+    spec: ModelEntry, pretrained: Pretrained, kwargs: dict[str, object]
 ) -> PretrainedFile | None:
     if pretrained is None:
         return None
     if pretrained == IMAGENET:
-        assert spec.imagenet_weights is not None  # guaranteed by check_pretrained
-        weights = spec.imagenet_weights
+        weights = _imagenet_weights(spec)
+        assert weights is not None  # guaranteed by check_pretrained
         state = load_imagenet_state_dict(weights, spec.name)
         return PretrainedFile(f"{weights} ({weights.url})", state)
     source = read_pretrained_file(pretrained)
@@ -196,11 +181,11 @@ def _pretrained_source(
 
 
 def _load_pretrained(
-    model: nn.Module, spec: ModelSpec, source: PretrainedFile, num_classes: int, backbone: bool
+    model: nn.Module, spec: ModelEntry, source: PretrainedFile, num_classes: int, backbone: bool
 ) -> None:
     """A backbone load (the ImageNet weights, or a plain state_dict that is not this model's,
     for a model with a torchvision backbone) or a whole-model load (everything else)."""
-    if not source.is_model_file and spec.imagenet_weights is not None:
+    if not source.is_model_file and spec.backbone is not None:
         backbone = backbone or source.state.keys() != model.state_dict().keys()
     if backbone:
         model.load_backbone(source.state, origin=source.origin)
@@ -254,7 +239,7 @@ def describe_models(names: Sequence[str] | None = None) -> list[ModelInfo]:
     """
     rows = []
     for name in names if names is not None else list_models():
-        spec = _spec(name)
+        spec = entry(name)
         model = create_model(name, spec.summary_classes).eval()
         x = torch.zeros(1, 3, spec.input_size, spec.input_size)
         # One pass gives both: map extraction adds only reductions, which are not counted.
@@ -268,7 +253,7 @@ def describe_models(names: Sequence[str] | None = None) -> list[ModelInfo]:
                 macs=counter.get_total_flops() // 2,
                 input_size=spec.input_size,
                 attention_maps=map_names,
-                imagenet=spec.imagenet_weights is not None,
+                imagenet=spec.backbone is not None,
             )
         )
     return rows
