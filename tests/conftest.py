@@ -27,6 +27,10 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # Private clusters start lean: the dashboard is a process and an agent per node, seconds of CPU
 # per cluster, and only the Jobs API needs it (the tests that submit jobs start their own head).
 os.environ.setdefault("ATTNPIPE_RAY_DASHBOARD", "0")
+# Ray Train's controller looks at its workers every 2 s: on average a second after a run's
+# last step (and after a worker dies) is spent waiting for it. The suite's ~30 runs are
+# seconds long; a look every 0.5 s costs a few remote calls.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Nothing is downloaded in tests: ImageNet weights must come from a cache the test filled.
 os.environ["ATTNPIPE_OFFLINE"] = "1"
 
@@ -236,6 +240,13 @@ def run_in(
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
     return output
+
+
+def stages_run(dvc_output: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` ran, from its "Running stage 'x'" lines."""
+    return {
+        line.split("'")[1] for line in dvc_output.splitlines() if line.startswith("Running stage")
+    }
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import pytest
 
 from attnpipe.cli import main
 from attnpipe.paths import PipelinePaths
+from tests.conftest import S3Bucket, make_s3_bucket
 
 
 def on_ray(test):
@@ -60,16 +61,16 @@ def _two_node_cluster() -> Iterator[tuple[str, set[str]]]:
 
 
 @pytest.fixture(scope="module")
-def two_nodes() -> Iterator[tuple[str, set[str]]]:
+def module_bucket(moto_endpoint: str) -> Iterator[S3Bucket]:
+    """A bucket for the module, its AWS_* set before the cluster starts: the nodes get the
+    S3 test server's credentials and endpoint, as real nodes have theirs."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield make_s3_bucket(moto_endpoint, patch)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(module_bucket: S3Bucket) -> Iterator[tuple[str, set[str]]]:
     """One cluster for the module: every test connects and disconnects as a command would."""
-    with _two_node_cluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def two_nodes_with_s3(s3_bucket) -> Iterator[tuple[str, set[str]]]:
-    """Nodes started with the S3 test server's credentials and endpoint (AWS_*), as real
-    nodes have theirs: the module's cluster started before the bucket existed."""
     with _two_node_cluster() as cluster:
         yield cluster
 
@@ -202,17 +203,17 @@ def test_the_driver_moves_under_one_percent_of_the_image_bytes(
 
 @on_ray
 def test_tasks_read_images_from_and_write_shards_to_object_storage(
-    s3_bucket, two_nodes_with_s3, tmp_path
+    module_bucket, two_nodes, tmp_path
 ):
     """--shared-root s3://...: the raw images are only on S3 (moto on loopback); the tasks
     read them there and write the tars and offsets there, the same bytes as a local run."""
     from attnpipe import storage
 
-    address, _ = two_nodes_with_s3
+    address, _ = two_nodes
     local, _ = _photos_project(tmp_path / "local", 24)
     remote = PipelinePaths(tmp_path / "remote", "photos")
     shutil.copytree(local.root, remote.root)
-    root = s3_bucket.url("project")
+    root = module_bucket.url("project")
     for path in sorted(remote.raw.rglob("*")):
         if path.is_file():
             storage.upload_file(path, storage.join(root, path.relative_to(remote.root).as_posix()))

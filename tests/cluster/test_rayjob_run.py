@@ -7,6 +7,9 @@ stands for the head pod and the two GPU pods, and the job's entrypoint runs thro
 with RAY_ADDRESS set, as Ray's job supervisor runs it. Only what this machine cannot do is
 changed, by --set appended to the shipped command: CPUs instead of GPUs, 2 ranks of 1 CPU,
 one epoch, no W&B. Everything else (recipe changes, paths, the stages) is the manifest's.
+
+The two training ranks go one to each worker node (one CPU each, the head has none): the run
+joins a cluster it did not start and spreads over its nodes, as on the GPU pods.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tests.cluster.manifests import (
     load,
     shared_mount,
 )
+from tests.train.trace import events
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
@@ -44,12 +48,16 @@ HERE_ONLY = [
 
 
 @pytest.fixture
-def local_cluster(monkeypatch):
-    """A head without CPUs (like the head pod) and two 1-CPU worker nodes; stopped after."""
+def local_cluster(monkeypatch, tmp_path):
+    """A head without CPUs (like the head pod) and two 1-CPU worker nodes; stopped after.
+
+    The nodes' workers write their trace events to `tmp_path / "trace"` (they read
+    ATTNPIPE_TRACE_DIR from the environment their node started with)."""
     import ray._private.utils
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # loopback only
+    monkeypatch.setenv("ATTNPIPE_TRACE_DIR", str(tmp_path / "trace"))
     # Cluster() records its address in Ray's shared default temp folder: put back what was
     # there, so that nobody else's `ray.init(address="auto")` finds this cluster.
     address_file = Path(ray._private.utils.get_ray_address_file(None))
@@ -111,6 +119,11 @@ def test_rayjob_entrypoint_runs_end_to_end(local_cluster, tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     _assert_outputs(shared, output)
+    # One rank on each worker node (the head has no CPU for one).
+    workers = {node.node_id for node in local_cluster.list_all_nodes()}
+    workers.discard(local_cluster.head_node.node_id)
+    placed = {rank: events(tmp_path / "trace", rank)[0]["node_id"] for rank in (0, 1)}
+    assert placed[0] != placed[1] and set(placed.values()) == workers, (placed, workers)
 
 
 def _assert_outputs(shared: Path, output: str) -> None:

@@ -185,11 +185,11 @@ def queued(repro_project: ReproProject, tmp_path_factory: pytest.TempPathFactory
     keep = "Experiment|best_epoch|val_accuracy|test_accuracy|wandb_run"
     wide = {"COLUMNS": "300"}
     print(run_in(root, "dvc", "exp", "show", "--drop", ".*", "--keep", keep, env=wide))
-    return root, states, logs, runs_before
+    return root, states, logs, runs_before, _experiments(root)
 
 
 def test_both_queued_experiments_succeed_sharing_the_machine(queued):
-    root, states, logs, _ = queued
+    root, states, logs, _, _ = queued
     assert states == {"evalonly": "Success", "shorter": "Success"}, logs
     # The training experiment started its private Ray cluster with its share, not every core.
     assert "private Ray cluster on this machine with 1 CPU(s)" in logs["shorter"], logs["shorter"]
@@ -197,22 +197,20 @@ def test_both_queued_experiments_succeed_sharing_the_machine(queued):
 
 
 def test_the_evaluation_only_experiment_does_not_retrain(queued):
-    root, _, logs, runs_before = queued
+    root, _, logs, runs_before, shown = queued
     assert "Running stage 'train@digits'" not in logs["evalonly"], logs["evalonly"]
     assert "Running stage 'evaluate@digits'" in logs["evalonly"]
     assert "Running stage 'train@digits'" in logs["shorter"]
     # Checkpoints live in the workspace: only the training experiment added a run there.
     runs_after = {p.name for p in (root / "models/digits/checkpoints").iterdir()}
     assert len(runs_after - runs_before) == 1, (runs_before, runs_after)
-    shown = _experiments(root)
     baseline = json.loads((root / "reports/digits/train.json").read_text())
     assert shown["evalonly"]["reports/digits/train.json"]["run_name"] == baseline["run_name"]
     assert shown["shorter"]["reports/digits/train.json"]["run_name"] != baseline["run_name"]
 
 
 def test_the_training_experiment_names_its_own_wandb_run_found_from_exp_show(queued):
-    root, _, _, _ = queued
-    shown = _experiments(root)
+    root, _, _, _, shown = queued
     train = shown["shorter"]["reports/digits/train.json"]
     # `dvc exp show` lists the train stage's headline beside the test's: the W&B run found there.
     summary = shown["shorter"]["reports/digits/train_summary.json"]
@@ -244,8 +242,7 @@ def test_the_training_experiment_names_its_own_wandb_run_found_from_exp_show(que
 def test_each_experiment_has_its_own_evaluation_run_naming_it(queued):
     """Evaluate runs in both experiments: `metrics.json` names its W&B run (job type evaluate,
     in the group of the training run that made the model), tagged with the experiment."""
-    root, _, _, _ = queued
-    shown = _experiments(root)
+    root, _, _, _, shown = queued
     baseline = json.loads((root / "reports/digits/metrics.json").read_text())
     seen = {baseline["wandb"]["run_id"]}
     for name in EXPERIMENTS:

@@ -15,15 +15,11 @@ import yaml
 from PIL import Image
 
 from attnpipe.cli import main
-from tests.conftest import REPO, TINY_OVERRIDES, ReproProject, run_in
+from tests.conftest import REPO, TINY_OVERRIDES, ReproProject, run_in, stages_run
 from tests.wandb_offline import artifacts, exit_code, history_rows, offline_runs, summary
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
 pytestmark = [pytest.mark.ray, pytest.mark.dvc, pytest.mark.timeout(1200)]
-
-
-def _stages_run(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
 def test_repro_runs_every_stage_and_writes_the_contract(repro_project: ReproProject):
@@ -35,7 +31,7 @@ def test_repro_runs_every_stage_and_writes_the_contract(repro_project: ReproProj
     noisy = [line for line in output.splitlines() if re.search("traceback|warning", line, re.I)]
     assert not noisy, "\n".join(noisy)
     assert "RAY_AUTH_MODE" not in output  # Ray's notice that it chose token auth itself
-    assert _stages_run(output) == {
+    assert stages_run(output) == {
         f"{stage}@digits" for stage in ("fetch", "prepare", "shard", "train", "evaluate", "export")
     }
     for path in (
@@ -68,7 +64,7 @@ def test_repro_runs_every_stage_and_writes_the_contract(repro_project: ReproProj
 def test_second_repro_is_up_to_date(repro_project: ReproProject):
     root = repro_project.root
     output = run_in(root, "dvc", "repro")
-    assert not _stages_run(output), output
+    assert not stages_run(output), output
     assert "Data and pipelines are up to date." in run_in(root, "dvc", "status")
 
 
@@ -88,34 +84,6 @@ def test_metrics_show_fits_200_columns(repro_project: ReproProject):
     stages' headlines are the metrics; their records are plain outputs)."""
     table = run_in(repro_project.root, "dvc", "metrics", "show")
     assert max(map(len, table.splitlines())) <= 200, table
-
-
-def test_a_change_to_model_code_retrains_a_new_run_and_tests_or_docs_change_nothing(
-    repro_project: ReproProject, tmp_path
-):
-    """dvc.yaml's stages depend on the package modules they run: editing a model re-runs the
-    model stages only; the training run is a new one (its name holds the code version), not
-    a resume of the stale one. Files under tests/ and docs/ are no stage's dependency."""
-    root = tmp_path / "project"
-    shutil.copytree(repro_project.root, root, symlinks=True)
-    for extra in ("tests/test_new.py", "docs/notes.md"):
-        (root / extra).parent.mkdir(exist_ok=True)
-        (root / extra).write_text("nothing any stage runs\n")
-    assert "Data and pipelines are up to date." in run_in(root, "dvc", "status")
-
-    with (root / "src/attnpipe/models/residual_attention.py").open("a") as handle:
-        handle.write("\n# a change to a model's code\n")
-    status = run_in(root, "dvc", "status")
-    changed = {line.split(":")[0].strip() for line in status.splitlines() if line.endswith(":")}
-    changed = {name for name in changed if "@" in name}
-    assert changed == {"train@digits", "evaluate@digits", "export@digits"}, status
-
-    old_runs = {p.name for p in (root / "models/digits/checkpoints").iterdir()}
-    # The edited copy is the code that runs (as it would be in a checkout).
-    output = run_in(root, "dvc", "repro", "train@digits", env={"PYTHONPATH": str(root / "src")})
-    assert "Running stage 'train@digits'" in output and "resuming" not in output
-    new_runs = {p.name for p in (root / "models/digits/checkpoints").iterdir()} - old_runs
-    assert len(new_runs) == 1, output[-2000:]
 
 
 def test_the_shared_wandb_group_holds_training_test_results_model_and_data(

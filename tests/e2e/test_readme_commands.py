@@ -10,6 +10,8 @@ environment's bin/ first on PATH, in a copy of the digits project that `dvc repr
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import shutil
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, ReproProject, run_in
+from tests.conftest import REPO, ReproProject, run_in, stages_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.dvc, pytest.mark.timeout(1200)]
 
@@ -39,6 +41,7 @@ RUN_HERE = [
     # Last: it changes the workspace (and checks that only the model stages re-run).
     "uv run dvc exp run -S pipelines/digits.yaml:train.epochs=1",
 ]
+EXPERIMENT = RUN_HERE[-1]
 # Run in the repository itself: they check or describe it (`uv run python`: this environment's).
 RUN_IN_REPO = ["make lint", "make help", "uv run python -m tests.count_assertions"]
 # The stage commands are dvc.yaml's (which the session's `dvc repro` build runs, with
@@ -162,9 +165,16 @@ def test_readme_commands_run_as_written(repro_project: ReproProject, tmp_path):
     shutil.copytree(repro_project.root, root, symlinks=True)
     run_in(root, "git", "add", "-A")
     run_in(root, "git", "commit", "-q", "-m", "built")
+    _edit_model_code(root)
     # A wide terminal, so that tables (`dvc exp show`) keep their column names whole.
     wide = {"COLUMNS": "300"}
-    outputs = {command: run_in(root, *_as_written(command), env=wide) for command in RUN_HERE}
+    # The edited model code is what the experiment runs (as it would be in a checkout); the
+    # commands before it run the installed package, whose code the finished run was made by.
+    edited = {**wide, "PYTHONPATH": str(root / "src")}
+    outputs = {
+        command: run_in(root, *_as_written(command), env=edited if command == EXPERIMENT else wide)
+        for command in RUN_HERE
+    }
 
     def output_of(part: str) -> str:
         return next(out for command, out in outputs.items() if part in command)
@@ -176,14 +186,10 @@ def test_readme_commands_run_as_written(repro_project: ReproProject, tmp_path):
     # The headline columns, and the training run's W&B run beside them.
     for column in ("best_epoch", "val_accuracy", "test_accuracy", "wandb_run"):
         assert column in exp_show, exp_show
-    stages = {
-        line.split("'")[1]
-        for line in outputs[RUN_HERE[-1]].splitlines()
-        if line.startswith("Running stage")
-    }
-    assert stages == {"train@digits", "evaluate@digits", "export@digits"}, stages
+    assert stages_run(outputs[EXPERIMENT]) == {"train@digits", "evaluate@digits", "export@digits"}
     history = (root / "reports/digits/train_history.csv").read_text().splitlines()
     assert len(history) == 1 + 1  # the experiment's one epoch, applied to the workspace
+    _check_the_experiment_is_a_new_run_of_the_edited_code(root, outputs[EXPERIMENT])
     for command in RUN_IN_REPO:
         words = shlex.split(command)
         if words[:3] == ["uv", "run", "python"]:
@@ -192,6 +198,51 @@ def test_readme_commands_run_as_written(repro_project: ReproProject, tmp_path):
         assert done.returncode == 0, f"{command}:\n{(done.stdout + done.stderr)[-2000:]}"
         if "count_assertions" in command:
             assert "checks (assert statements and pytest.raises)" in done.stdout, done.stdout
+
+
+def _edit_model_code(root: Path) -> None:
+    """dvc.yaml's stages depend on the package modules they run: files under tests/ and docs/
+    are no stage's dependency; an edit to a model's code makes the model stages stale, and
+    only those."""
+    for extra in ("tests/test_new.py", "docs/notes.md"):
+        (root / extra).parent.mkdir(exist_ok=True)
+        (root / extra).write_text("nothing any stage runs\n")
+    assert "Data and pipelines are up to date." in run_in(root, "dvc", "status")
+    with (root / "src/attnpipe/models/residual_attention.py").open("a") as handle:
+        handle.write("\n# a change to a model's code\n")
+    status = run_in(root, "dvc", "status")
+    changed = {line.split(":")[0].strip() for line in status.splitlines() if line.endswith(":")}
+    changed = {name for name in changed if "@" in name}
+    assert changed == {"train@digits", "evaluate@digits", "export@digits"}, status
+
+
+# The run name of digits at one epoch, as the code under PYTHONPATH (if set) names it.
+RUN_NAME_PROBE = """
+import sys
+from pathlib import Path
+from attnpipe.config import apply_overrides, load_recipe
+from attnpipe.paths import PipelinePaths
+from attnpipe.runs import current_run_name
+root = Path(sys.argv[1])
+recipe = apply_overrides(load_recipe("digits", root), {"train.epochs": 1}, origin="probe")
+print(current_run_name(recipe, PipelinePaths(root, "digits")))
+"""
+
+
+def _check_the_experiment_is_a_new_run_of_the_edited_code(root: Path, output: str) -> None:
+    """The experiment trained a new run, not a resume of a stale one: its name holds the
+    version of the edited code, which differs from the installed code's."""
+    assert "resuming" not in output, output[-2000:]
+    trained = json.loads((root / "reports/digits/train.json").read_text())["run_name"]
+    names = {}
+    for code, pythonpath in (("edited", str(root / "src")), ("installed", "")):
+        env = {**os.environ, "PYTHONPATH": pythonpath}
+        probe = [sys.executable, "-c", RUN_NAME_PROBE, str(root)]
+        done = subprocess.run(probe, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        names[code] = done.stdout.strip()
+    assert trained == names["edited"] != names["installed"], (trained, names)
+    assert (root / "models/digits/checkpoints" / trained).is_dir()
 
 
 def test_the_stage_commands_are_the_ones_dvc_repro_runs():
