@@ -89,6 +89,15 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+# The head's GCS declares a silent node dead in about 2 s, not Ray's default 15: what the tests
+# that kill a host check is the run's behaviour after the loss, not Ray's detection delay.
+QUICK_NODE_DEATH = {
+    "RAY_health_check_period_ms": "500",
+    "RAY_health_check_failure_threshold": "2",
+    "RAY_health_check_timeout_ms": "1000",
+}
+
+
 @contextmanager
 def running_ray_hosts(tmp_path: Path, **env: str) -> Iterator[RayHosts]:
     """Two hosts with a running Ray cluster (`env` added to every node's and the driver's

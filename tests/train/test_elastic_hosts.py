@@ -28,7 +28,14 @@ import yaml
 from attnpipe.config import load_recipe
 from attnpipe.data.loaders import split_info, train_batches
 from attnpipe.train.schedules import lr_factor, scaled_lr
-from tests.train.rayhosts import RayHosts, attempts, running_ray_hosts, tail, wait_until
+from tests.train.rayhosts import (
+    QUICK_NODE_DEATH,
+    RayHosts,
+    attempts,
+    running_ray_hosts,
+    tail,
+    wait_until,
+)
 from tests.train.trace import recorded_epoch
 from tests.wandb_offline import history_rows, read_records, run_ids
 
@@ -41,13 +48,7 @@ KILL_AFTER = 2  # epochs recorded before host B dies
 @pytest.fixture
 def ray_hosts(tmp_path: Path) -> Iterator[RayHosts]:
     """W&B offline on every node; the head's GCS declares a silent node dead within ~2 s."""
-    with running_ray_hosts(
-        tmp_path,
-        WANDB_MODE="offline",
-        RAY_health_check_period_ms="500",
-        RAY_health_check_failure_threshold="2",
-        RAY_health_check_timeout_ms="1000",
-    ) as hosts:
+    with running_ray_hosts(tmp_path, WANDB_MODE="offline", **QUICK_NODE_DEATH) as hosts:
         yield hosts
 
 

@@ -24,7 +24,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.train.rayhosts import RayHosts, attempts, running_ray_hosts, tail, wait_until
+from tests.train.rayhosts import (
+    QUICK_NODE_DEATH,
+    RayHosts,
+    attempts,
+    running_ray_hosts,
+    tail,
+    wait_until,
+)
 from tests.train.trace import events, recorded_epoch
 
 # Real Ray / DVC runs: minutes on an idle 2-core machine; the allowance covers a busy one.
@@ -35,7 +42,8 @@ EPOCHS = 4
 
 @pytest.fixture
 def ray_hosts(tmp_path: Path) -> Iterator[RayHosts]:
-    with running_ray_hosts(tmp_path) as hosts:
+    """The head notices the lost host in about 2 s (QUICK_NODE_DEATH), as in the elastic test."""
+    with running_ray_hosts(tmp_path, **QUICK_NODE_DEATH) as hosts:
         yield hosts
 
 
