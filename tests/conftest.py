@@ -81,16 +81,25 @@ TIER_EXECUTABLES = (
 )
 
 
+# `make test` runs the rest of the quick tier beside the marked tiers at idle priority
+# (SCHED_IDLE): it gets a core only when they leave one free, and can wait minutes for it. A
+# test that waits on the wall clock (a deadline, a collective's timeout, elapsed time asserted)
+# carries `timing`: make test runs it in the foreground, with the marked tiers.
+TIMING = "waits on the wall clock (a deadline, a collective's timeout): never at idle priority"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name, what in TIERS.items():
         config.addinivalue_line("markers", f"{name}: {what} (make check leaves it out)")
+    config.addinivalue_line("markers", f"timing: {TIMING}")
 
 
 # Shared fixtures that start those processes: a test using one carries its markers.
 FIXTURE_TIERS = {"repro_project": ("dvc", "ray")}
 
 
-# The quick tier (`make check`, and `make test`'s first part) runs in two pytest processes
+# The quick tier (`make check`, and `make test`'s part beside the marked tiers) runs in two
+# pytest processes
 # (`-n 2 --dist loadgroup`), each given whole work units: a file's tests (its module fixtures
 # are built once), except that the tests of a shared session build are one unit, so that one
 # process builds it. The longest units start first, so that the short ones fill the end of

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from attnpipe.config import WandbConfig
 from attnpipe.tracking import WandbRun, artifact_aliases, git_commit, wandb_keys
 
@@ -83,6 +85,7 @@ def _child(directory: Path, step: int, end: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.timing  # its W&B children have 120 s
 def test_a_run_killed_under_a_logging_parent_resumes_with_its_id(tmp_path, monkeypatch):
     """A driver (or pytest) that logged to W&B itself must not hand its service to the
     processes it starts: a killed child would leave its run open there, and the relaunch would

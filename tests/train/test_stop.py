@@ -11,6 +11,9 @@ import pytest
 
 from attnpipe.train.stop import run_stoppable
 
+# Signals on timers, waits with deadlines, a grace period: all wall clock.
+pytestmark = pytest.mark.timing
+
 
 def _signal_soon(signum: int, delay: float = 0.3) -> None:
     threading.Timer(delay, os.kill, (os.getpid(), signum)).start()

@@ -15,7 +15,7 @@ from attnpipe.train.steps import train_one_epoch
 from attnpipe.train.stop_vote import StopVote
 from tests.train.two_ranks import free_port, gloo_group, run_two_ranks
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timing, pytest.mark.timeout(120)]  # two ranks: a collective timeout
 
 STEPS = 3  # per epoch: below STOP_CHECK_STEPS, so no check is ever due within an epoch
 EPOCHS = 4

@@ -14,7 +14,7 @@ from attnpipe.metrics import MetricCounts, classification_metrics
 from attnpipe.train.validation import reduce_counts
 from tests.train.two_ranks import free_port, gloo_group, run_two_ranks
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timing, pytest.mark.timeout(300)]  # two ranks: a collective timeout
 
 
 def _split(classes: int) -> tuple[np.ndarray, np.ndarray]:
