@@ -99,11 +99,11 @@ FIXTURE_TIERS = {"repro_project": ("dvc", "ray")}
 
 
 # The quick tier (`make check`, and `make test`'s part beside the marked tiers) runs in two
-# pytest processes
-# (`-n 2 --dist loadgroup`), each given whole work units: a file's tests (its module fixtures
-# are built once), except that the tests of a shared session build are one unit, so that one
-# process builds it. The longest units start first, so that the short ones fill the end of
-# both processes' time. (The marked tiers run one test at a time: their order costs nothing.)
+# pytest processes (`-n 2 --dist loadgroup`), each given whole work units: a file's tests (its
+# module fixtures are built once), except that the tests of a shared session build are one
+# unit, so that one process builds it. The longest units start first, so that the short ones
+# fill the end of both processes' time. (The marked tiers run one test at a time: their order
+# costs nothing.)
 SHARED_BUILDS = ("repro_project", "trained_project")  # a unit each, named after the fixture
 LONGEST_UNITS = (  # the quick tier's, longest first (docs/testing.md)
     "trained_project",

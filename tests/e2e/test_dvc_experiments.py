@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -161,6 +162,16 @@ def _run_record(folder: Path):
     return run, run_config(records)
 
 
+class Queued(NamedTuple):
+    """The experiments' project after the queue ran both, and what it showed."""
+
+    root: Path
+    states: dict[str, str]  # `dvc queue status`
+    logs: dict[str, str]  # `dvc queue logs <name>`
+    runs_before: set[str]  # the training runs in the workspace before the queue
+    shown: dict[str, dict]  # `_experiments`: each experiment's metrics and records
+
+
 @pytest.fixture(scope="module")
 def queued(repro_project: ReproProject, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("experiments") / "project"
@@ -185,11 +196,11 @@ def queued(repro_project: ReproProject, tmp_path_factory: pytest.TempPathFactory
     keep = "Experiment|best_epoch|val_accuracy|test_accuracy|wandb_run"
     wide = {"COLUMNS": "300"}
     print(run_in(root, "dvc", "exp", "show", "--drop", ".*", "--keep", keep, env=wide))
-    return root, states, logs, runs_before, _experiments(root)
+    return Queued(root, states, logs, runs_before, _experiments(root))
 
 
 def test_both_queued_experiments_succeed_sharing_the_machine(queued):
-    root, states, logs, _, _ = queued
+    root, states, logs = queued.root, queued.states, queued.logs
     assert states == {"evalonly": "Success", "shorter": "Success"}, logs
     # The training experiment started its private Ray cluster with its share, not every core.
     assert "private Ray cluster on this machine with 1 CPU(s)" in logs["shorter"], logs["shorter"]
@@ -197,20 +208,20 @@ def test_both_queued_experiments_succeed_sharing_the_machine(queued):
 
 
 def test_the_evaluation_only_experiment_does_not_retrain(queued):
-    root, _, logs, runs_before, shown = queued
+    root, logs, shown = queued.root, queued.logs, queued.shown
     assert "Running stage 'train@digits'" not in logs["evalonly"], logs["evalonly"]
     assert "Running stage 'evaluate@digits'" in logs["evalonly"]
     assert "Running stage 'train@digits'" in logs["shorter"]
     # Checkpoints live in the workspace: only the training experiment added a run there.
     runs_after = {p.name for p in (root / "models/digits/checkpoints").iterdir()}
-    assert len(runs_after - runs_before) == 1, (runs_before, runs_after)
+    assert len(runs_after - queued.runs_before) == 1, (queued.runs_before, runs_after)
     baseline = json.loads((root / "reports/digits/train.json").read_text())
     assert shown["evalonly"]["reports/digits/train.json"]["run_name"] == baseline["run_name"]
     assert shown["shorter"]["reports/digits/train.json"]["run_name"] != baseline["run_name"]
 
 
 def test_the_training_experiment_names_its_own_wandb_run_found_from_exp_show(queued):
-    root, _, _, _, shown = queued
+    root, shown = queued.root, queued.shown
     train = shown["shorter"]["reports/digits/train.json"]
     # `dvc exp show` lists the train stage's headline beside the test's: the W&B run found there.
     summary = shown["shorter"]["reports/digits/train_summary.json"]
@@ -242,7 +253,7 @@ def test_the_training_experiment_names_its_own_wandb_run_found_from_exp_show(que
 def test_each_experiment_has_its_own_evaluation_run_naming_it(queued):
     """Evaluate runs in both experiments: `metrics.json` names its W&B run (job type evaluate,
     in the group of the training run that made the model), tagged with the experiment."""
-    root, _, _, _, shown = queued
+    root, shown = queued.root, queued.shown
     baseline = json.loads((root / "reports/digits/metrics.json").read_text())
     seen = {baseline["wandb"]["run_id"]}
     for name in EXPERIMENTS:

@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from attnpipe.config import apply_overrides, load_recipe
+from attnpipe.paths import PipelinePaths
+from attnpipe.runs import current_run_name
 from tests.conftest import REPO, ReproProject, run_in, stages_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.dvc, pytest.mark.timeout(1200)]
@@ -216,7 +219,7 @@ def _edit_model_code(root: Path) -> None:
     assert changed == {"train@digits", "evaluate@digits", "export@digits"}, status
 
 
-# The run name of digits at one epoch, as the code under PYTHONPATH (if set) names it.
+# The run name of digits at one epoch as the edited code (root/src) names it.
 RUN_NAME_PROBE = """
 import sys
 from pathlib import Path
@@ -231,17 +234,17 @@ print(current_run_name(recipe, PipelinePaths(root, "digits")))
 
 def _check_the_experiment_is_a_new_run_of_the_edited_code(root: Path, output: str) -> None:
     """The experiment trained a new run, not a resume of a stale one: its name holds the
-    version of the edited code, which differs from the installed code's."""
+    version of the edited code, which differs from the installed code's (this process's)."""
     assert "resuming" not in output, output[-2000:]
     trained = json.loads((root / "reports/digits/train.json").read_text())["run_name"]
-    names = {}
-    for code, pythonpath in (("edited", str(root / "src")), ("installed", "")):
-        env = {**os.environ, "PYTHONPATH": pythonpath}
-        probe = [sys.executable, "-c", RUN_NAME_PROBE, str(root)]
-        done = subprocess.run(probe, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
-        names[code] = done.stdout.strip()
-    assert trained == names["edited"] != names["installed"], (trained, names)
+    probe = [sys.executable, "-c", RUN_NAME_PROBE, str(root)]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    done = subprocess.run(probe, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    edited = done.stdout.strip()
+    recipe = apply_overrides(load_recipe("digits", root), {"train.epochs": 1}, origin="test")
+    installed = current_run_name(recipe, PipelinePaths(root, "digits"))
+    assert trained == edited != installed, (trained, edited, installed)
     assert (root / "models/digits/checkpoints" / trained).is_dir()
 
 
