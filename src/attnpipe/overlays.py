@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
 
 from attnpipe.models.attention import spatial_attention
 
@@ -59,6 +58,10 @@ def attention_overlays(
     attention), then coloured and alpha-blended. Returns (the image, upscaled so its shorter
     side is at least `min_side`, [(name, blended uint8 image)]).
     """
+    # Imported here: every training worker imports this module, and only rank 0 draws (on the
+    # last epoch); matplotlib costs a process half a second.
+    from matplotlib import colormaps
+
     base = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     height, width = image.shape[:2]
     scale = max(1, int(np.ceil(min_side / min(height, width))))

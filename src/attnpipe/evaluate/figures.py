@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sklearn import metrics as skm
 
 from attnpipe.overlays import AttentionExample, attention_overlays
 
@@ -246,6 +245,10 @@ def calibration_figure(binned: tuple[np.ndarray, np.ndarray, np.ndarray], ece: f
 
 def roc_pr_figure(labels: np.ndarray, positive: np.ndarray, threshold: float) -> Figure:
     """Binary tasks: ROC and precision-recall curves, the recipe's threshold marked on both."""
+    # Imported here: scikit-learn (with SciPy) costs every `evaluate` 2 s of start-up, and only
+    # binary tasks draw these curves.
+    from sklearn import metrics as skm
+
     fig = Figure(figsize=(10, 4.2))
     roc_ax, pr_ax = fig.subplots(1, 2, gridspec_kw={"wspace": 0.28})
     fpr, tpr, _ = skm.roc_curve(labels, positive)
