@@ -4,34 +4,34 @@ tests/conftest.py marks each test with the work unit it belongs to (`xdist_group
 shared build (`trained_project`, a file's module fixtures) is made by one of the two pytest
 processes, once. pytest-xdist passes the group inside the test's node id; pytest 9.2 stopped
 taking that change (pytest-dev/pytest-xdist#1386), and nothing failed: every build was simply made
-twice (the report's model trained in both processes, 20 s each). This runs the same mechanism on
-a small generated suite with the locked pytest and xdist.
+twice (the report's model trained in both processes, 20 s each). This runs the suite's own
+collection hook (tests/conftest.py) over a small generated suite, with the locked pytest and
+xdist: two files share a build named as a real one, two others are units of their own.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from tests.conftest import REPO
+
+# The generated suite's conftest: the project's hook (its tryfirst order included), and a session
+# fixture named as one of the project's shared builds.
 CONFTEST = """
 import pytest
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-    for item in items:
-        shared = "shared_build" in getattr(item, "fixturenames", ())
-        unit = "shared_build" if shared else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(unit))
+from tests.conftest import pytest_collection_modifyitems
 
 @pytest.fixture(scope="session")
-def shared_build():
+def trained_project():
     return 1
 """
 
-SHARED_TESTS = "".join(f"def test_shared_{i}(shared_build):\n    pass\n\n" for i in range(4))
+SHARED_TESTS = "".join(f"def test_shared_{i}(trained_project):\n    pass\n\n" for i in range(4))
 ALONE_TESTS = "".join(f"def test_alone_{i}():\n    pass\n\n" for i in range(4))
 
 
@@ -44,6 +44,7 @@ def test_a_work_units_tests_run_in_one_process(tmp_path: Path):
     done = subprocess.run(
         [*command, "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)],
         cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},  # `tests.conftest` importable there
         capture_output=True,
         text=True,
         timeout=120,
@@ -55,8 +56,8 @@ def test_a_work_units_tests_run_in_one_process(tmp_path: Path):
         workers_of[unit].add(worker)
     assert sum(1 for line in done.stdout.splitlines() if " PASSED " in line) == 16, done.stdout
     assert set(workers_of) == {
-        "shared_build",
+        "trained_project",
         "test_alone_a.py",
         "test_alone_b.py",
-    }, f"tests ran outside their work units (pytest-dev/pytest-xdist#1386?): {dict(workers_of)}"
+    }, f"tests ran outside their work units (tests/conftest.py, or xdist#1386): {dict(workers_of)}"
     assert all(len(workers) == 1 for workers in workers_of.values()), dict(workers_of)
